@@ -1,0 +1,3 @@
+"""dicom-bridge: a DICOM bridge daemon."""
+
+__version__ = "0.1.0"

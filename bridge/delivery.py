@@ -1,0 +1,225 @@
+"""Delivery: one worker pool per destination.
+
+Each worker claims a batch, calls ``Destination.send`` and records one outcome per
+row. This module is the one place where destination errors become queue outcomes:
+``DestinationUnavailable`` backs the whole destination off (circuit breaker) without
+charging rows; ``DestinationMisconfigured`` suspends it until a reload or ``queue
+resume``; any other exception is a bug in a destination and is charged to the rows as
+a transient failure, so it cannot loop forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from bridge.config import DestinationBase, Retry
+from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.metrics import Metrics
+from bridge.model import Destination, Done, Duplicate, Outcome, Permanent, Transient, Warning
+from bridge.queue import Queue, Row, backoff
+from bridge.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+UP, BACKING_OFF, SUSPENDED = "up", "backing_off", "suspended"
+POLL = 1.0  # seconds between looks at the queue when nothing wakes a worker
+
+
+class DestinationRunner:
+    """Workers of one destination, and its state: up, backing off (until when), suspended (why)."""
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], Destination],
+        settings: DestinationBase,
+        retry: Retry,
+        queue: Queue,
+        spool: Spool,
+        metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self._factory = factory
+        self.settings = settings
+        self.retry = retry
+        self._queue = queue
+        self._spool = spool
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
+        self._publish()
+
+    # -- control -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for n in range(self.settings.workers):
+            thread = threading.Thread(target=self._run, name=f"deliver-{self.name}-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stop(self, deadline: float) -> None:
+        """Stop claiming; let batches in flight finish until ``deadline`` (monotonic)."""
+        self._stopping.set()
+        self.wake()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def resume(self) -> None:
+        with self._cond:
+            if self.state != UP:
+                LOGGER.warning("destination %s resumed (was %s: %s)", self.name, self.state, self.reason)
+            self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
+            self._publish()
+            self._cond.notify_all()
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        destination: Destination | None = None
+        last_work = time.monotonic()
+        while not self._stopping.is_set():
+            wait = self._must_wait()
+            rows = [] if wait else self._queue.claim(
+                self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes
+            )
+            if not rows:
+                if destination is not None and time.monotonic() - last_work > self.settings.idle_close:
+                    destination = self._close(destination)
+                with self._cond:
+                    if not self._stopping.is_set():
+                        self._cond.wait(min(wait or POLL, POLL))
+                continue
+            if destination is None:
+                destination = self._factory()
+            destination = self._deliver(destination, rows)
+            last_work = time.monotonic()
+        if destination is not None:
+            self._close(destination)
+
+    def _must_wait(self) -> float:
+        """Seconds to wait before claiming (0 = go)."""
+        with self._cond:
+            if self.state == SUSPENDED:
+                return POLL
+            if self.state == BACKING_OFF:
+                return max(0.0, self.until - time.time())
+            return 0.0
+
+    def _deliver(self, destination: Destination, rows: Sequence[Row]) -> Destination | None:
+        """Send one batch; returns the destination to keep using, or None to start afresh."""
+        try:
+            destination.open()
+            outcomes = list(destination.send([r.instance for r in rows]))
+            if len(outcomes) != len(rows):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(rows)} instances")
+        except DestinationUnavailable as exc:
+            until = self._back_off(exc.reason, exc.retry_after)
+            self._queue.release(rows, until, exc.reason)
+            return self._close(destination)
+        except DestinationMisconfigured as exc:
+            self._suspend(exc.reason)
+            self._queue.release(rows, time.time(), exc.reason)
+            return self._close(destination)
+        except Exception as exc:
+            LOGGER.exception("destination %s failed unexpectedly", self.name)
+            outcomes = [Transient(f"internal error: {type(exc).__name__}: {exc}")] * len(rows)
+            self._record(rows, outcomes)
+            return self._close(destination)
+        self._up()
+        self._record(rows, outcomes)
+        return destination
+
+    def _record(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None:
+        releasable = self._queue.record(rows, outcomes, self.retry)
+        now = time.time()
+        for row, outcome in zip(rows, outcomes, strict=True):
+            kind = type(outcome).__name__.lower()
+            self._metrics.delivered.labels(self.name, kind).inc()
+            if isinstance(outcome, Done | Duplicate | Warning):
+                self._metrics.delivery_latency.labels(self.name).observe(max(0.0, now - row.received_at))
+                if isinstance(outcome, Warning):
+                    LOGGER.info("row %d to %s delivered with warning: %s", row.id, self.name, outcome.reason)
+            elif isinstance(outcome, Permanent) or row.attempts + 1 >= self.retry.max_attempts:
+                self._metrics.dead_letters.labels(self.name).inc()
+                LOGGER.warning("row %d to %s is dead: %s", row.id, self.name, getattr(outcome, "reason", ""))
+            else:
+                LOGGER.info("row %d to %s will be retried: %s", row.id, self.name, getattr(outcome, "reason", ""))
+        for path in releasable:
+            self._spool.discard(path)
+
+    def _close(self, destination: Destination) -> None:
+        try:
+            destination.close()
+        except Exception:
+            LOGGER.exception("closing destination %s", self.name)
+        return None
+
+    # -- state -------------------------------------------------------------------------
+
+    def _up(self) -> None:
+        if self.state == UP:
+            return
+        with self._cond:
+            if self.state == BACKING_OFF:
+                LOGGER.warning("destination %s is up again", self.name)
+                self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
+                self._publish()
+
+    def _back_off(self, reason: str, retry_after: float | None) -> float:
+        with self._cond:
+            if self.state == BACKING_OFF and self.until > time.time():
+                return self.until  # another worker already backed off
+            self._failures += 1
+            delay = max(backoff(self._failures, self.retry), retry_after or 0.0)
+            self.state, self.reason, self.until = BACKING_OFF, reason, time.time() + delay
+            LOGGER.warning("destination %s unavailable (%s); next try in %.1fs", self.name, reason, delay)
+            self._publish()
+            return self.until
+
+    def _suspend(self, reason: str) -> None:
+        with self._cond:
+            if self.state != SUSPENDED:
+                LOGGER.error("destination %s suspended: %s (resume with a reload or 'queue resume')",
+                             self.name, reason)
+            self.state, self.reason, self.until = SUSPENDED, reason, 0.0
+            self._publish()
+
+    def _publish(self) -> None:
+        self._metrics.set_destination_state(self.name, self.state)
+        self._queue.set_destination_state(self.name, self.state, self.reason or None, self.until or None)
+
+
+class Delivery:
+    """All destination runners of the daemon."""
+
+    def __init__(self, runners: dict[str, DestinationRunner]) -> None:
+        self.runners = runners
+
+    def start(self) -> None:
+        for runner in self.runners.values():
+            runner.start()
+
+    def wake(self, names: Sequence[str]) -> None:
+        for name in names:
+            if runner := self.runners.get(name):
+                runner.wake()
+
+    def stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for runner in self.runners.values():
+            runner._stopping.set()
+            runner.wake()
+        for runner in self.runners.values():
+            runner.stop(deadline)
+
+
+__all__ = ["Delivery", "DestinationRunner", "Done"]

@@ -1,0 +1,21 @@
+"""Destinations: where stored instances go. One module per type; ``build`` picks one."""
+
+from __future__ import annotations
+
+from bridge.config import ArchiveDestination as ArchiveConfig
+from bridge.config import Config
+from bridge.config import FolderDestination as FolderConfig
+from bridge.model import Destination
+
+
+def build(name: str, config: Config) -> Destination:
+    settings = config.destinations[name]
+    if isinstance(settings, FolderConfig):
+        from bridge.destinations.folder import FolderDestination
+
+        return FolderDestination(name, settings)
+    if isinstance(settings, ArchiveConfig):
+        from bridge.destinations.archive import ArchiveDestination
+
+        return ArchiveDestination(name, settings, config.data_dir / "archive")
+    raise TypeError(f"no destination type for {type(settings).__name__}")

@@ -1,0 +1,47 @@
+"""``type: archive``: the local archive, original Part-10 files plus an SQLite index.
+
+Files are hard-linked from the spool (same file system, already fsynced), so keeping
+an instance costs a directory entry, not a copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bridge.archive import ArchiveIndex
+from bridge.config import ArchiveDestination as ArchiveConfig
+from bridge.destinations.folder import FileDestination
+from bridge.dicomfile import read_header
+from bridge.errors import DestinationUnavailable, IntakeError
+from bridge.model import SpooledInstance
+
+LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
+
+
+class ArchiveDestination(FileDestination):
+    link = True
+
+    def __init__(self, name: str, config: ArchiveConfig, default_root: Path) -> None:
+        root = Path(config.path) if config.path else default_root
+        super().__init__(name, f"{root}/{LAYOUT}", "{SOPInstanceUID}.dcm", config.duplicates)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.index = ArchiveIndex(self.root / "index.sqlite")
+
+    def close(self) -> None:
+        pass  # the index stays open for the daemon's lifetime; see shutdown()
+
+    def shutdown(self) -> None:
+        self.index.close()
+
+    def after_batch(self, written: list[tuple[SpooledInstance, Path]]) -> None:
+        entries = []
+        for instance, path in written:
+            try:
+                header = read_header(path)
+            except IntakeError:
+                continue  # intake parsed it; only a file changed behind our back gets here
+            entries.append((header, path, instance.size, instance.sha256))
+        try:
+            self.index.add(entries)
+        except Exception as exc:
+            raise DestinationUnavailable(f"archive index: {exc}") from exc

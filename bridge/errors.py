@@ -1,0 +1,49 @@
+"""The exceptions that callers catch differently.
+
+One root, ``BridgeError``; a subclass only where a caller handles it in its own way.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error dicom-bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """The configuration (or rules) is invalid; ``errors`` lists every problem with its path."""
+
+    def __init__(self, errors: list[str], source: str = "configuration") -> None:
+        self.errors = errors
+        self.source = source
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
+
+
+class DestinationUnavailable(BridgeError):
+    """The destination cannot take anything now: back it off, charge no row.
+
+    ``retry_after`` (seconds) is a hint from the peer, e.g. HTTP Retry-After.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(reason)
+
+
+class DestinationMisconfigured(BridgeError):
+    """The destination refuses us for a reason only an administrator can fix: suspend it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class IntakeError(BridgeError):
+    """An incoming instance is refused; ``status`` is the DIMSE status to answer with."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        self.status = status
+        self.comment = comment[:64]  # ErrorComment is LO: 64 characters at most
+        super().__init__(comment)

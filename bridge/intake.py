@@ -1,0 +1,338 @@
+"""Intake: the DIMSE listener that turns associations into durable, queued instances.
+
+C-STORE answers 0x0000 only once the instance is durable: the file fsynced, renamed
+into the spool, the folder fsynced, and its queue rows committed.
+
+pynetdicom is used through two documented switches and one pinned override, all set
+in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
+
+- ``STORE_RECV_CHUNKED_DATASET``: data sets are written to a file as they arrive,
+  never held in memory;
+- the temporary file factory of ``pynetdicom.dimse_messages`` is replaced by one that
+  writes into the spool's ``incoming/`` folder (same file system, so taking the file
+  is a rename) and hashes the bytes as they are written (no second read). pynetdicom
+  is pinned to 3.0.x in pyproject.toml and ``tests/test_intake_unit.py`` checks the
+  override still takes effect;
+- ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``.
+
+Association accept/reject decisions use pynetdicom's public ``EVT_REQUESTED`` hook:
+a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import itertools
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pynetdicom.dimse_messages
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification
+
+from bridge import dicomfile
+from bridge.config import Config, Rule
+from bridge.errors import IntakeError
+from bridge.metrics import Metrics
+from bridge.model import SpooledInstance
+from bridge.queue import Queue, Route
+from bridge.rules import Context, route_store
+from bridge.spool import HashingTempFile, Spool, sha256_file
+
+LOGGER = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, reason) per docs/conformance.md
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_PEER = (0x01, 0x01, 0x01)
+
+_REJECT_REASONS = {
+    (0x01, 0x01, 0x01): "peer address not allowed",
+    (0x01, 0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x03, 0x02): "too many associations",
+}
+
+
+def transfer_syntax_preference(uid: str) -> tuple[int, int, int, int]:
+    """Sort key: lossless before lossy, explicit before implicit VR, little before big endian,
+    uncompressed before compressed. pynetdicom accepts the first of our list the peer offers."""
+    u = UID(uid)
+    lossless = not u.is_compressed or "Lossless" in u.name or u == "1.2.840.10008.1.2.5"
+    return (0 if lossless else 1, 1 if u.is_implicit_VR else 0, 0 if u.is_little_endian else 1,
+            1 if u.is_compressed or u.is_deflated else 0)
+
+
+TRANSFER_SYNTAXES = sorted((str(u) for u in AllTransferSyntaxes), key=transfer_syntax_preference)
+
+
+def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
+    """Set pynetdicom's process-wide switches (see the module docstring). Call once at start."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = any_sop_class
+    _config.LOG_HANDLER_LEVEL = "none"
+
+    def temporary_file(*_: Any, **__: Any) -> HashingTempFile:
+        return spool.new_temp()
+
+    pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[attr-defined]
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@dataclass
+class _AssocStats:
+    label: str
+    calling_ae: str = ""
+    peer: str = ""
+    stored: int = 0
+    failed: int = 0
+    started: float = 0.0
+
+
+class Intake:
+    """The listener: associations, C-ECHO and C-STORE."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        queue: Queue,
+        metrics: Metrics,
+        on_queued: Any = None,
+    ) -> None:
+        self.config = config
+        self.rules: list[Rule] = list(config.rules) if isinstance(config.rules, list) else []
+        self.spool = spool
+        self.queue = queue
+        self.metrics = metrics
+        self.on_queued = on_queued or (lambda names: None)
+        self._ids = itertools.count(1)
+        self._stats: dict[int, _AssocStats] = {}
+        self._server: Any = None
+        self.ae = self._build_ae()
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        cfg = self.config
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.listen.max_associations
+        ae.maximum_pdu_size = cfg.listen.max_pdu
+        ae.acse_timeout = cfg.listen.timeouts.acse
+        ae.dimse_timeout = cfg.listen.timeouts.dimse
+        # pynetdicom has one "network" timer: no PDU for this long ends the association.
+        ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
+        ae.add_supported_context(Verification)
+        sop_classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        sop_classes += [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
+        for uid in sop_classes:
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        listen = self.config.listen
+        self._server = self.ae.start_server((listen.host, listen.port), block=False, evt_handlers=handlers)
+        LOGGER.info("listening on %s:%d as %s", listen.host, self.port, self.config.ae_title)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server else self.config.listen.port
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def active(self) -> int:
+        return len([a for a in self.ae.active_associations if a.is_acceptor])
+
+    def drain(self, deadline: float) -> None:
+        """Wait for associations to end until ``deadline`` (monotonic); abort the rest."""
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            LOGGER.warning("aborting association %s at shutdown", assoc.name)
+            assoc.abort()
+
+    def reload(self, config: Config) -> None:
+        """New rules apply to associations that start after this."""
+        self.config = config
+        self.rules = list(config.rules) if isinstance(config.rules, list) else []
+
+    # -- association events ------------------------------------------------------------
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        # pynetdicom never sets TCP_NODELAY; without it each response waits ~40 ms for Nagle.
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        label = f"A{next(self._ids)}"
+        assoc.name = label  # the thread name: every log line of this association carries it
+        rq = assoc.requestor
+        calling, called = rq.primitive.calling_ae_title.strip(), rq.primitive.called_ae_title.strip()
+        peer = str(rq.address)
+        self._stats[id(assoc)] = _AssocStats(label, calling, peer, started=time.monotonic())
+        accept = self.config.accept
+        reject = None
+        if accept.hosts is not None and not _in_networks(peer, accept.hosts):
+            reject = REJECT_PEER
+        elif accept.calling_ae is not None and not any(fnmatch.fnmatchcase(calling, p) for p in accept.calling_ae):
+            reject = REJECT_CALLING_AE
+        elif accept.check_called_ae and called != self.config.ae_title:
+            reject = REJECT_CALLED_AE
+        if reject:
+            assoc.acse.send_reject(*reject)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        rj = event.assoc.acceptor.primitive
+        rsd = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else (0, 0, 0)
+        reason = _REJECT_REASONS.get(rsd, "rejected")
+        self.metrics.associations.labels("rejected").inc()
+        LOGGER.info(
+            "rejected association from %s at %s: %s (A-ASSOCIATE-RJ %d/%d/%d)",
+            stats.calling_ae if stats else "?", stats.peer if stats else "?", reason, *rsd,
+        )
+
+    def _on_established(self, event: evt.Event) -> None:
+        stats = self._stats.get(id(event.assoc))
+        self.metrics.associations.labels("accepted").inc()
+        self.metrics.active_associations.inc()
+        accepted = len(event.assoc.accepted_contexts)
+        LOGGER.info("association from %s at %s to %s accepted (%d contexts)",
+                    stats.calling_ae if stats else "?", stats.peer if stats else "?",
+                    event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else "",
+                    accepted)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        self.metrics.active_associations.dec()
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        LOGGER.info("association %s after %.1fs: %d stored, %d refused",
+                    how, time.monotonic() - stats.started, stats.stored, stats.failed)
+
+    # -- DIMSE services ----------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        self.metrics.dimse_requests.labels("C-ECHO", "0x0000").inc()
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        stats = self._stats.get(id(event.assoc)) or _AssocStats("?")
+        path = event.dataset_path
+        try:
+            status, comment = self._store(event, path, stats)
+        finally:
+            path.unlink(missing_ok=True)  # refused instances: nothing half-written is kept
+        self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
+        rsp = Dataset()
+        rsp.Status = status
+        if comment:
+            rsp.ErrorComment = comment[:64]
+        if status == 0x0000:
+            stats.stored += 1
+        else:
+            stats.failed += 1
+        return rsp
+
+    def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:
+        request = event.request
+        calling = stats.calling_ae
+        called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
+        try:
+            header = dicomfile.read_header(path)
+            sop_class, sop_instance, study, series = dicomfile.required_uids(header)
+            if sop_class != str(request.AffectedSOPClassUID):
+                raise IntakeError(0xA900, "SOP Class differs from the command's")
+            if sop_instance != str(request.AffectedSOPInstanceUID):
+                raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
+        except IntakeError as exc:
+            LOGGER.warning("refused C-STORE: %s (0x%04X)", exc, exc.status)
+            return exc.status, exc.comment
+
+        ctx = Context(calling_ae=calling, called_ae=called, peer=stats.peer)
+        priorities = {name: d.priority for name, d in self.config.destinations.items()}
+        decision = route_store(self.rules, ctx, header, priorities)
+        destinations = decision.destinations
+        if not destinations:
+            if self.config.unrouted == "reject":
+                LOGGER.warning("refused C-STORE of %s: no rule routes it (unrouted: reject)", sop_instance)
+                return 0x0124, "no rule routes this instance"
+            destinations = {self.config.unrouted: priorities.get(self.config.unrouted, 0)}
+
+        size = path.stat().st_size
+        free = self.spool.free_bytes()
+        if free - size < self.config.spool.min_free:
+            LOGGER.error("refused C-STORE: spool has %d bytes free, below spool.min_free", free)
+            return 0xA700, "out of resources: spool below its free-space floor"
+
+        sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
+        try:
+            spooled = self.spool.take(path)
+        except OSError as exc:
+            LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
+            return 0xA700, f"out of resources: {exc.strerror}"
+        instance = SpooledInstance(
+            spool_path=spooled, size=size, sha256=sha256, sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
+            transfer_syntax=str(header.file_meta.TransferSyntaxUID), calling_ae=calling,
+            called_ae=called, peer=stats.peer, received_at=datetime.now(UTC),
+            patient_id=dicomfile.text(header, "PatientID"),
+            accession_number=dicomfile.text(header, "AccessionNumber"),
+        )
+        routes = [
+            Route(name, prio, self.config.destinations[name].duplicates)
+            for name, prio in destinations.items()
+        ]
+        try:
+            enqueued = self.queue.enqueue(instance, routes)
+        except Exception as exc:
+            self.spool.discard(spooled)
+            LOGGER.error("refused C-STORE: queue error: %s", exc)
+            return 0xA700, "out of resources: queue error"
+        if not enqueued.row_ids:
+            self.spool.discard(spooled)
+        for name, why in enqueued.skipped.items():
+            LOGGER.info("%s not queued for %s: %s", sop_instance, name, why)
+        label = self.metrics.calling_ae(calling)
+        self.metrics.received_instances.labels(label).inc()
+        self.metrics.received_bytes.labels(label).inc(size)
+        LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
+        self.on_queued(list(destinations))
+        return 0x0000, ""
+
+
+def _in_networks(address: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+__all__ = ["Intake", "configure_pynetdicom", "TRANSFER_SYNTAXES", "threading"]

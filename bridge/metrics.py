@@ -1,0 +1,78 @@
+"""Prometheus metrics, prefix ``dicom_bridge_``, in a registry owned by the daemon.
+
+Labels are bounded: service, status, destination, outcome, and calling AE folded to
+``other`` past a fixed number of distinct titles. Never a UID, never patient data.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MAX_CALLING_AES = 50
+DESTINATION_STATES = ("up", "backing_off", "suspended")
+
+
+class Metrics:
+    def __init__(self, known_calling_aes: list[str] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._aes: set[str] = set(known_calling_aes or [])
+        self._aes_lock = threading.Lock()
+        self.associations = Counter(
+            "dicom_bridge_associations", "Associations requested, by result", ["result"], registry=r
+        )
+        self.active_associations = Gauge(
+            "dicom_bridge_active_associations", "Associations open now", registry=r
+        )
+        self.dimse_requests = Counter(
+            "dicom_bridge_dimse_requests", "DIMSE requests served, by service and status", ["service", "status"],
+            registry=r,
+        )
+        self.received_instances = Counter(
+            "dicom_bridge_received_instances", "Instances received and spooled", ["calling_ae"], registry=r
+        )
+        self.received_bytes = Counter(
+            "dicom_bridge_received_bytes", "Bytes received and spooled", ["calling_ae"], registry=r
+        )
+        self.delivered = Counter(
+            "dicom_bridge_delivered_instances", "Delivery outcomes, by destination",
+            ["destination", "outcome"], registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "dicom_bridge_delivery_latency_seconds", "From receipt to confirmed delivery", ["destination"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400), registry=r,
+        )
+        self.dead_letters = Counter(
+            "dicom_bridge_dead_letters", "Rows that became dead, by destination", ["destination"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "dicom_bridge_queue_depth", "Rows pending or in flight, by destination", ["destination"], registry=r
+        )
+        self.queue_dead = Gauge(
+            "dicom_bridge_queue_dead", "Dead rows waiting for an administrator", ["destination"], registry=r
+        )
+        self.oldest_pending = Gauge(
+            "dicom_bridge_queue_oldest_pending_seconds", "Age of the oldest undelivered row", ["destination"],
+            registry=r,
+        )
+        self.destination_state = Gauge(
+            "dicom_bridge_destination_state", "1 for the destination's current state", ["destination", "state"],
+            registry=r,
+        )
+        self.spool_free = Gauge("dicom_bridge_spool_free_bytes", "Free bytes on the spool's file system", registry=r)
+
+    def calling_ae(self, ae_title: str) -> str:
+        """The label for a calling AE: itself while the set is small, else ``other``."""
+        with self._aes_lock:
+            if ae_title in self._aes:
+                return ae_title
+            if len(self._aes) < MAX_CALLING_AES:
+                self._aes.add(ae_title)
+                return ae_title
+        return "other"
+
+    def set_destination_state(self, destination: str, state: str) -> None:
+        for s in DESTINATION_STATES:
+            self.destination_state.labels(destination, s).set(1 if s == state else 0)

@@ -1,0 +1,83 @@
+"""The contract between intake, the queue and destinations (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """A complete, durable Part-10 file in the spool, and what routing needs to know of it."""
+
+    spool_path: Path
+    size: int
+    sha256: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    peer: str  # address of the sender, or "watch:<folder>"
+    received_at: datetime
+    patient_id: str = ""
+    accession_number: str = ""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The destination holds the instance."""
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The destination already held this instance; counts as delivered."""
+
+    reason: str = "already present"
+
+
+@dataclass(frozen=True)
+class Warning:  # noqa: A001 - the DIMSE name for a success with a caveat
+    """Delivered, with a caveat worth logging (e.g. DIMSE 0xB000 coercion)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Transient:
+    """This instance failed in a way that may pass: retry it with backoff, charging it."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Permanent:
+    """This instance can never be delivered here as it is: dead-letter it with the reason."""
+
+    reason: str
+
+
+Outcome = Done | Duplicate | Warning | Transient | Permanent
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """Where stored instances go. ``send`` returns one outcome per instance, in order.
+
+    Destination-level conditions are raised, not returned: ``DestinationUnavailable``
+    (back off, charge nothing) and ``DestinationMisconfigured`` (suspend).
+    """
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def send(self, batch: Sequence[SpooledInstance]) -> Sequence[Outcome]: ...
+
+    def close(self) -> None: ...

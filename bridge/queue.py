@@ -1,0 +1,412 @@
+"""The delivery queue: one SQLite database (WAL), owned by the daemon's process.
+
+A row is one instance bound for one destination. States: ``pending`` -> ``in_flight``
+-> ``done`` | ``dead`` | back to ``pending`` (retry); ``cancelled`` when superseded.
+Rows are claimed in priority order, then arrival order, and never overtake an
+earlier row of the same SOP Instance UID for the same destination.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bridge.config import Retry
+from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance, Transient, Warning
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id               INTEGER PRIMARY KEY,
+    spool_path       TEXT NOT NULL,
+    destination      TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    content_hash     TEXT NOT NULL,
+    size             INTEGER NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    patient_id       TEXT NOT NULL DEFAULT '',
+    accession_number TEXT NOT NULL DEFAULT '',
+    calling_ae       TEXT NOT NULL DEFAULT '',
+    called_ae        TEXT NOT NULL DEFAULT '',
+    peer             TEXT NOT NULL DEFAULT '',
+    received_at      REAL NOT NULL,
+    retried_at       REAL,
+    done_at          REAL
+);
+CREATE INDEX IF NOT EXISTS queue_claim ON queue (destination, state, priority DESC, id);
+CREATE INDEX IF NOT EXISTS queue_uid ON queue (destination, sop_instance_uid, state);
+CREATE INDEX IF NOT EXISTS queue_spool ON queue (spool_path);
+CREATE INDEX IF NOT EXISTS queue_study ON queue (study_uid);
+CREATE INDEX IF NOT EXISTS queue_accession ON queue (accession_number);
+CREATE INDEX IF NOT EXISTS queue_patient ON queue (patient_id);
+CREATE TABLE IF NOT EXISTS destination_state (
+    name    TEXT PRIMARY KEY,
+    state   TEXT NOT NULL,
+    reason  TEXT,
+    until   REAL,
+    since   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+PENDING, IN_FLIGHT, DONE, DEAD, CANCELLED = "pending", "in_flight", "done", "dead", "cancelled"
+STATES = (PENDING, IN_FLIGHT, DONE, DEAD, CANCELLED)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One destination an instance is queued for, with that destination's policy."""
+
+    destination: str
+    priority: int = 0
+    duplicates: str = "supersede"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    priority: int
+    received_at: float
+    age_from: float  # received_at, or when an administrator last retried the row
+    done_at: float | None
+    instance: SpooledInstance
+
+
+@dataclass
+class Enqueued:
+    """What ``enqueue`` did: rows created, and destinations skipped with the reason."""
+
+    row_ids: list[int]
+    skipped: dict[str, str]
+
+
+def backoff(attempts: int, retry: Retry) -> float:
+    """Delay before attempt ``attempts + 1``: exponential from ``initial``, capped, with +-20% jitter."""
+    delay = min(retry.max, retry.initial * (2 ** max(0, attempts - 1)))
+    return delay * random.uniform(0.8, 1.2)
+
+
+class Queue:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        # WAL with synchronous=FULL: a commit is on disk when it returns, which is what
+        # lets intake answer 0x0000 right after it.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- intake ------------------------------------------------------------------------
+
+    def enqueue(self, instance: SpooledInstance, routes: Sequence[Route]) -> Enqueued:
+        """Queue ``instance`` for each route in one transaction, applying its duplicates policy.
+
+        The same SOP Instance UID with the same content as a pending, in-flight or done
+        row is a harmless resend: no new row. New content: ``supersede`` cancels older
+        pending rows and queues the new one; ``keep-first`` keeps what is there;
+        ``keep-both`` queues it beside the old.
+        """
+        now = time.time()
+        created: list[int] = []
+        skipped: dict[str, str] = {}
+        with self._lock, self._transaction():
+            for route in routes:
+                existing = self._db.execute(
+                    "SELECT id, state, content_hash FROM queue WHERE destination = ? AND sop_instance_uid = ?"
+                    " AND state IN ('pending', 'in_flight', 'done') ORDER BY id",
+                    (route.destination, instance.sop_instance_uid),
+                ).fetchall()
+                if any(r["content_hash"] == instance.sha256 for r in existing):
+                    skipped[route.destination] = "same content already queued or delivered"
+                    continue
+                if existing and route.duplicates == "keep-first":
+                    skipped[route.destination] = "different content for a known SOP Instance UID (keep-first)"
+                    continue
+                if existing and route.duplicates == "supersede":
+                    self._db.execute(
+                        "UPDATE queue SET state = 'cancelled', done_at = ?, last_error = 'superseded by newer content'"
+                        " WHERE destination = ? AND sop_instance_uid = ? AND state = 'pending'",
+                        (now, route.destination, instance.sop_instance_uid),
+                    )
+                created.append(self._insert(instance, route, now))
+        return Enqueued(created, skipped)
+
+    def _insert(self, i: SpooledInstance, route: Route, now: float) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO queue (spool_path, destination, state, next_attempt_at, priority, content_hash, size,"
+            " sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, patient_id,"
+            " accession_number, calling_ae, called_ae, peer, received_at)"
+            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                str(i.spool_path), route.destination, now, route.priority, i.sha256, i.size,
+                i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax,
+                i.patient_id, i.accession_number, i.calling_ae, i.called_ae, i.peer,
+                i.received_at.timestamp(),
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Put rows left in flight by a previous run back to pending; returns how many."""
+        with self._lock:
+            return self._db.execute("UPDATE queue SET state = 'pending' WHERE state = 'in_flight'").rowcount
+
+    def claim(self, destination: str, max_instances: int, max_bytes: int) -> list[Row]:
+        """Take the next due rows of ``destination`` (at least one, however large)."""
+        now = time.time()
+        with self._lock, self._transaction():
+            candidates = self._db.execute(
+                "SELECT * FROM queue AS q WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM queue AS e WHERE e.destination = q.destination"
+                "   AND e.sop_instance_uid = q.sop_instance_uid AND e.id < q.id"
+                "   AND e.state IN ('pending', 'in_flight'))"
+                " ORDER BY priority DESC, id LIMIT ?",
+                (destination, now, max_instances),
+            ).fetchall()
+            rows, total = [], 0
+            for r in candidates:
+                if rows and total + r["size"] > max_bytes:
+                    break
+                rows.append(r)
+                total += r["size"]
+            self._db.executemany("UPDATE queue SET state = 'in_flight' WHERE id = ?", [(r["id"],) for r in rows])
+        return [_row(r) for r in rows]
+
+    def record(self, rows: Sequence[Row], outcomes: Sequence[Outcome], retry: Retry) -> list[Path]:
+        """Record one outcome per claimed row; returns spool files no row needs any more."""
+        now = time.time()
+        with self._lock, self._transaction():
+            for row, outcome in zip(rows, outcomes, strict=True):
+                if isinstance(outcome, Done | Duplicate | Warning):
+                    note = None if isinstance(outcome, Done) else outcome.reason
+                    self._db.execute(
+                        "UPDATE queue SET state = 'done', done_at = ?, attempts = attempts + 1, last_error = ?"
+                        " WHERE id = ?",
+                        (now, note, row.id),
+                    )
+                elif isinstance(outcome, Transient):
+                    attempts = row.attempts + 1
+                    if attempts >= retry.max_attempts:
+                        self._dead(row.id, attempts, f"{outcome.reason} (after {attempts} attempts)", now)
+                    elif now - row.age_from > retry.max_age:
+                        self._dead(row.id, attempts, f"{outcome.reason} (expired: older than max_age)", now)
+                    else:
+                        delay = max(backoff(attempts, retry), outcome.retry_after or 0)
+                        self._db.execute(
+                            "UPDATE queue SET state = 'pending', attempts = ?, next_attempt_at = ?, last_error = ?"
+                            " WHERE id = ?",
+                            (attempts, now + delay, outcome.reason, row.id),
+                        )
+                elif isinstance(outcome, Permanent):
+                    self._dead(row.id, row.attempts + 1, outcome.reason, now)
+                else:
+                    raise TypeError(f"not an Outcome: {outcome!r}")
+            return self._releasable([r.instance.spool_path for r in rows])
+
+    def _dead(self, row_id: int, attempts: int, reason: str, now: float) -> None:
+        self._db.execute(
+            "UPDATE queue SET state = 'dead', attempts = ?, last_error = ?, done_at = ? WHERE id = ?",
+            (attempts, reason, now, row_id),
+        )
+
+    def release(self, rows: Sequence[Row], not_before: float, reason: str) -> None:
+        """Give claimed rows back without charging them (the destination was unavailable)."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE queue SET state = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?",
+                [(not_before, reason, r.id) for r in rows],
+            )
+
+    def expire(self, retry_for: dict[str, Retry]) -> int:
+        """Dead-letter pending rows older than their destination's ``max_age``."""
+        now = time.time()
+        count = 0
+        with self._lock, self._transaction():
+            for destination, retry in retry_for.items():
+                count += self._db.execute(
+                    "UPDATE queue SET state = 'dead', done_at = ?,"
+                    " last_error = 'expired: older than max_age' || coalesce(' (last error: ' || last_error || ')', '')"
+                    " WHERE destination = ? AND state = 'pending' AND coalesce(retried_at, received_at) < ?",
+                    (now, destination, now - retry.max_age),
+                ).rowcount
+        return count
+
+    def purge_done(self, retention: float) -> list[Path]:
+        """Delete done and cancelled rows older than ``retention``; returns releasable spool files."""
+        cutoff = time.time() - retention
+        with self._lock, self._transaction():
+            paths = [
+                Path(r[0])
+                for r in self._db.execute(
+                    "SELECT DISTINCT spool_path FROM queue WHERE state IN ('done', 'cancelled') AND done_at < ?",
+                    (cutoff,),
+                )
+            ]
+            self._db.execute("DELETE FROM queue WHERE state IN ('done', 'cancelled') AND done_at < ?", (cutoff,))
+            return self._releasable(paths)
+
+    def _releasable(self, paths: Iterable[Path]) -> list[Path]:
+        """Of ``paths``, those that no pending, in-flight or dead row refers to."""
+        free = []
+        for path in set(paths):
+            busy = self._db.execute(
+                "SELECT 1 FROM queue WHERE spool_path = ? AND state IN ('pending', 'in_flight', 'dead') LIMIT 1",
+                (str(path),),
+            ).fetchone()
+            if not busy:
+                free.append(path)
+        return free
+
+    def needed_spool_paths(self) -> set[str]:
+        with self._lock:
+            return {
+                r[0]
+                for r in self._db.execute(
+                    "SELECT DISTINCT spool_path FROM queue WHERE state IN ('pending', 'in_flight', 'dead')"
+                )
+            }
+
+    # -- administration (CLI) ------------------------------------------------------------
+
+    def retry_dead(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
+        """Dead rows back to pending with a clean slate; returns how many."""
+        clauses, params = ["state = 'dead'"], []
+        if ids is not None:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if destination:
+            clauses.append("destination = ?")
+            params.append(destination)
+        with self._lock:
+            # retried_at restarts the max_age clock; arrival order (the id) is kept
+            return self._db.execute(
+                "UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = 0, done_at = NULL,"
+                f" retried_at = ? WHERE {' AND '.join(clauses)}",
+                [time.time(), *params],
+            ).rowcount
+
+    def rows(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
+             **filters: str) -> list[Row]:
+        clauses, params = ["1 = 1"], []
+        if destination:
+            clauses.append("destination = ?")
+            params.append(destination)
+        if state:
+            clauses.append("state = ?")
+            params.append(state)
+        for column, value in filters.items():
+            if column not in ("study_uid", "accession_number", "patient_id", "sop_instance_uid"):
+                raise ValueError(f"cannot filter on {column}")
+            clauses.append(f"{column} = ?")
+            params.append(value)
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT * FROM queue WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?", [*params, limit]
+            ).fetchall()
+        return [_row(r) for r in found]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Rows by (destination, state)."""
+        with self._lock:
+            return {
+                (r[0], r[1]): r[2]
+                for r in self._db.execute("SELECT destination, state, count(*) FROM queue GROUP BY 1, 2")
+            }
+
+    def oldest_pending(self) -> dict[str, float]:
+        """Arrival time of the oldest pending or in-flight row, by destination."""
+        with self._lock:
+            return {
+                r[0]: r[1]
+                for r in self._db.execute(
+                    "SELECT destination, min(received_at) FROM queue WHERE state IN ('pending', 'in_flight')"
+                    " GROUP BY 1"
+                )
+            }
+
+    def set_destination_state(self, name: str, state: str, reason: str | None, until: float | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO destination_state (name, state, reason, until, since) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET state = excluded.state, reason = excluded.reason,"
+                " until = excluded.until, since = CASE WHEN destination_state.state = excluded.state"
+                " THEN destination_state.since ELSE excluded.since END",
+                (name, state, reason, until, time.time()),
+            )
+
+    def destination_states(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {r["name"]: dict(r) for r in self._db.execute("SELECT * FROM destination_state")}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _row(r: sqlite3.Row) -> Row:
+    instance = SpooledInstance(
+        spool_path=Path(r["spool_path"]),
+        size=r["size"],
+        sha256=r["content_hash"],
+        sop_class_uid=r["sop_class_uid"],
+        sop_instance_uid=r["sop_instance_uid"],
+        study_uid=r["study_uid"],
+        series_uid=r["series_uid"],
+        transfer_syntax=r["transfer_syntax"],
+        calling_ae=r["calling_ae"],
+        called_ae=r["called_ae"],
+        peer=r["peer"],
+        received_at=datetime.fromtimestamp(r["received_at"], UTC),
+        patient_id=r["patient_id"],
+        accession_number=r["accession_number"],
+    )
+    return Row(
+        id=r["id"], destination=r["destination"], state=r["state"], attempts=r["attempts"],
+        next_attempt_at=r["next_attempt_at"], last_error=r["last_error"], priority=r["priority"],
+        received_at=r["received_at"], age_from=r["retried_at"] or r["received_at"], done_at=r["done_at"],
+        instance=instance,
+    )

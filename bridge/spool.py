@@ -1,0 +1,141 @@
+"""The spool: durable Part-10 files waiting for their destinations.
+
+Layout under ``<data_dir>/spool``: ``incoming/`` holds files still being received
+(pynetdicom writes C-STORE data sets there, on the same file system, so taking a file
+into the spool is a rename); ``00``..``ff`` hold spooled files named by the daemon,
+never by the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import tempfile
+import weakref
+from pathlib import Path
+from typing import IO, Any
+
+LOGGER = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashingTempFile:
+    """A NamedTemporaryFile that hashes what is written to it.
+
+    pynetdicom writes a received C-STORE data set through this object (see
+    ``bridge.intake``), so the content hash costs no second read of the file.
+    """
+
+    _open: weakref.WeakValueDictionary[str, HashingTempFile] = weakref.WeakValueDictionary()
+
+    def __init__(self, directory: Path, suffix: str = ".dcm") -> None:
+        self._file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom
+            delete=False, mode="wb", suffix=suffix, dir=directory
+        )
+        self.name = self._file.name
+        self.file = self._file.file  # type: ignore[attr-defined]
+        self.digest = hashlib.sha256()
+        HashingTempFile._open[self.name] = self
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    @classmethod
+    def hash_of(cls, path: Path) -> str | None:
+        """The hash of what has been written to ``path`` through this class, if it was."""
+        writer = cls._open.get(str(path))
+        return writer.digest.hexdigest() if writer else None
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+
+    def open(self) -> None:
+        """Create the layout; remove what aborted associations left in ``incoming``."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        for shard in range(256):
+            (self.root / f"{shard:02x}").mkdir(exist_ok=True)
+        fsync_dir(self.root)
+        leftovers = list(self.incoming.iterdir())
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        if leftovers:
+            LOGGER.info("removed %d partial file(s) left by interrupted associations", len(leftovers))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def new_temp(self) -> HashingTempFile:
+        return HashingTempFile(self.incoming)
+
+    def take(self, path: Path) -> Path:
+        """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.
+
+        ``path`` must be on the spool's file system (``incoming/``). Returns the new path.
+        """
+        name = secrets.token_hex(16)
+        target = self.root / name[:2] / f"{name}.dcm"
+        fsync_file(path)
+        os.rename(path, target)
+        fsync_dir(target.parent)
+        return target
+
+    def take_copy(self, source: Path) -> tuple[Path, str]:
+        """Copy a file from elsewhere into the spool durably; returns (path, sha256)."""
+        temp = self.new_temp()
+        try:
+            with open(source, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    temp.write(chunk)
+            temp.close()
+            return self.take(Path(temp.name)), temp.digest.hexdigest()
+        except BaseException:
+            temp.close()
+            Path(temp.name).unlink(missing_ok=True)
+            raise
+
+    def discard(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            LOGGER.warning("cannot remove spool file %s: %s", path.name, exc.strerror)
+
+    def files(self) -> list[Path]:
+        return [p for shard in self.root.glob("[0-9a-f][0-9a-f]") for p in shard.iterdir()]
