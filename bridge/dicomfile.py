@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -22,11 +25,17 @@ def read_header(path: Path) -> Dataset:
     Raises ``IntakeError(0xC000)`` when the file cannot be parsed.
     """
     try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size=_DEFER)
-        # pydicom converts values lazily: touch the top level now, so a broken
-        # data set fails here with a clear status rather than later in a rule.
-        for element in ds:
-            _ = element.value
+        with open(path, "rb") as f:
+            ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
+            stop = f.tell()  # at the Pixel Data tag, if there is one
+            # pydicom converts values lazily: touch the top level now, so a broken
+            # data set fails here with a clear status rather than later in a rule.
+            for element in ds:
+                _ = element.value
+            if not _pixel_data_complete(f, ds, stop):
+                raise IntakeError(0xC000, "data set is truncated in Pixel Data")
+    except IntakeError:
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError) as exc:
         raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean the same here
@@ -55,3 +64,46 @@ def text(ds: Dataset, keyword: str) -> str:
     except Exception:
         return ""
     return "" if value is None else str(value)
+
+
+def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int) -> bool:
+    """Whether the Pixel Data element (if any) fits in the file: a truncated file fails.
+
+    ``dcmread(stop_before_pixels=True)`` leaves ``f`` at the Pixel Data tag. Only element
+    and item headers are read (seeks, not the pixel bytes), so this costs the same for
+    a 2 GB multi-frame as for a thumbnail. Deflated data sets are not checked here.
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or ts.is_deflated:
+        return True
+    end = f.seek(0, os.SEEK_END)
+    f.seek(stop, os.SEEK_SET)
+    order = "<" if ts.is_little_endian else ">"
+    head = f.read(8)
+    if len(head) < 8:
+        return True  # no Pixel Data: nothing to check
+    group, element = struct.unpack(order + "HH", head[:4])
+    if (group, element) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return True
+    if ts.is_implicit_VR:
+        length = struct.unpack(order + "L", head[4:8])[0]
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+        rest = f.read(4)
+        if len(rest) < 4:
+            return False
+        length = struct.unpack(order + "L", rest)[0]
+    else:
+        length = struct.unpack(order + "H", head[6:8])[0]
+    if length != 0xFFFFFFFF:
+        return f.tell() + length <= end
+    while True:  # encapsulated: walk the items to the sequence delimiter
+        item = f.read(8)
+        if len(item) < 8:
+            return False
+        group, element, item_length = struct.unpack(order + "HHL", item)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return True
+        if (group, element) != (0xFFFE, 0xE000) or f.tell() + item_length > end:
+            return False
+        f.seek(item_length, os.SEEK_CUR)
+

@@ -26,7 +26,6 @@ import ipaddress
 import itertools
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,12 +64,15 @@ _REJECT_REASONS = {
 
 
 def transfer_syntax_preference(uid: str) -> tuple[int, int, int, int]:
-    """Sort key: lossless before lossy, explicit before implicit VR, little before big endian,
-    uncompressed before compressed. pynetdicom accepts the first of our list the peer offers."""
+    """Sort key for the syntaxes we accept; pynetdicom takes the first of our list that a
+    context offers. Lossless before lossy, explicit before implicit VR, little before big
+    endian; among lossless syntaxes, the compressed ones first (a modality that offers a
+    compressed syntax next to uncompressed ones usually holds the image compressed, and
+    taking it as it is spares the modality a conversion it may not be able to make)."""
     u = UID(uid)
-    lossless = not u.is_compressed or "Lossless" in u.name or u == "1.2.840.10008.1.2.5"
-    return (0 if lossless else 1, 1 if u.is_implicit_VR else 0, 0 if u.is_little_endian else 1,
-            1 if u.is_compressed or u.is_deflated else 0)
+    lossless = not u.is_compressed or ("Lossless" in u.name and "Lossy" not in u.name)
+    form = 0 if u.is_compressed else (2 if u.is_deflated else 1)
+    return (0 if lossless else 1, 1 if u.is_implicit_VR else 0, 0 if u.is_little_endian else 1, form)
 
 
 TRANSFER_SYNTAXES = sorted((str(u) for u in AllTransferSyntaxes), key=transfer_syntax_preference)
@@ -204,7 +206,11 @@ class Intake:
         elif accept.check_called_ae and called != self.config.ae_title:
             reject = REJECT_CALLED_AE
         if reject:
+            # As pynetdicom's own negotiation does: send, notify, then wait for the DUL
+            # to deliver the A-ASSOCIATE-RJ before the connection is closed.
             assoc.acse.send_reject(*reject)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
         stats = self._stats.pop(id(event.assoc), None)
@@ -334,5 +340,3 @@ def _in_networks(address: str, networks: list[Any]) -> bool:
         return False
     return any(ip in net for net in networks)
 
-
-__all__ = ["Intake", "configure_pynetdicom", "TRANSFER_SYNTAXES", "threading"]

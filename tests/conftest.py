@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from corpus import ct_series, fresh_copies  # noqa: E402
+from peers import Bridge  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """pydicom's usable test files with fresh UIDs (every syntax pydicom ships)."""
+    return fresh_copies(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> list[Path]:
+    return ct_series(tmp_path / "series", 10)
+
+
+@pytest.fixture
+def bridge_factory(tmp_path: Path):
+    """Start daemons with a given config; every one is stopped at the end of the test."""
+    started: list[Bridge] = []
+
+    def make(config: dict, name: str = "bridge", start: bool = True) -> Bridge:
+        bridge = Bridge(tmp_path / name, config)
+        started.append(bridge)
+        return bridge.start() if start else bridge
+
+    yield make
+    for bridge in started:
+        if bridge.proc is not None and bridge.proc.poll() is None:
+            bridge.kill()
+
+
+@pytest.fixture
+def raw_scu():
+    """A pynetdicom AE that sends files as they are on disk (no parsing, no fixing)."""
+    from pynetdicom import AE, _config
+
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="RAWSCU")
+    yield ae
+    ae.shutdown()
+    _config.STORE_SEND_CHUNKED_DATASET = saved

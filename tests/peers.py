@@ -1,0 +1,169 @@
+"""Real peers for the tests: DCMTK tools and the daemon itself, as subprocesses on loopback.
+
+DCMTK tools are taken from /usr/bin: pynetdicom installs Python scripts with the same
+names (storescu, echoscu, ...) that come earlier on a virtualenv's PATH. Every DCMTK
+tool gets TCP_NODELAY=1 (DCMTK leaves Nagle on otherwise: ~40 ms per message).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    for folder in ("/usr/bin", "/usr/local/bin"):
+        path = Path(folder) / tool
+        if path.exists():
+            return str(path)
+    found = shutil.which(tool)
+    if not found:
+        raise FileNotFoundError(f"DCMTK {tool} is not installed (apt-get install dcmtk)")
+    return found
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk(tool), *args], env=dcmtk_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class StoreResult:
+    returncode: int
+    statuses: list[int]  # one DIMSE status per C-STORE response, in order
+    output: str
+
+
+_STATUS = re.compile(r"Received Store Response.*?(?:Status: 0x([0-9a-fA-F]{4})|\((Success)\))")
+
+
+def storescu(port: int, files: Sequence[Path], calling_ae: str = "STORESCU", called_ae: str = "ANY-SCP",
+             extra: Sequence[str] = (), timeout: float = 300) -> StoreResult:
+    """Send ``files`` in one association; return the status of every response."""
+    args = ["-v", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port), *map(str, files)]
+    proc = run_dcmtk("storescu", *args, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    statuses = []
+    for line in output.splitlines():
+        if m := _STATUS.search(line):
+            statuses.append(0 if m.group(2) else int(m.group(1), 16))
+    return StoreResult(proc.returncode, statuses, output)
+
+
+def echoscu(port: int, calling_ae: str = "ECHOSCU", called_ae: str = "ANY-SCP",
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return run_dcmtk("echoscu", "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port),
+                     timeout=timeout)
+
+
+class Bridge:
+    """The daemon as a subprocess, with a YAML config written for it."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = config.setdefault("listen", {}).setdefault("port", free_port())
+        config["listen"].setdefault("host", "127.0.0.1")
+        config.setdefault("data_dir", str(workdir / "data"))
+        config.setdefault("spool", {}).setdefault("min_free", "16MiB")
+        self.config = config
+        self.config_path = workdir / "config.yaml"
+        self.log_path = workdir / "bridge.log"
+        self.write_config()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["data_dir"])
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self, timeout: float = 30) -> Bridge:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"bridge exited with {self.proc.returncode}:\n{self.log()}")
+            result = echoscu(self.port, timeout=10)
+            # a rejection is an answer too: the listener is up (tests of allow-lists)
+            return result.returncode == 0 or "Association Rejected" in result.stdout + result.stderr
+
+        wait_for(ready, timeout, "the bridge to answer C-ECHO", interval=0.1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"bridge did not stop within {timeout}s after SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def queue_states(self) -> dict[str, int]:
+        """Rows by state, read from the daemon's queue database."""
+        import sqlite3
+
+        db = sqlite3.connect(self.data_dir / "queue.sqlite", timeout=10)
+        try:
+            return dict(db.execute("SELECT state, count(*) FROM queue GROUP BY state").fetchall())
+        finally:
+            db.close()
