@@ -175,7 +175,7 @@ def test_sop_class_mismatch_is_a900(tmp_path, series, bridge_factory, raw_scu):
     mr = with_uid(series[0], tmp_path / "mr.dcm", SOPClassUID="1.2.840.10008.5.1.4.1.1.4")
     ds = pydicom.dcmread(mr)
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # the command says CT
-    ds.save_as(mr, enforce_file_format=True)
+    ds.save_as(mr, enforce_file_format=False)
     raw_scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
     assoc = raw_scu.associate("127.0.0.1", bridge.port)
     try:
