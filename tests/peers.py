@@ -71,19 +71,38 @@ class StoreResult:
     output: str
 
 
-_STATUS = re.compile(r"Received Store Response.*?(?:Status: 0x([0-9a-fA-F]{4})|\((Success)\))")
+_STATUS = re.compile(r"Received Store Response \((.*)\)")
+# How DCMTK's storescu -v names the statuses it knows (dcmnet's DU_cstoreStatusString).
+_STATUS_NAMES = {
+    "Success": 0x0000,
+    "Refused: OutOfResources": 0xA700,
+    "Refused: SOPClassNotSupported": 0x0122,
+    "Error: CannotUnderstand": 0xC000,
+    "Error: DataSetDoesNotMatchSOPClass": 0xA900,
+    "Warning: CoercionOfDataElements": 0xB000,
+    "Warning: DataSetDoesNotMatchSOPClass": 0xB007,
+    "Warning: ElementsDiscarded": 0xB006,
+}
+
+
+def _status(text: str) -> int:
+    if text in _STATUS_NAMES:
+        return _STATUS_NAMES[text]
+    if m := re.search(r"0x([0-9a-fA-F]+)", text):
+        return int(m.group(1), 16)
+    raise AssertionError(f"unknown storescu status text: {text!r}")
 
 
 def storescu(port: int, files: Sequence[Path], calling_ae: str = "STORESCU", called_ae: str = "ANY-SCP",
              extra: Sequence[str] = (), timeout: float = 300) -> StoreResult:
     """Send ``files`` in one association; return the status of every response."""
-    args = ["-v", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port), *map(str, files)]
+    args = ["-v", "--no-halt", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port), *map(str, files)]
     proc = run_dcmtk("storescu", *args, timeout=timeout)
     output = proc.stdout + proc.stderr
     statuses = []
     for line in output.splitlines():
         if m := _STATUS.search(line):
-            statuses.append(0 if m.group(2) else int(m.group(1), 16))
+            statuses.append(_status(m.group(1)))
     return StoreResult(proc.returncode, statuses, output)
 
 

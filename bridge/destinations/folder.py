@@ -148,6 +148,8 @@ class FileDestination:
             missing.append(probe)
             probe = probe.parent
         for path in reversed(missing):
+            if path.exists():
+                raise DestinationUnavailable(f"cannot create folder {path}: a file is in the way")
             path.mkdir()
             dirty.add(path.parent)
 
