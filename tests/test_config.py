@@ -1,0 +1,136 @@
+"""Configuration: every error at once, each with its path and a hint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import load_config
+from bridge.errors import ConfigError
+from bridge.units import parse_duration, parse_size
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("10m", 600), ("7d", 604800), ("500ms", 0.5),
+                                               ("2h", 7200), (45, 45), ("1.5m", 90)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("text", "size"), [("64MiB", 64 * 2**20), ("2GiB", 2 * 2**30), ("64MB", 64 * 10**6),
+                                            ("512B", 512), (4096, 4096), ("1kb", 1000)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["10 parsecs", "-1s", True, "s"])
+def test_bad_durations_say_what_is_expected(bad):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_every_error_at_once_with_paths_and_hints(tmp_path):
+    path = write(tmp_path, """
+ae_title: BRIDGE_WITH_A_FAR_TOO_LONG_TITLE
+listn: {port: 104}
+listen: {port: 70000, timeouts: {acse: soon}}
+spool: {min_free: lots}
+destinations:
+  out: {type: folder, pth: /srv/out}
+  web: {type: stow}
+  arch: {type: archive, workrs: 2}
+rules:
+  - name: ct
+    when: {calling_aet: CT1}
+    store: [ot]
+unrouted: nowhere
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    errors = info.value.errors
+    expected = [
+        "ae_title:",
+        "listn: unknown key (did you mean 'listen'?)",
+        "listen.port:",
+        "listen.timeouts.acse: 'soon' is not a duration",
+        "spool.min_free: 'lots' is not a size",
+        "destinations.out.pth: unknown key (did you mean 'path'?)",
+        "destinations.out.path: required",
+        "destinations.web.type: 'stow' is not a known type",
+        "destinations.arch.workrs: unknown key (did you mean 'workers'?)",
+        "rules[0].when.calling_aet: unknown key (did you mean 'calling_ae'?)",
+    ]
+    for fragment in expected:
+        assert any(e.startswith(fragment) for e in errors), f"{fragment!r} not in {errors}"
+
+
+def test_references_are_checked_after_the_shapes(tmp_path):
+    path = write(tmp_path, """
+destinations:
+  archive: {type: archive}
+rules:
+  - {name: all, store: [archiv]}
+unrouted: nowhere
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "rules[0].store[0]: unknown destination 'archiv' (did you mean 'archive'?)" in info.value.errors
+    assert any(e.startswith("unrouted: unknown destination 'nowhere'") for e in info.value.errors)
+
+
+def test_template_keywords_are_checked(tmp_path):
+    path = write(tmp_path, """
+destinations:
+  out: {type: folder, path: "/srv/{StudyInstanceUD}"}
+""")
+    with pytest.raises(ConfigError, match="did you mean 'StudyInstanceUID'"):
+        load_config(path)
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path):
+    path = write(tmp_path, "destinations:\n  out: {type: folder, path: /srv/{x}}\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    path = write(tmp_path, """
+data_dir: data
+destinations:
+  out: {type: folder, path: "out/{StudyInstanceUID}"}
+rules: rules.yaml
+""")
+    (tmp_path / "rules.yaml").write_text("- {name: all, store: [out]}\n")
+    config = load_config(path)
+    assert config.data_dir == tmp_path / "data"
+    assert config.destinations["out"].path == f"{tmp_path}/out/{{StudyInstanceUID}}"
+    assert [r.name for r in config.rules] == ["all"]
+
+
+def test_the_embedded_default_keeps_everything_in_the_archive():
+    config = load_config(None)
+    assert config.ae_title == "DICOM_BRIDGE"
+    assert (config.listen.host, config.listen.port) == ("127.0.0.1", 11112)
+    assert config.data_dir.name == "dicom-bridge-data"
+    assert config.destinations["archive"].type == "archive"
+    assert config.rules[0].store == ["archive"]
+
+
+def test_run_refuses_an_invalid_config_and_check_reports_it(tmp_path):
+    path = write(tmp_path, "listen: {prot: 104}\n")
+    run = subprocess.run([sys.executable, "-m", "bridge", "run", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "listen.prot: unknown key (did you mean 'port'?)" in run.stderr
+    check = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1
+    assert "listen.prot" in check.stderr
