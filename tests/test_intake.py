@@ -212,3 +212,22 @@ def test_generated_series_in_one_association(tmp_path, bridge_factory):
     files = ct_series(tmp_path / "ct", 30)
     assert storescu(bridge.port, files).statuses == [0] * 30
     wait_for(lambda: len(dcm_files(out)) == 30, 30, "30 files in the folder")
+
+
+def test_too_many_associations_are_refused_transiently(tmp_path, bridge_factory):
+    from pynetdicom import AE
+
+    bridge = bridge_factory(folder_config(tmp_path / "out", listen={"max_associations": 1}))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", bridge.port)
+    assert held.is_established
+    try:
+        result = echoscu(bridge.port)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert "Rejected Transient" in output and "Local Limit Exceeded" in output, output
+    finally:
+        held.release()
+    wait_for(lambda: echoscu(bridge.port).returncode == 0, 10, "a free slot again")
+    assert "too many associations (A-ASSOCIATE-RJ 2/3/2)" in bridge.log()
