@@ -203,7 +203,6 @@ class Rule(Model):
     store: list[str] = Field(default_factory=list)
     continue_: bool = Field(False, alias="continue")
     priority: int | None = None
-    ack: Literal["spooled", "delivered"] = "spooled"
 
 
 class Metrics(Model):

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from bridge import destinations
 from bridge.config import Config, load_config
 from bridge.delivery import Delivery, DestinationRunner
@@ -74,6 +76,9 @@ class Daemon:
         self.delivery.start()
         self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         self.intake.start()
+        if self.config.metrics.port:
+            start_http_server(self.config.metrics.port, self.config.metrics.host, registry=self.metrics.registry)
+            LOGGER.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.config.metrics.port)
         self.housekeeping()
         sd_notify("READY=1")
 
@@ -140,11 +145,18 @@ class Daemon:
             LOGGER.error("reload refused, keeping the running configuration:\n%s", exc)
             sd_notify("READY=1")
             return
-        if self.intake is not None:
-            self.intake.reload(config)
         if self.delivery is not None:
+            # Destinations added by the reload get workers; a removed one keeps its
+            # workers, so its queued rows are still delivered (never dropped).
+            added = {n: r for n, r in self._runners(config).items() if n not in self.delivery.runners}
+            for runner in added.values():
+                runner.start()
+            self.delivery.runners.update(added)
             for runner in self.delivery.runners.values():
                 runner.resume()
+        if self.intake is not None:
+            self.intake.reload(config)
+        self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         sd_notify("READY=1")
 

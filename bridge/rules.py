@@ -31,7 +31,6 @@ class Decision:
 
     destinations: dict[str, int] = field(default_factory=dict)
     rules: list[str] = field(default_factory=list)
-    ack: str = "spooled"
 
 
 def _matches_any(value: str, patterns: str | list[str]) -> bool:
@@ -74,8 +73,6 @@ def route_store(rules: Sequence[Rule], ctx: Context, ds: Dataset, priorities: di
         for name in rule.store:
             priority = rule.priority if rule.priority is not None else priorities.get(name, 0)
             decision.destinations[name] = max(priority, decision.destinations.get(name, priority))
-        if rule.ack == "delivered":
-            decision.ack = "delivered"
         if not rule.continue_:
             break
     return decision

@@ -1,0 +1,110 @@
+"""docs/configuration.md cannot drift from the configuration models in bridge/config.py.
+
+Every setting, found by walking the pydantic models from ``Config``, must appear in the
+reference as its dotted path in backticks (`listen.timeouts.acse`,
+`destinations.<name>.batch.max_instances`, `rules[].when.calling_ae`). In the other
+direction, every path named in the first column of a reference table must be a real
+setting. Add a field and this test fails until the docs describe it. The complete
+example at the end of the page must validate.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import BaseModel
+
+from bridge.config import ArchiveDestination, Config, FolderDestination, validate
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of an annotation, with Annotated and Optional stripped."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) if a is not type(None) for m in _members(a)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _children(annotation: Any, prefix: str) -> list[tuple[str, type[BaseModel]]]:
+    """The models a value of ``annotation`` at ``prefix`` may hold, with their paths."""
+    found = []
+    for member in _members(annotation):
+        origin = typing.get_origin(member)
+        if _is_model(member):
+            found.append((prefix, member))
+        elif origin is dict:
+            found += _children(typing.get_args(member)[1], f"{prefix}.<name>")
+        elif origin is list:
+            found += _children(typing.get_args(member)[0], f"{prefix}[]")
+    return found
+
+
+def setting_paths(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
+    """Every dotted path of a setting, from ``model`` down."""
+    paths: set[str] = set()
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        path = f"{prefix}.{key}" if prefix else key
+        paths.add(path)
+        for child_prefix, child in _children(field.annotation, path):
+            paths |= setting_paths(child, child_prefix)
+    return paths
+
+
+def documented_paths() -> set[str]:
+    return set(re.findall(r"`([^`\n]+)`", DOC.read_text(encoding="utf-8")))
+
+
+def table_paths() -> set[str]:
+    """Paths named in the first column of the reference tables."""
+    return set(re.findall(r"^\|\s*`([^`\n]+)`\s*\|", DOC.read_text(encoding="utf-8"), re.MULTILINE))
+
+
+def test_the_walk_finds_nested_models_maps_lists_and_union_members() -> None:
+    paths = setting_paths()
+    assert {
+        "listen.timeouts.acse",
+        "nodes.<name>.timeouts.dimse",
+        "destinations.<name>.batch.max_instances",
+        "destinations.<name>.retry.max_age",
+        "destinations.<name>.filename",  # FolderDestination only
+        "rules[].when.calling_ae",
+        "rules[].continue",  # by its alias
+    } <= paths
+    # both members of the destination union are walked
+    for member in (FolderDestination, ArchiveDestination):
+        fields = member.model_fields.items()
+        assert {f"destinations.<name>.{field.alias or name}" for name, field in fields} <= paths
+
+
+def test_every_setting_is_documented() -> None:
+    missing = sorted(setting_paths() - documented_paths())
+    assert not missing, f"docs/configuration.md does not describe: {', '.join(missing)}"
+
+
+def test_every_documented_setting_exists() -> None:
+    unknown = sorted(table_paths() - setting_paths())
+    assert not unknown, f"docs/configuration.md names unknown settings: {', '.join(unknown)}"
+
+
+def test_the_complete_example_validates(tmp_path: Path) -> None:
+    text = DOC.read_text(encoding="utf-8").split("## Complete example", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", text, re.DOTALL)
+    assert block, "docs/configuration.md: no yaml block under '## Complete example'"
+    raw = yaml.safe_load(block.group(1))
+    config = validate(raw, base=tmp_path, source="docs/configuration.md")
+    # it is meant to show every setting: each top-level key is there
+    assert set(raw) == {field.alias or name for name, field in Config.model_fields.items()}
+    assert config.destinations
