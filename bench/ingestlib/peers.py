@@ -53,7 +53,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; ``BenchError`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -180,18 +181,19 @@ def bridge_config(workdir: Path, port: int) -> dict[str, Any]:
 class Bridge:
     """``python3 -m bridge run --config CFG`` as a subprocess, optionally under a profiler.
 
-    ``profile_to``: write a thread-aware cProfile of the daemon there (see
-    ``ingestlib.threadprof``; plain ``python3 -m cProfile`` sees only the main thread,
-    which just sleeps in ``serve_forever``).
+    ``profile_to``: write a thread-aware cProfile of the daemon there, timed by
+    ``clock`` (see ``ingestlib.threadprof``; plain ``python3 -m cProfile`` sees only the
+    main thread, which just sleeps in ``serve_forever``).
     """
 
-    def __init__(self, workdir: Path, profile_to: Path | None = None) -> None:
+    def __init__(self, workdir: Path, profile_to: Path | None = None, clock: str = "wall") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config = bridge_config(workdir, self.port)
         self.config_path = workdir / "bridge.yaml"
         self.log = workdir / "bridge.log"
         self.profile_to = profile_to
+        self.clock = clock
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
 
@@ -203,7 +205,8 @@ class Bridge:
         run = ["-m", "bridge", "run", "--config", str(self.config_path)]
         if self.profile_to is None:
             return [sys.executable, *run]
-        return [sys.executable, "-m", "ingestlib.threadprof", "-o", str(self.profile_to), *run]
+        return [sys.executable, "-m", "ingestlib.threadprof", "--clock", self.clock,
+                "-o", str(self.profile_to), *run]
 
     def __enter__(self) -> Bridge:
         self.workdir.mkdir(parents=True, exist_ok=True)

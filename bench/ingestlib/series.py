@@ -34,7 +34,7 @@ def cached_series(cache_root: Path, count: int) -> list[Path]:
         partial.rename(folder)
     files = sorted(folder.glob("*.dcm"))
     if len(files) != count:
-        raise SystemExit(f"{folder} holds {len(files)} files, expected {count}: delete it and rerun")
+        raise SystemExit(f"{folder} holds {len(files)} files, not {count}: delete it and rerun")
     return files
 
 

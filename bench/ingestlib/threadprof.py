@@ -9,8 +9,9 @@ then merges them when the module returns (SIGTERM ends the bridge normally)::
 
 Besides ``OUT.prof`` (all threads), it writes ``OUT.prof.<role>`` per kind of thread
 (``Association``, ``DULServiceProvider``, ``main``, or the thread name without its
-trailing number), so one can look at the intake path alone. Times are wall-clock
-(``time.sleep`` counts), which is what a waiting modality sees.
+trailing number), so one can look at the intake path alone. ``--clock wall`` (default)
+counts elapsed time, ``time.sleep`` and waiting for the GIL included (what a waiting
+modality sees); ``--clock cpu`` counts each thread's own CPU time (what the work costs).
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ import re
 import runpy
 import sys
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 _profiles: list[tuple[threading.Thread, cProfile.Profile]] = []
 _lock = threading.Lock()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def _install() -> None:
+def _install(clock: Callable[[], float]) -> None:
     original = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
 
     def bootstrap_inner(self: threading.Thread) -> None:
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(clock)
         with _lock:
             _profiles.append((self, profile))
         profile.enable()
@@ -72,19 +76,22 @@ def save(main: cProfile.Profile, out: Path) -> None:
         every = stats if every is None else every.add(stats)
     assert every is not None
     every.dump_stats(str(out))
-    print(f"threadprof: wrote {out} ({', '.join(f'{k} x{len(v)}' for k, v in groups.items())}"
-          f"{f'; {skipped} thread(s) still running, left out' if skipped else ''})", file=sys.stderr)
+    kinds = ", ".join(f"{name} x{len(profiles)}" for name, profiles in groups.items())
+    left_out = f"; {skipped} thread(s) still running, left out" if skipped else ""
+    print(f"threadprof: wrote {out} ({kinds}{left_out})", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="wall: elapsed, sleeps and GIL waits included; cpu: thread CPU time")
     parser.add_argument("-m", dest="module", required=True)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     options = parser.parse_args()
     sys.argv = [options.module, *options.args]
-    _install()
-    main_profile = cProfile.Profile()
+    _install(CLOCKS[options.clock])
+    main_profile = cProfile.Profile(CLOCKS[options.clock])
     main_profile.enable()
     try:
         runpy.run_module(options.module, run_name="__main__", alter_sys=True)
