@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydicom.datadict import keyword_dict
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydicom.datadict import keyword_dict
 
 from bridge.errors import ConfigError
 from bridge.uids import is_valid_uid
@@ -60,7 +60,10 @@ class Listen(Model):
 
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 for every interface")
     port: int = Field(11112, ge=1, le=65535, description="TCP port")
-    max_associations: int = Field(32, ge=1, description="concurrent associations; more are refused (A-ASSOCIATE-RJ 2/3/2)")
+    max_associations: int = Field(
+        32, ge=1,
+        description="concurrent associations; more are refused (A-ASSOCIATE-RJ 2/3/2)",
+    )
     max_pdu: ByteSize = Field(262144, ge=0, description="maximum PDU we receive (0 = unlimited)")
     timeouts: ListenTimeouts = Field(default_factory=ListenTimeouts)
 
@@ -68,11 +71,23 @@ class Listen(Model):
 class Accept(Model):
     """Who may associate, and what they may send. Absent lists accept everyone."""
 
-    calling_ae: list[str] | None = Field(None, description="allowed calling AE titles (globs); others get A-ASSOCIATE-RJ 1/1/3")
-    hosts: list[Network] | None = Field(None, description="allowed peer networks (CIDR); others get A-ASSOCIATE-RJ 1/1/1")
-    check_called_ae: bool = Field(False, description="refuse associations not addressed to ae_title (A-ASSOCIATE-RJ 1/1/7)")
+    calling_ae: list[str] | None = Field(
+        None,
+        description="allowed calling AE titles (globs); others get A-ASSOCIATE-RJ 1/1/3",
+    )
+    hosts: list[Network] | None = Field(
+        None,
+        description="allowed peer networks (CIDR); others get A-ASSOCIATE-RJ 1/1/1",
+    )
+    check_called_ae: bool = Field(
+        False,
+        description="refuse associations not addressed to ae_title (A-ASSOCIATE-RJ 1/1/7)",
+    )
     extra_sop_classes: list[str] = Field(default_factory=list, description="private storage SOP class UIDs to accept")
-    any_sop_class: bool = Field(False, description="accept every proposed abstract syntax as storage (private SOP classes)")
+    any_sop_class: bool = Field(
+        False,
+        description="accept every proposed abstract syntax as storage (private SOP classes)",
+    )
 
     @field_validator("extra_sop_classes")
     @classmethod
@@ -93,7 +108,10 @@ class Accept(Model):
 class Spool(Model):
     """The spool: where received instances wait, durably, for their destinations."""
 
-    min_free: ByteSize = Field(parse_size("1GiB"), description="refuse C-STORE (0xA700) when less is free on the spool's file system")
+    min_free: ByteSize = Field(
+        parse_size("1GiB"),
+        description="refuse C-STORE (0xA700) when less is free on the spool's file system",
+    )
 
 
 class Retry(Model):
@@ -121,6 +139,13 @@ class QueueSettings(Model):
 class Batch(Model):
     max_instances: int = Field(50, ge=1, description="instances per send")
     max_bytes: ByteSize = Field(parse_size("64MiB"), ge=1, description="bytes per send")
+    linger: Duration = Field(0.0, description="after a quiet spell, wait this long for more before sending")
+
+
+def _local_batch() -> Batch:
+    # Local destinations are not waited for by anyone, and batching them keeps their
+    # queue commits (each an fsync) from competing with intake's, image by image.
+    return Batch(linger=0.25)
 
 
 Duplicates = Literal["supersede", "keep-first", "keep-both"]
@@ -128,7 +153,10 @@ Duplicates = Literal["supersede", "keep-first", "keep-both"]
 
 class DestinationBase(Model):
     workers: int = Field(1, ge=1, le=64, description="concurrent sends")
-    duplicates: Duplicates = Field("supersede", description="the same SOP Instance UID with new content: supersede, keep-first or keep-both")
+    duplicates: Duplicates = Field(
+        "supersede",
+        description="the same SOP Instance UID with new content: supersede, keep-first or keep-both",
+    )
     priority: int = Field(0, description="higher is claimed first")
     batch: Batch = Field(default_factory=Batch)
     retry: RetryOverride = Field(default_factory=RetryOverride)
@@ -139,6 +167,7 @@ class FolderDestination(DestinationBase):
     """Part-10 files under a path template of tags: ``/srv/{StudyInstanceUID}/{SeriesInstanceUID}``."""
 
     type: Literal["folder"]
+    batch: Batch = Field(default_factory=_local_batch)
     path: str = Field(description="folder template; {Keyword} is replaced by the sanitised tag value")
     filename: str = Field("{SOPInstanceUID}.dcm", description="file name template")
 
@@ -160,6 +189,7 @@ class ArchiveDestination(DestinationBase):
     """The local archive: original Part-10 files plus an SQLite index (the `local` source)."""
 
     type: Literal["archive"]
+    batch: Batch = Field(default_factory=_local_batch)
     path: str | None = Field(None, description="defaults to <data_dir>/archive")
 
     @field_validator("duplicates")
@@ -170,7 +200,7 @@ class ArchiveDestination(DestinationBase):
         return value
 
 
-DestinationConfig = Annotated[Union[FolderDestination, ArchiveDestination], Field(discriminator="type")]
+DestinationConfig = Annotated[FolderDestination | ArchiveDestination, Field(discriminator="type")]
 
 
 class NodeTimeouts(Model):
@@ -223,7 +253,10 @@ class Config(Model):
     unrouted: str = Field("reject", description="'reject' (0x0124) or the name of a destination")
     nodes: dict[str, Node] = Field(default_factory=dict)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
-    rules: list[Rule] | str = Field(default_factory=list, description="a list of rules, or a YAML file or folder of them")
+    rules: list[Rule] | str = Field(
+        default_factory=list,
+        description="a list of rules, or a YAML file or folder of them",
+    )
     metrics: Metrics = Field(default_factory=Metrics)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -366,7 +399,8 @@ def _walk(loc: tuple[Any, ...], raw: Any) -> tuple[str, type[BaseModel] | None]:
             continue
         if isinstance(item, str) and not isinstance(raw, dict) and parts:
             # a union member's label, e.g. ``list[Rule]``: only the member of the input's kind speaks
-            kind = {list: "list", str: "str"}.get(type(raw))
+            kinds: dict[type, str] = {list: "list", str: "str"}
+            kind = kinds.get(type(raw))
             if kind and not item.startswith(kind):
                 return "", None
             continue
@@ -383,8 +417,16 @@ def _walk(loc: tuple[Any, ...], raw: Any) -> tuple[str, type[BaseModel] | None]:
         else:
             annotation = None
         parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
-        raw = raw.get(item) if isinstance(raw, dict) else raw[item] if isinstance(raw, list) and isinstance(item, int) and item < len(raw) else None
+        raw = _child(raw, item)
     return "".join(parts), model
+
+
+def _child(raw: Any, item: Any) -> Any:
+    if isinstance(raw, dict):
+        return raw.get(item)
+    if isinstance(raw, list) and isinstance(item, int) and item < len(raw):
+        return raw[item]
+    return None
 
 
 def _field(model: type[BaseModel], key: str) -> Any:
@@ -406,7 +448,7 @@ def _unwrap(annotation: Any, raw: Any) -> Any:
             members = [a for a in typing.get_args(annotation) if a is not type(None)]
             models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
             tag = raw.get("type") if isinstance(raw, dict) else None
-            chosen = [m for m in models if tag and typing.get_args(m.model_fields["type"].annotation) == (tag,)] if tag else []
+            chosen = [m for m in models if typing.get_args(m.model_fields["type"].annotation) == (tag,)]
             if chosen:
                 annotation = chosen[0]
             elif isinstance(raw, dict) and models:

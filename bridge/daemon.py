@@ -6,6 +6,7 @@ and exit 0; SIGHUP: reload). systemd is told READY=1 when the listener is up.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -86,7 +87,7 @@ class Daemon:
         assert self.queue is not None
         return {
             name: DestinationRunner(
-                name, lambda name=name: destinations.build(name, config), settings,
+                name, functools.partial(destinations.build, name, config), settings,
                 config.retry_for(name), self.queue, self.spool, self.metrics,
             )
             for name, settings in config.destinations.items()

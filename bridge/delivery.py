@@ -66,10 +66,14 @@ class DestinationRunner:
         with self._cond:
             self._cond.notify_all()
 
-    def stop(self, deadline: float) -> None:
-        """Stop claiming; let batches in flight finish until ``deadline`` (monotonic)."""
+    def request_stop(self) -> None:
+        """Stop claiming new batches."""
         self._stopping.set()
         self.wake()
+
+    def stop(self, deadline: float) -> None:
+        """Stop claiming; let batches in flight finish until ``deadline`` (monotonic)."""
+        self.request_stop()
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
@@ -86,14 +90,19 @@ class DestinationRunner:
     def _run(self) -> None:
         destination: Destination | None = None
         last_work = time.monotonic()
+        quiet = True  # nothing was claimed last time: linger before the next claim
         while not self._stopping.is_set():
             wait = self._must_wait()
+            if not wait and quiet and self.settings.batch.linger:
+                self._stopping.wait(self.settings.batch.linger)
             rows = [] if wait else self._queue.claim(
                 self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes
             )
+            quiet = len(rows) < self.settings.batch.max_instances
             if not rows:
                 if destination is not None and time.monotonic() - last_work > self.settings.idle_close:
-                    destination = self._close(destination)
+                    self._close(destination)
+                    destination = None
                 with self._cond:
                     if not self._stopping.is_set():
                         self._cond.wait(min(wait or POLL, POLL))
@@ -124,16 +133,19 @@ class DestinationRunner:
         except DestinationUnavailable as exc:
             until = self._back_off(exc.reason, exc.retry_after)
             self._queue.release(rows, until, exc.reason)
-            return self._close(destination)
+            self._close(destination)
+            return None
         except DestinationMisconfigured as exc:
             self._suspend(exc.reason)
             self._queue.release(rows, time.time(), exc.reason)
-            return self._close(destination)
+            self._close(destination)
+            return None
         except Exception as exc:
             LOGGER.exception("destination %s failed unexpectedly", self.name)
             outcomes = [Transient(f"internal error: {type(exc).__name__}: {exc}")] * len(rows)
             self._record(rows, outcomes)
-            return self._close(destination)
+            self._close(destination)
+            return None
         self._up()
         self._record(rows, outcomes)
         return destination
@@ -161,7 +173,6 @@ class DestinationRunner:
             destination.close()
         except Exception:
             LOGGER.exception("closing destination %s", self.name)
-        return None
 
     # -- state -------------------------------------------------------------------------
 
@@ -216,10 +227,6 @@ class Delivery:
     def stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for runner in self.runners.values():
-            runner._stopping.set()
-            runner.wake()
+            runner.request_stop()
         for runner in self.runners.values():
             runner.stop(deadline)
-
-
-__all__ = ["Delivery", "DestinationRunner", "Done"]

@@ -28,10 +28,8 @@ def read_header(path: Path) -> Dataset:
         with open(path, "rb") as f:
             ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
             stop = f.tell()  # at the Pixel Data tag, if there is one
-            # pydicom converts values lazily: touch the top level now, so a broken
-            # data set fails here with a clear status rather than later in a rule.
-            for element in ds:
-                _ = element.value
+            # Values are converted lazily, when a rule or the index asks for them:
+            # converting all of them here would double the cost of a C-STORE.
             if not _pixel_data_complete(f, ds, stop):
                 raise IntakeError(0xC000, "data set is truncated in Pixel Data")
     except IntakeError:

@@ -30,16 +30,17 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from bridge import dicomfile
+from bridge import dicomfile, dul_tuning
 from bridge.config import Config, Rule
 from bridge.errors import IntakeError
 from bridge.metrics import Metrics
@@ -49,6 +50,8 @@ from bridge.rules import Context, route_store
 from bridge.spool import HashingTempFile, Spool, sha256_file
 
 LOGGER = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 # A-ASSOCIATE-RJ (result, source, reason) per docs/conformance.md
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -87,7 +90,8 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     def temporary_file(*_: Any, **__: Any) -> HashingTempFile:
         return spool.new_temp()
 
-    pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[attr-defined]
+    pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
+    dul_tuning.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -134,15 +138,15 @@ class Intake:
         ae.dimse_timeout = cfg.listen.timeouts.dimse
         # pynetdicom has one "network" timer: no PDU for this long ends the association.
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
-        ae.add_supported_context(Verification)
-        sop_classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        ae.add_supported_context(VERIFICATION)
+        sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
         sop_classes += [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
         for uid in sop_classes:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -185,16 +189,18 @@ class Intake:
 
     def _on_conn_open(self, event: evt.Event) -> None:
         # pynetdicom never sets TCP_NODELAY; without it each response waits ~40 ms for Nagle.
-        sock = event.assoc.dul.socket.socket
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dul_tuning.prepare(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         label = f"A{next(self._ids)}"
         assoc.name = label  # the thread name: every log line of this association carries it
         rq = assoc.requestor
-        calling, called = rq.primitive.calling_ae_title.strip(), rq.primitive.called_ae_title.strip()
+        primitive = cast(A_ASSOCIATE, rq.primitive)
+        calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
         peer = str(rq.address)
         self._stats[id(assoc)] = _AssocStats(label, calling, peer, started=time.monotonic())
         accept = self.config.accept
@@ -215,7 +221,7 @@ class Intake:
     def _on_rejected(self, event: evt.Event) -> None:
         stats = self._stats.pop(id(event.assoc), None)
         rj = event.assoc.acceptor.primitive
-        rsd = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else (0, 0, 0)
+        rsd = cast(tuple[int, int, int], (rj.result, rj.result_source, rj.diagnostic) if rj else (0, 0, 0))
         reason = _REJECT_REASONS.get(rsd, "rejected")
         self.metrics.associations.labels("rejected").inc()
         LOGGER.info(
@@ -267,7 +273,7 @@ class Intake:
         return rsp
 
     def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:
-        request = event.request
+        request = cast(C_STORE, event.request)
         calling = stats.calling_ae
         called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
         try:
@@ -277,13 +283,16 @@ class Intake:
                 raise IntakeError(0xA900, "SOP Class differs from the command's")
             if sop_instance != str(request.AffectedSOPInstanceUID):
                 raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
+            ctx = Context(calling_ae=calling, called_ae=called, peer=stats.peer)
+            priorities = {name: d.priority for name, d in self.config.destinations.items()}
+            try:
+                decision = route_store(self.rules, ctx, header, priorities)
+            except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
+                raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
         except IntakeError as exc:
             LOGGER.warning("refused C-STORE: %s (0x%04X)", exc, exc.status)
             return exc.status, exc.comment
 
-        ctx = Context(calling_ae=calling, called_ae=called, peer=stats.peer)
-        priorities = {name: d.priority for name, d in self.config.destinations.items()}
-        decision = route_store(self.rules, ctx, header, priorities)
         destinations = decision.destinations
         if not destinations:
             if self.config.unrouted == "reject":

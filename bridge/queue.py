@@ -195,7 +195,8 @@ class Queue:
                 " ORDER BY priority DESC, id LIMIT ?",
                 (destination, now, max_instances),
             ).fetchall()
-            rows, total = [], 0
+            rows: list[sqlite3.Row] = []
+            total = 0
             for r in candidates:
                 if rows and total + r["size"] > max_bytes:
                     break
@@ -302,7 +303,8 @@ class Queue:
 
     def retry_dead(self, ids: Sequence[int] | None = None, destination: str | None = None) -> int:
         """Dead rows back to pending with a clean slate; returns how many."""
-        clauses, params = ["state = 'dead'"], []
+        clauses: list[str] = ["state = 'dead'"]
+        params: list[Any] = []
         if ids is not None:
             clauses.append(f"id IN ({','.join('?' * len(ids))})")
             params.extend(ids)
@@ -319,7 +321,8 @@ class Queue:
 
     def rows(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
              **filters: str) -> list[Row]:
-        clauses, params = ["1 = 1"], []
+        clauses: list[str] = ["1 = 1"]
+        params: list[Any] = []
         if destination:
             clauses.append("destination = ?")
             params.append(destination)

@@ -10,8 +10,8 @@ import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 
 from bridge.config import Rule
 

@@ -59,12 +59,13 @@ class HashingTempFile:
         )
         self.name = self._file.name
         self.file = self._file.file  # type: ignore[attr-defined]
+        self._write = self.file.write  # the raw file's, not the wrapper's (one Python call less)
         self.digest = hashlib.sha256()
         HashingTempFile._open[self.name] = self
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self._file.write(data)
+        return self._write(data)
 
     def close(self) -> None:
         self._file.close()

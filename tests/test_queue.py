@@ -121,7 +121,8 @@ def test_the_same_content_again_is_a_harmless_resend(queue):
 
 
 def test_keep_first_and_keep_both(queue):
-    queue.enqueue(instance("1.1", "a"), [Route("first", duplicates="keep-first"), Route("both", duplicates="keep-both")])
+    routes = [Route("first", duplicates="keep-first"), Route("both", duplicates="keep-both")]
+    queue.enqueue(instance("1.1", "a"), routes)
     result = queue.enqueue(instance("1.1", "b"), [Route("first", duplicates="keep-first"),
                                                    Route("both", duplicates="keep-both")])
     assert "keep-first" in result.skipped["first"]

@@ -1,0 +1,121 @@
+"""Pinned overrides of pynetdicom's network internals, for speed. Applied once at start.
+
+pynetdicom (3.0.x, pinned in pyproject.toml) spends most of a C-STORE's time in two
+places that have nothing to do with DICOM (measured in docs/performance.md):
+
+- ``AssociationSocket.recv`` reads a PDU 4096 bytes at a time, each read a Python
+  loop turn: a 128 KiB PDU costs 32 ``recv`` calls. Replaced by ``recv_into`` a
+  buffer of the PDU's size.
+- Both threads of an association poll: the DUL thread sleeps ``_run_loop_delay``
+  (1 ms) whenever it found nothing to do, the association thread sleeps 1 ms every
+  turn of its reactor. With the GIL busy, a 1 ms sleep lasts about 3 ms. Replaced by
+  waits that end as soon as there is work: the association thread waits on its
+  DIMSE message queue, the DUL thread on its socket and on a socket pair that its
+  outgoing queue writes to. Neither
+  waits longer than pynetdicom would have slept, so timers and shutdown behave as before.
+
+``tests/test_daemon.py`` runs every intake test through these overrides; the tests in
+tests/test_dul_tuning.py check that each one still finds what it replaces.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time as _time
+import types
+import weakref
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dul
+import pynetdicom.transport
+
+_real_sleep = _time.sleep
+
+
+def _recv(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv``: exactly ``nr_bytes`` unless the peer closes first."""
+    sock = self.socket
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    read = 0
+    while read < nr_bytes:
+        n = sock.recv_into(view[read:], nr_bytes - read)
+        if not n:
+            del view
+            return buffer[:read]
+        read += n
+    del view
+    return buffer
+
+
+class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's outgoing queue: putting an item wakes the DUL thread's wait."""
+
+    def __init__(self, wake: socket.socket) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        try:
+            self._wake.send(b"\0")
+        except OSError:
+            pass  # already woken (buffer full) or closed at the end of the association
+
+
+def _association_sleep(seconds: float) -> None:
+    """``time.sleep`` as the association thread's reactor uses it: end early on a message."""
+    thread = threading.current_thread()
+    dimse = getattr(thread, "dimse", None)
+    messages = getattr(dimse, "msg_queue", None)
+    if messages is None or seconds > 0.01:
+        _real_sleep(seconds)
+        return
+    with messages.not_empty:
+        if not messages.queue:
+            messages.not_empty.wait(seconds)
+
+
+def _dul_sleep(seconds: float) -> None:
+    """``time.sleep`` as the DUL thread uses it: end early on incoming data or an outgoing PDU."""
+    dul = threading.current_thread()
+    wake: socket.socket | None = getattr(dul, "_bridge_wake", None)
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if wake is None or sock is None or seconds > 0.01:
+        _real_sleep(seconds)
+        return
+    try:
+        ready, _, _ = select.select([sock, wake], [], [], seconds)
+        if wake in ready:
+            wake.recv(4096)
+    except (OSError, ValueError):
+        _real_sleep(seconds)  # the socket was closed under us: behave as pynetdicom would
+
+
+def install() -> None:
+    """Apply the overrides (idempotent)."""
+    pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
+        sleep=_association_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
+    )
+    pynetdicom.dul.time = types.SimpleNamespace(  # type: ignore[assignment]
+        sleep=_dul_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
+    )
+
+
+def prepare(assoc: Any) -> None:
+    """Per association, before its DUL thread runs: a socket pair to wake the DUL's wait."""
+    dul = assoc.dul
+    if getattr(dul, "_bridge_wake", None) is not None:
+        return
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    dul._bridge_wake = reader
+    dul.to_provider_queue = _WakingQueue(writer)
+    weakref.finalize(dul, reader.close)
+    weakref.finalize(dul, writer.close)
