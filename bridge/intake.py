@@ -11,7 +11,7 @@ in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
 - the temporary file factory of ``pynetdicom.dimse_messages`` is replaced by one that
   writes into the spool's ``incoming/`` folder (same file system, so taking the file
   is a rename) and hashes the bytes as they are written (no second read). pynetdicom
-  is pinned to 3.0.x in pyproject.toml and ``tests/test_intake_unit.py`` checks the
+  is pinned to 3.0.x in pyproject.toml and ``tests/test_dul_tuning.py`` checks the
   override still takes effect;
 - ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``.
 

@@ -1,0 +1,53 @@
+"""The pinned pynetdicom overrides still find what they replace (see bridge/dul_tuning.py
+and bridge/intake.py). These fail first when pynetdicom is upgraded under us."""
+
+from __future__ import annotations
+
+import inspect
+import socket
+import threading
+
+import pynetdicom.association
+import pynetdicom.dimse_messages
+import pynetdicom.dul
+import pynetdicom.transport
+
+from bridge import dul_tuning
+
+
+def test_pynetdicom_still_polls_where_the_overrides_expect():
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(pynetdicom.dul.DULServiceProvider.run_reactor)
+    assert "time.sleep(0.001)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
+    # outgoing primitives go through to_provider_queue.put (which our queue turns into a wake-up)
+    assert "self.to_provider_queue.put(" in inspect.getsource(pynetdicom.dul.DULServiceProvider.send_pdu)
+    assert "self.to_provider_queue.queue[0]" in inspect.getsource(
+        pynetdicom.dul.DULServiceProvider._process_recv_primitive
+    )
+    assert "msg_queue" in inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.get_msg)
+
+
+def test_pynetdicom_still_writes_chunked_data_sets_through_named_temporary_file():
+    source = inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
+    assert "NamedTemporaryFile(delete=False" in source
+    assert "self._data_set_file.write(" in source
+
+
+def test_recv_reads_exactly_what_is_asked_across_short_reads():
+    a, b = socket.socketpair()
+    try:
+        fake = type("FakeAssociationSocket", (), {"socket": b})()
+        payload = bytes(range(256)) * 1000
+
+        def send_slowly() -> None:
+            for i in range(0, len(payload), 7000):
+                a.sendall(payload[i:i + 7000])
+
+        sender = threading.Thread(target=send_slowly)
+        sender.start()
+        assert dul_tuning._recv(fake, len(payload)) == payload
+        sender.join()
+        a.sendall(b"abc")
+        a.close()
+        assert dul_tuning._recv(fake, 10) == b"abc"  # the peer closed: what there was
+    finally:
+        b.close()
