@@ -11,7 +11,7 @@ in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
 - the temporary file factory of ``pynetdicom.dimse_messages`` is replaced by one that
   writes into the spool's ``incoming/`` folder (same file system, so taking the file
   is a rename) and hashes the bytes as they are written (no second read). pynetdicom
-  is pinned to 3.0.x in pyproject.toml and ``tests/test_dul_tuning.py`` checks the
+  is pinned to 3.0.x in pyproject.toml and ``tests/test_pynetdicom_overrides.py`` checks the
   override still takes effect;
 - ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``.
 
@@ -27,6 +27,7 @@ import itertools
 import logging
 import socket
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,14 +41,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from bridge import dicomfile, dul_tuning
+from bridge import dicomfile, pynetdicom_overrides
 from bridge.config import Config, Rule
 from bridge.errors import IntakeError
 from bridge.metrics import Metrics
 from bridge.model import SpooledInstance
 from bridge.queue import Queue, Route
 from bridge.rules import Context, route_store
-from bridge.spool import HashingTempFile, Spool, sha256_file
+from bridge.spool import HashingTempFile, Spool, fsync_dir, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
         return spool.new_temp()
 
     pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
-    dul_tuning.install()
+    pynetdicom_overrides.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -125,6 +126,7 @@ class Intake:
         self._ids = itertools.count(1)
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
+        self._fsync = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self.ae = self._build_ae()
 
     # -- set-up ------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Intake:
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        dul_tuning.prepare(event.assoc)
+        pynetdicom_overrides.prepare(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -308,7 +310,7 @@ class Intake:
 
         sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
         try:
-            spooled = self.spool.take(path)
+            spooled = self.spool.take(path, sync_folder=False)
         except OSError as exc:
             LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
             return 0xA700, f"out of resources: {exc.strerror}"
@@ -324,12 +326,23 @@ class Intake:
             Route(name, prio, self.config.destinations[name].duplicates)
             for name, prio in destinations.items()
         ]
+        # The folder's fsync and the queue's commit are both waited for before the
+        # answer; running them side by side costs one fsync's time instead of two.
+        folder_synced = self._fsync.submit(fsync_dir, spooled.parent)
         try:
             enqueued = self.queue.enqueue(instance, routes)
         except Exception as exc:
+            futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused C-STORE: queue error: %s", exc)
             return 0xA700, "out of resources: queue error"
+        try:
+            folder_synced.result()
+        except OSError as exc:
+            self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
+            self.spool.discard(spooled)
+            LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
+            return 0xA700, f"out of resources: {exc.strerror}"
         if not enqueued.row_ids:
             self.spool.discard(spooled)
         for name, why in enqueued.skipped.items():

@@ -242,6 +242,14 @@ class Queue:
             (attempts, reason, now, row_id),
         )
 
+    def cancel(self, row_ids: Sequence[int], reason: str) -> None:
+        """Cancel rows just created, whose instance was not acknowledged after all."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE queue SET state = 'cancelled', done_at = ?, last_error = ? WHERE id = ?",
+                [(time.time(), reason, row_id) for row_id in row_ids],
+            )
+
     def release(self, rows: Sequence[Row], not_before: float, reason: str) -> None:
         """Give claimed rows back without charging them (the destination was unavailable)."""
         with self._lock, self._transaction():

@@ -104,16 +104,19 @@ class Spool:
     def new_temp(self) -> HashingTempFile:
         return HashingTempFile(self.incoming)
 
-    def take(self, path: Path) -> Path:
+    def take(self, path: Path, sync_folder: bool = True) -> Path:
         """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.
 
         ``path`` must be on the spool's file system (``incoming/``). Returns the new path.
+        With ``sync_folder=False`` the caller fsyncs ``target.parent`` itself (intake does
+        it beside the queue commit, so the two waits overlap).
         """
         name = secrets.token_hex(16)
         target = self.root / name[:2] / f"{name}.dcm"
         fsync_file(path)
         os.rename(path, target)
-        fsync_dir(target.parent)
+        if sync_folder:
+            fsync_dir(target.parent)
         return target
 
     def take_copy(self, source: Path) -> tuple[Path, str]:

@@ -1,4 +1,4 @@
-"""The pinned pynetdicom overrides still find what they replace (see bridge/dul_tuning.py
+"""The pinned pynetdicom overrides still find what they replace (see bridge/pynetdicom_overrides.py
 and bridge/intake.py). These fail first when pynetdicom is upgraded under us."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pynetdicom.dimse_messages
 import pynetdicom.dul
 import pynetdicom.transport
 
-from bridge import dul_tuning
+from bridge import pynetdicom_overrides
 
 
 def test_pynetdicom_still_polls_where_the_overrides_expect():
@@ -44,10 +44,26 @@ def test_recv_reads_exactly_what_is_asked_across_short_reads():
 
         sender = threading.Thread(target=send_slowly)
         sender.start()
-        assert dul_tuning._recv(fake, len(payload)) == payload
+        assert pynetdicom_overrides._recv(fake, len(payload)) == payload
         sender.join()
         a.sendall(b"abc")
         a.close()
-        assert dul_tuning._recv(fake, 10) == b"abc"  # the peer closed: what there was
+        assert pynetdicom_overrides._recv(fake, 10) == b"abc"  # the peer closed: what there was
     finally:
         b.close()
+
+
+def test_file_meta_bytes_are_those_pydicom_writes():
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    for args in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.55", "1.2.840.10008.1.2.1"),
+                 ("1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.840.10008.1.2.4.201")]:
+        kwargs = dict(zip(("sop_class_uid", "sop_instance_uid", "transfer_syntax"), args, strict=True))
+        expected = io.BytesIO()
+        write_file_meta_info(expected, create_file_meta(**kwargs))
+        assert pynetdicom_overrides._create_file_meta(**kwargs) == expected.getvalue()
+    assert "write_file_meta_info(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
+    assert "create_file_meta(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
