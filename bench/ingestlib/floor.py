@@ -7,13 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from bridge.spool import fsync_dir
 
 
 def write_fsync(folder: Path, contents: Sequence[bytes]) -> float:
