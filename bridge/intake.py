@@ -181,6 +181,7 @@ class Intake:
         for assoc in self.ae.active_associations:
             LOGGER.warning("aborting association %s at shutdown", assoc.name)
             assoc.abort()
+        self._fsync.shutdown(wait=True)
 
     def reload(self, config: Config) -> None:
         """New rules apply to associations that start after this."""

@@ -145,8 +145,14 @@ def test_the_embedded_default_runs_with_no_config(tmp_path):
     """`dicom-bridge run` alone: AE DICOM_BRIDGE on 127.0.0.1:11112, data in ./dicom-bridge-data."""
     import sys
 
-    if subprocess.run(["ss", "-ltn", "sport = :11112"], capture_output=True, text=True).stdout.count("LISTEN"):
-        pytest.skip("port 11112 is in use on this machine")
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", 11112))
+        except OSError:
+            pytest.skip("port 11112 is in use on this machine: the embedded default cannot listen")
     proc = subprocess.Popen([sys.executable, "-m", "bridge", "run"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**dcmtk_env(), "PYTHONPATH": str(Path(__file__).parent.parent)})
