@@ -143,9 +143,8 @@ def test_sigterm_lets_the_association_finish_then_exits_0(tmp_path, bridge_facto
 
 def test_the_embedded_default_runs_with_no_config(tmp_path):
     """`dicom-bridge run` alone: AE DICOM_BRIDGE on 127.0.0.1:11112, data in ./dicom-bridge-data."""
-    import sys
-
     import socket
+    import sys
 
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
