@@ -25,13 +25,16 @@ class ArchiveDestination(FileDestination):
         root = Path(config.path) if config.path else default_root
         super().__init__(name, f"{root}/{LAYOUT}", "{SOPInstanceUID}.dcm", config.duplicates)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.index = ArchiveIndex(self.root / "index.sqlite")
+        self.index: ArchiveIndex | None = None
+
+    def open(self) -> None:
+        if self.index is None:
+            self.index = ArchiveIndex(self.root / "index.sqlite")
 
     def close(self) -> None:
-        pass  # the index stays open for the daemon's lifetime; see shutdown()
-
-    def shutdown(self) -> None:
-        self.index.close()
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
     def after_batch(self, written: list[tuple[SpooledInstance, Path]]) -> None:
         entries = []
@@ -41,6 +44,8 @@ class ArchiveDestination(FileDestination):
             except IntakeError:
                 continue  # intake parsed it; only a file changed behind our back gets here
             entries.append((header, path, instance.size, instance.sha256))
+        self.open()
+        assert self.index is not None
         try:
             self.index.add(entries)
         except Exception as exc:
