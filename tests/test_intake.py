@@ -196,14 +196,14 @@ def test_supersede_keeps_the_newer_content(tmp_path, bridge_factory):
     assert storescu(bridge.port, [second]).statuses == [0]
     assert storescu(bridge.port, [second]).statuses == [0]  # a harmless resend
 
-    def newest_arrived() -> bool:
-        files = dcm_files(out)
+    def only_the_newest(folder: Path) -> bool:
+        files = dcm_files(folder)
         return len(files) == 1 and pydicom.dcmread(files[0]).PixelData == pydicom.dcmread(second).PixelData
 
-    wait_for(newest_arrived, 30, "the newer content in the folder")
-    archived = dcm_files(bridge.data_dir / "archive")
-    assert len(archived) == 1
-    assert pydicom.dcmread(archived[0]).PixelData == pydicom.dcmread(second).PixelData
+    wait_for(lambda: only_the_newest(out), 30, "the newer content in the folder")
+    wait_for(lambda: only_the_newest(bridge.data_dir / "archive"), 30, "the newer content in the archive")
+    wait_for(lambda: bridge.queue_states().get("pending", 0) == 0, 30, "nothing left to deliver")
+    assert only_the_newest(out) and only_the_newest(bridge.data_dir / "archive")
 
 
 def test_generated_series_in_one_association(tmp_path, bridge_factory):
