@@ -167,13 +167,18 @@ class StoreSCP:
 # -- the bridge ----------------------------------------------------------------------
 
 
-def bridge_config(workdir: Path, port: int) -> dict[str, Any]:
+def bridge_config(workdir: Path, port: int, deliver: bool = True) -> dict[str, Any]:
+    """One archive destination; with ``deliver=False`` it lingers an hour before its first
+    batch, so the run measures intake alone, with no delivery competing for the GIL."""
+    archive: dict[str, Any] = {"type": "archive"}
+    if not deliver:
+        archive["batch"] = {"linger": "1h"}
     return {
         "ae_title": BRIDGE_AE,
         "listen": {"host": "127.0.0.1", "port": port},
         "data_dir": str(workdir / "data"),
         "spool": {"min_free": "64MiB"},
-        "destinations": {"archive": {"type": "archive"}},
+        "destinations": {"archive": archive},
         "rules": [{"name": "all", "store": ["archive"]}],
     }
 
@@ -186,10 +191,11 @@ class Bridge:
     main thread, which just sleeps in ``serve_forever``).
     """
 
-    def __init__(self, workdir: Path, profile_to: Path | None = None, clock: str = "wall") -> None:
+    def __init__(self, workdir: Path, profile_to: Path | None = None, clock: str = "wall",
+                 deliver: bool = True) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.config = bridge_config(workdir, self.port)
+        self.config = bridge_config(workdir, self.port, deliver)
         self.config_path = workdir / "bridge.yaml"
         self.log = workdir / "bridge.log"
         self.profile_to = profile_to
@@ -238,6 +244,16 @@ class Bridge:
         except BenchError:
             raise BenchError(f"only {self.archived()}/{expected} instances reached {self.archive} "
                              f"within {timeout:.0f}s:\n{self.tail()}") from None
+
+    def queued(self) -> int:
+        """Rows in the bridge's queue (each a durably acknowledged instance)."""
+        import sqlite3
+
+        db = sqlite3.connect(self.workdir / "data" / "queue.sqlite", timeout=30)
+        try:
+            return int(db.execute("SELECT count(*) FROM queue").fetchone()[0])
+        finally:
+            db.close()
 
     def tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
