@@ -73,7 +73,7 @@ class Daemon:
         if recovered:
             LOGGER.warning("%d row(s) were in flight when the daemon last stopped; queued again", recovered)
         self._sweep_orphans()
-        self.delivery = Delivery(self._runners(self.config))
+        self.delivery = Delivery(self._runners(self.config, list(self.config.destinations)))
         self.delivery.start()
         self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         self.intake.start()
@@ -83,14 +83,14 @@ class Daemon:
         self.housekeeping()
         sd_notify("READY=1")
 
-    def _runners(self, config: Config) -> dict[str, DestinationRunner]:
+    def _runners(self, config: Config, names: list[str]) -> dict[str, DestinationRunner]:
         assert self.queue is not None
         return {
             name: DestinationRunner(
-                name, functools.partial(destinations.build, name, config), settings,
+                name, functools.partial(destinations.build, name, config), config.destinations[name],
                 config.retry_for(name), self.queue, self.spool, self.metrics,
             )
-            for name, settings in config.destinations.items()
+            for name in names
         }
 
     def _sweep_orphans(self) -> None:
@@ -149,7 +149,8 @@ class Daemon:
         if self.delivery is not None:
             # Destinations added by the reload get workers; a removed one keeps its
             # workers, so its queued rows are still delivered (never dropped).
-            added = {n: r for n, r in self._runners(config).items() if n not in self.delivery.runners}
+            # (A runner publishes its state when built, so only new ones are built.)
+            added = self._runners(config, [n for n in config.destinations if n not in self.delivery.runners])
             for runner in added.values():
                 runner.start()
             self.delivery.runners.update(added)

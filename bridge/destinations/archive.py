@@ -44,8 +44,7 @@ class ArchiveDestination(FileDestination):
             except IntakeError:
                 continue  # intake parsed it; only a file changed behind our back gets here
             entries.append((header, path, instance.size, instance.sha256))
-        self.open()
-        assert self.index is not None
+        assert self.index is not None, "open() comes before send()"
         try:
             self.index.add(entries)
         except Exception as exc:
