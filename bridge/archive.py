@@ -2,7 +2,8 @@
 
 The files themselves live under ``<archive>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``
 (original Part-10 files). The index is what the ``local`` source answers C-FIND and
-C-MOVE from. Text values are stored decoded (pydicom applies Specific Character Set).
+C-MOVE from. Text values are stored decoded (Specific Character Set applied), as intake
+read them into ``SpooledInstance.attributes``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
-from bridge.dicomfile import text
+from bridge.model import SpooledInstance
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -77,42 +76,43 @@ class ArchiveIndex:
         with self._lock:
             self._db.close()
 
-    def add(self, entries: Sequence[tuple[Dataset, Path, int, str]]) -> None:
-        """Index (header, file path, size, sha256) tuples in one transaction; newer replaces older."""
+    def add(self, entries: Sequence[tuple[SpooledInstance, Path]]) -> None:
+        """Index (instance, archived file) pairs in one transaction; newer replaces older."""
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for ds, path, size, sha256 in entries:
-                    self._add(ds, path, size, sha256, now)
+                for instance, path in entries:
+                    self._add(instance, path, now)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _add(self, ds: Dataset, path: Path, size: int, sha256: str, now: float) -> None:
-        patient_id, issuer = text(ds, "PatientID"), text(ds, "IssuerOfPatientID")
+    def _add(self, i: SpooledInstance, path: Path, now: float) -> None:
+        a = i.attributes
+        patient_id, issuer = a.get("PatientID", ""), a.get("IssuerOfPatientID", "")
         patient_key = f"{patient_id}\\{issuer}"
         self._db.execute(
             "INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?)",
-            (patient_key, patient_id, issuer, text(ds, "PatientName"), text(ds, "PatientBirthDate"),
-             text(ds, "PatientSex")),
+            (patient_key, patient_id, issuer, a.get("PatientName", ""), a.get("PatientBirthDate", ""),
+             a.get("PatientSex", "")),
         )
         self._db.execute(
             "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (text(ds, "StudyInstanceUID"), patient_key, text(ds, "StudyDate"), text(ds, "StudyTime"),
-             text(ds, "AccessionNumber"), text(ds, "StudyID"), text(ds, "StudyDescription"),
-             text(ds, "ReferringPhysicianName"), now),
+            (i.study_uid, patient_key, a.get("StudyDate", ""), a.get("StudyTime", ""),
+             a.get("AccessionNumber", ""), a.get("StudyID", ""), a.get("StudyDescription", ""),
+             a.get("ReferringPhysicianName", ""), now),
         )
         self._db.execute(
             "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?)",
-            (text(ds, "SeriesInstanceUID"), text(ds, "StudyInstanceUID"), text(ds, "Modality"),
-             text(ds, "SeriesNumber"), text(ds, "SeriesDescription"), text(ds, "BodyPartExamined")),
+            (i.series_uid, i.study_uid, a.get("Modality", ""), a.get("SeriesNumber", ""),
+             a.get("SeriesDescription", ""), a.get("BodyPartExamined", "")),
         )
         self._db.execute(
             "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (text(ds, "SOPInstanceUID"), text(ds, "SeriesInstanceUID"), text(ds, "SOPClassUID"),
-             text(ds, "InstanceNumber"), str(ds.file_meta.TransferSyntaxUID), str(path), size, sha256, now),
+            (i.sop_instance_uid, i.series_uid, i.sop_class_uid, a.get("InstanceNumber", ""),
+             i.transfer_syntax, str(path), i.size, i.sha256, now),
         )
 
     def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:

@@ -48,7 +48,7 @@ from bridge.metrics import Metrics
 from bridge.model import SpooledInstance
 from bridge.queue import Queue, Route
 from bridge.rules import Context, route_store
-from bridge.spool import HashingTempFile, Spool, fsync_dir, sha256_file
+from bridge.spool import HashingTempFile, Spool, fsync_dir, fsync_file, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -279,6 +279,9 @@ class Intake:
         request = cast(C_STORE, event.request)
         calling = stats.calling_ae
         called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
+        # The file's fsync runs while the header is parsed and routed; both are waited
+        # for before the answer.
+        file_synced = self._fsync.submit(fsync_file, path)
         try:
             header = dicomfile.read_header(path)
             sop_class, sop_instance, study, series = dicomfile.required_uids(header)
@@ -293,25 +296,33 @@ class Intake:
             except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
                 raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
         except IntakeError as exc:
+            futures.wait([file_synced])
             LOGGER.warning("refused C-STORE: %s (0x%04X)", exc, exc.status)
             return exc.status, exc.comment
+        except BaseException:
+            futures.wait([file_synced])
+            raise
 
         destinations = decision.destinations
         if not destinations:
             if self.config.unrouted == "reject":
+                futures.wait([file_synced])
                 LOGGER.warning("refused C-STORE of %s: no rule routes it (unrouted: reject)", sop_instance)
                 return 0x0124, "no rule routes this instance"
             destinations = {self.config.unrouted: priorities.get(self.config.unrouted, 0)}
 
+        attributes = dicomfile.attributes(header)
         size = path.stat().st_size
         free = self.spool.free_bytes()
         if free - size < self.config.spool.min_free:
+            futures.wait([file_synced])
             LOGGER.error("refused C-STORE: spool has %d bytes free, below spool.min_free", free)
             return 0xA700, "out of resources: spool below its free-space floor"
 
         sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
         try:
-            spooled = self.spool.take(path, sync_folder=False)
+            file_synced.result()
+            spooled = self.spool.take(path, sync_file=False, sync_folder=False)
         except OSError as exc:
             LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
             return 0xA700, f"out of resources: {exc.strerror}"
@@ -320,8 +331,9 @@ class Intake:
             sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
             transfer_syntax=str(header.file_meta.TransferSyntaxUID), calling_ae=calling,
             called_ae=called, peer=stats.peer, received_at=datetime.now(UTC),
-            patient_id=dicomfile.text(header, "PatientID"),
-            accession_number=dicomfile.text(header, "AccessionNumber"),
+            patient_id=attributes.get("PatientID", ""),
+            accession_number=attributes.get("AccessionNumber", ""),
+            attributes=attributes,
         )
         routes = [
             Route(name, prio, self.config.destinations[name].duplicates)

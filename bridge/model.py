@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -27,6 +27,9 @@ class SpooledInstance:
     received_at: datetime
     patient_id: str = ""
     accession_number: str = ""
+    # dicomfile.INDEX_KEYWORDS as text, read by intake from the header it parsed (empty
+    # values left out): the archive indexes from them without parsing the file again.
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   ``FileMetaDataset`` and written by pydicom's general writer: about 0.35 ms of
   Python per instance for seven elements. Replaced by a direct encoder of the same
   bytes (checked against pydicom's output by a test).
+- Each C-STORE response is turned into a pydicom command ``Dataset``, encoded by
+  pydicom's writer and fragmented by a generator: about 0.9 ms of Python per
+  instance for a ~150-byte message. Replaced, for C-STORE responses only, by a
+  direct encoder of the same bytes (checked against pynetdicom's output by a test);
+  every other message, and any response with fields it does not know, goes through
+  pynetdicom as before.
 
 Every intake test runs through these overrides; tests/test_pynetdicom_overrides.py
 checks that each one still finds what it replaces.
@@ -35,11 +41,14 @@ import weakref
 from typing import Any
 
 import pynetdicom.association
+import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
 import pynetdicom.transport
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 
 _real_sleep = _time.sleep
 
@@ -137,11 +146,68 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
         _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
 
 
+def _implicit_le(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", group, element, len(value)) + value
+
+
+# What pynetdicom would put in a C-STORE response besides the fields the direct encoder
+# writes (MessageIDBeingRespondedTo, Affected SOP Class/Instance UID, Status, ErrorComment).
+_STORE_RSP_OTHERS = tuple(
+    name for name in (*C_STORE.RESPONSE_KEYWORDS, *C_STORE.STATUS_OPTIONAL_KEYWORDS)
+    if name not in ("MessageIDBeingRespondedTo", "Status", "ErrorComment")
+) + ("DataSet",)
+
+
+def _store_response_command(primitive: Any) -> bytes | None:
+    """The C-STORE-RSP command set (implicit VR little endian, PS3.7 9.3.1.2) as pynetdicom
+    would encode it, or None when the primitive has a field this encoder does not write."""
+    if any(getattr(primitive, name, None) is not None for name in _STORE_RSP_OTHERS):
+        return None
+    status = primitive.Status
+    if status is None or primitive.AffectedSOPClassUID is None or primitive.AffectedSOPInstanceUID is None:
+        return None
+    elements = [
+        _implicit_le(0x0000, 0x0002, _padded(str(primitive.AffectedSOPClassUID), b"\x00")),
+        _implicit_le(0x0000, 0x0100, struct.pack("<H", 0x8001)),
+        _implicit_le(0x0000, 0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _implicit_le(0x0000, 0x0800, struct.pack("<H", 0x0101)),
+        _implicit_le(0x0000, 0x0900, struct.pack("<H", status)),
+    ]
+    comment = primitive.ErrorComment
+    if comment:
+        try:
+            elements.append(_implicit_le(0x0000, 0x0902, _padded(str(comment), b" ")))
+        except UnicodeEncodeError:
+            return None
+    elements.append(_implicit_le(0x0000, 0x1000, _padded(str(primitive.AffectedSOPInstanceUID), b"\x00")))
+    body = b"".join(elements)
+    return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
+_pynetdicom_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
+
+
+def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    """``DIMSEServiceProvider.send_msg``: C-STORE responses encoded directly."""
+    command = None
+    if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+        command = _store_response_command(primitive)
+    if command is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or (
+        self.maximum_pdu_size and len(command) > self.maximum_pdu_size - 6
+    ):
+        _pynetdicom_send_msg(self, primitive, context_id)
+        return
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+    self.dul.send_pdu(pdata)
+
+
 def install() -> None:
     """Apply the overrides (idempotent)."""
     pynetdicom.dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
         sleep=_association_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
     )

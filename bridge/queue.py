@@ -8,6 +8,7 @@ earlier row of the same SOP Instance UID for the same destination.
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 from bridge.config import Retry
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance, Transient, Warning
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS queue (
     calling_ae       TEXT NOT NULL DEFAULT '',
     called_ae        TEXT NOT NULL DEFAULT '',
     peer             TEXT NOT NULL DEFAULT '',
+    attributes       TEXT NOT NULL DEFAULT '{}', -- JSON: SpooledInstance.attributes
     received_at      REAL NOT NULL,
     retried_at       REAL,
     done_at          REAL
@@ -118,8 +120,11 @@ class Queue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(queue)")}
+        if "attributes" not in columns:  # a queue written by schema version 1
+            self._db.execute("ALTER TABLE queue ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
         self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
 
     def close(self) -> None:
@@ -165,13 +170,13 @@ class Queue:
         cursor = self._db.execute(
             "INSERT INTO queue (spool_path, destination, state, next_attempt_at, priority, content_hash, size,"
             " sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, patient_id,"
-            " accession_number, calling_ae, called_ae, peer, received_at)"
-            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " accession_number, calling_ae, called_ae, peer, attributes, received_at)"
+            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(i.spool_path), route.destination, now, route.priority, i.sha256, i.size,
                 i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax,
                 i.patient_id, i.accession_number, i.calling_ae, i.called_ae, i.peer,
-                i.received_at.timestamp(),
+                json.dumps(i.attributes, ensure_ascii=False), i.received_at.timestamp(),
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -414,6 +419,7 @@ def _row(r: sqlite3.Row) -> Row:
         received_at=datetime.fromtimestamp(r["received_at"], UTC),
         patient_id=r["patient_id"],
         accession_number=r["accession_number"],
+        attributes=json.loads(r["attributes"] or "{}"),
     )
     return Row(
         id=r["id"], destination=r["destination"], state=r["state"], attempts=r["attempts"],

@@ -104,16 +104,18 @@ class Spool:
     def new_temp(self) -> HashingTempFile:
         return HashingTempFile(self.incoming)
 
-    def take(self, path: Path, sync_folder: bool = True) -> Path:
+    def take(self, path: Path, sync_file: bool = True, sync_folder: bool = True) -> Path:
         """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.
 
         ``path`` must be on the spool's file system (``incoming/``). Returns the new path.
-        With ``sync_folder=False`` the caller fsyncs ``target.parent`` itself (intake does
-        it beside the queue commit, so the two waits overlap).
+        With ``sync_file=False`` the caller has fsynced ``path`` already, with
+        ``sync_folder=False`` it fsyncs ``target.parent`` itself: intake runs both fsyncs
+        beside other work (the header's parsing, the queue's commit) so the waits overlap.
         """
         name = secrets.token_hex(16)
         target = self.root / name[:2] / f"{name}.dcm"
-        fsync_file(path)
+        if sync_file:
+            fsync_file(path)
         os.rename(path, target)
         if sync_folder:
             fsync_dir(target.parent)

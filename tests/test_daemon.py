@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from corpus import ct_series
+from corpus import ct_series, with_uid
 from peers import dcmtk, dcmtk_env, echoscu, free_port, storescu, wait_for
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
@@ -139,6 +139,34 @@ def test_sigterm_lets_the_association_finish_then_exits_0(tmp_path, bridge_facto
     bridge.start()  # whatever was not yet delivered goes out after the restart
     wait_for(lambda: len(list(out.rglob("*.dcm"))) == 60, 60, "all 60 files")
     assert bridge.stop() == 0
+
+
+def test_the_archive_indexes_what_it_keeps_with_text_decoded(tmp_path, daemon):
+    """The index holds the keys C-FIND will answer from, decoded from each file's character set."""
+    import sqlite3
+
+    from pydicom.data import get_charset_files
+
+    files = ct_series(tmp_path / "ct", 3)
+    for name in ("chrGerm.dcm", "chrX2.dcm", "chrRuss.dcm"):
+        files.append(with_uid(Path(get_charset_files(name)[0]), tmp_path / name, StudyInstanceUID=generate_uid(),
+                              SeriesInstanceUID=generate_uid(), SOPInstanceUID=generate_uid()))
+    assert storescu(daemon.port, files, calling_ae="CT1").statuses == [0] * 6
+    archive = Path(daemon.config.data_dir) / "archive"
+    wait_for(lambda: sample(daemon, "dicom_bridge_delivered_instances_total",
+                            destination="archive", outcome="done") == 6, 30, "6 deliveries")
+    db = sqlite3.connect(archive / "index.sqlite")
+    try:
+        names = {row[0] for row in db.execute("SELECT patient_name FROM patients")}
+        assert names == {"Test^Patient", "Äneas^Rüdiger", "Wang^XiaoDong=王^小东", "Люкceмбypг"}
+        ct = db.execute("SELECT s.modality, st.accession, st.study_date, count(*) FROM instances i"
+                        " JOIN series s USING (series_uid) JOIN studies st USING (study_uid)"
+                        " WHERE s.modality = 'CT' GROUP BY s.series_uid").fetchall()
+        assert ct == [("CT", "ACC1", "20261122", 3)]
+        for path, size in db.execute("SELECT path, size FROM instances"):
+            assert Path(path).stat().st_size == size
+    finally:
+        db.close()
 
 
 def test_the_embedded_default_runs_with_no_config(tmp_path):

@@ -8,6 +8,7 @@ import socket
 import threading
 
 import pynetdicom.association
+import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
 import pynetdicom.transport
@@ -67,3 +68,25 @@ def test_file_meta_bytes_are_those_pydicom_writes():
         assert pynetdicom_overrides._create_file_meta(**kwargs) == expected.getvalue()
     assert "write_file_meta_info(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
     assert "create_file_meta(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
+
+
+def test_store_response_bytes_are_those_pynetdicom_sends():
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    for status, comment in [(0x0000, None), (0xC000, "Study Instance UID is missing"), (0x0124, "x" * 64)]:
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 7
+        rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+        rsp.Status = status
+        rsp.ErrorComment = comment
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        (pdata,) = message.encode_msg(1, 16384)
+        ((context_id, pdv),) = pdata.presentation_data_value_list
+        assert pdv == b"\x03" + pynetdicom_overrides._store_response_command(rsp)
+    rsp.OffendingElement = [0x00100010]  # a field the direct encoder does not write: pynetdicom's way
+    assert pynetdicom_overrides._store_response_command(rsp) is None
+    source = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.send_msg)
+    assert "self.dul.send_pdu(pdata)" in source and "EVT_DIMSE_SENT" in source

@@ -154,3 +154,31 @@ def test_filters_answer_did_study_x_arrive(queue):
     assert len(queue.rows(destination="cloud", accession_number="ACC")) == 1
     assert queue.rows(patient_id="nobody") == []
     assert queue.counts() == {("cloud", "pending"): 1, ("pacs", "pending"): 1}
+
+
+def test_rows_carry_the_attributes_read_at_intake(queue):
+    from dataclasses import replace
+
+    attrs = {"PatientName": "Äneas^Rüdiger", "Modality": "CT", "StudyDate": "20261122"}
+    queue.enqueue(replace(instance("1.1"), attributes=attrs), [Route("archive")])
+    (row,) = queue.claim("archive", 10, 1 << 30)
+    assert row.instance.attributes == attrs
+
+
+def test_a_queue_of_schema_version_1_gains_the_attributes_column(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "queue.sqlite"
+    q = Queue(path)
+    q.enqueue(instance("1.1"), [Route("archive")])
+    q.close()
+    db = sqlite3.connect(path)  # what version 1 wrote: no attributes column
+    db.execute("ALTER TABLE queue DROP COLUMN attributes")
+    db.commit()
+    db.close()
+    q = Queue(path)
+    try:
+        q.enqueue(instance("1.2"), [Route("archive")])
+        assert [r.instance.attributes for r in q.claim("archive", 10, 1 << 30)] == [{}, {}]
+    finally:
+        q.close()

@@ -6,12 +6,13 @@ an instance costs a directory entry, not a copy.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from bridge.archive import ArchiveIndex
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.destinations.folder import FileDestination
-from bridge.dicomfile import read_header
+from bridge.dicomfile import attributes, read_header
 from bridge.errors import DestinationUnavailable, IntakeError
 from bridge.model import SpooledInstance
 
@@ -39,11 +40,12 @@ class ArchiveDestination(FileDestination):
     def after_batch(self, written: list[tuple[SpooledInstance, Path]]) -> None:
         entries = []
         for instance, path in written:
-            try:
-                header = read_header(path)
-            except IntakeError:
-                continue  # intake parsed it; only a file changed behind our back gets here
-            entries.append((header, path, instance.size, instance.sha256))
+            if not instance.attributes:  # not read at intake (e.g. a row queued by an older version)
+                try:
+                    instance = replace(instance, attributes=attributes(read_header(path)))
+                except IntakeError:
+                    pass  # intake parsed it; only a file changed behind our back gets here
+            entries.append((instance, path))
         assert self.index is not None, "open() comes before send()"
         try:
             self.index.add(entries)
