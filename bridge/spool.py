@@ -14,6 +14,7 @@ import os
 import secrets
 import tempfile
 import weakref
+from concurrent import futures
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +45,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# One thread hashes for every HashingTempFile, in the order the chunks were written.
+# hashlib releases the GIL on large buffers, so this runs on another core while the
+# network thread goes on receiving: SHA-256 of a 0.5 MB image is ~0.45 ms that would
+# otherwise sit in every C-STORE's receive path.
+_HASHER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+
+
 class HashingTempFile:
     """A NamedTemporaryFile that hashes what is written to it.
 
@@ -52,6 +60,7 @@ class HashingTempFile:
     """
 
     _open: weakref.WeakValueDictionary[str, HashingTempFile] = weakref.WeakValueDictionary()
+    _hashed: futures.Future[None] | None = None
 
     def __init__(self, directory: Path, suffix: str = ".dcm") -> None:
         self._file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom
@@ -64,8 +73,14 @@ class HashingTempFile:
         HashingTempFile._open[self.name] = self
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
+        self._hashed = _HASHER.submit(self.digest.update, data)
         return self._write(data)
+
+    def hexdigest(self) -> str:
+        """SHA-256 of everything written so far (waits for the hashing thread)."""
+        if self._hashed is not None:
+            self._hashed.result()
+        return self.digest.hexdigest()
 
     def close(self) -> None:
         self._file.close()
@@ -77,7 +92,7 @@ class HashingTempFile:
     def hash_of(cls, path: Path) -> str | None:
         """The hash of what has been written to ``path`` through this class, if it was."""
         writer = cls._open.get(str(path))
-        return writer.digest.hexdigest() if writer else None
+        return writer.hexdigest() if writer else None
 
 
 class Spool:
@@ -129,7 +144,7 @@ class Spool:
                 while chunk := f.read(1 << 20):
                     temp.write(chunk)
             temp.close()
-            return self.take(Path(temp.name)), temp.digest.hexdigest()
+            return self.take(Path(temp.name)), temp.hexdigest()
         except BaseException:
             temp.close()
             Path(temp.name).unlink(missing_ok=True)
