@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 import string
 import types
 import typing
@@ -17,9 +18,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 from pydicom.datadict import keyword_dict
 
+from bridge import tagpath
 from bridge.errors import ConfigError
 from bridge.uids import is_valid_uid
 from bridge.units import parse_duration, parse_size
@@ -200,7 +212,14 @@ class ArchiveDestination(DestinationBase):
         return value
 
 
-DestinationConfig = Annotated[FolderDestination | ArchiveDestination, Field(discriminator="type")]
+class DimseDestination(DestinationBase):
+    """C-STORE to a DIMSE peer named in ``nodes``."""
+
+    type: Literal["dimse"]
+    node: str = Field(description="the name of a node in `nodes`")
+
+
+DestinationConfig = Annotated[FolderDestination | ArchiveDestination | DimseDestination, Field(discriminator="type")]
 
 
 class NodeTimeouts(Model):
@@ -219,20 +238,185 @@ class Node(Model):
     timeouts: NodeTimeouts = Field(default_factory=NodeTimeouts)
 
 
+def _scalar(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("expected a single value (text or a number)")
+    return value
+
+
+Scalar = Annotated[str | int | float, BeforeValidator(_scalar)]
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return "value"
+    return None
+
+
+def _by_kind(expected: str) -> Discriminator:
+    """A union validated against the member of the input's kind only (a value, a list, a
+    mapping), so that an error names what was wrong with that member, not every member."""
+    return Discriminator(_kind, custom_error_type="wrong_kind", custom_error_message=f"expected {expected}")
+
+
+def _one_or_list(item: Any, expected: str) -> Any:
+    return Annotated[
+        Annotated[item, Tag("value")] | Annotated[list[item], Tag("list")],  # type: ignore[valid-type]
+        _by_kind(expected),
+    ]
+
+
+def _tag_path(value: str) -> str:
+    tagpath.parse(value)
+    return value
+
+
+def _top_level_tag(value: str) -> str:
+    tagpath.top_level(value)
+    return value
+
+
+TagPath = Annotated[str, AfterValidator(_tag_path)]
+TopLevelTag = Annotated[str, AfterValidator(_top_level_tag)]
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        where = f" at position {exc.pos}" if exc.pos is not None else ""
+        raise ValueError(f"bad regex: {exc.msg}{where}") from None
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_regex)]
+
+
+class TagMatch(Model):
+    """A tag condition with operators; all given must hold. Any value of a multi-valued
+    element (or of any sequence item on the path) may satisfy it."""
+
+    equals: Scalar | None = Field(None, description="exactly this (no glob); numbers compare as numbers")
+    regex: Regex | None = Field(None, description="a Python regular expression found in the value (re.search)")
+    not_: TagCondition | None = Field(None, alias="not", description="the condition must not hold")
+    present: bool | None = Field(None, description="true: the element is there and not empty; false: it is not")
+    gt: Scalar | None = Field(None, description="greater than (numbers, and DA/TM/DT values, compare numerically)")
+    ge: Scalar | None = Field(None, description="greater than or equal")
+    lt: Scalar | None = Field(None, description="less than")
+    le: Scalar | None = Field(None, description="less than or equal")
+
+
+# A bare value is an equality that may be a glob (``CT*``); a list means any of.
+_OneCondition = Annotated[
+    Annotated[Scalar, Tag("value")] | Annotated[TagMatch, Tag("mapping")],
+    _by_kind("a value or a mapping of operators"),
+]
+TagCondition = Annotated[
+    Annotated[Scalar, Tag("value")] | Annotated[TagMatch, Tag("mapping")]
+    | Annotated[list[_OneCondition], Tag("list")],
+    _by_kind("a value, a list of values, or a mapping of operators (equals, regex, not, present, gt, ge, lt, le)"),
+]
+TagMatch.model_rebuild()
+
+
+def _time_range(value: str) -> str:
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+    if not m or int(m.group(1)) > 24 or int(m.group(3)) > 24 or int(m.group(2)) > 59 or int(m.group(4)) > 59:
+        raise ValueError(f"{value!r} is not a time range like 07:00-19:00")
+    return value
+
+
+TimeRange = Annotated[str, AfterValidator(_time_range)]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _weekdays(value: str) -> str:
+    for part in value.lower().split("-"):
+        if part.strip()[:3] not in WEEKDAYS or len(value.split("-")) > 2:
+            raise ValueError(f"{value!r} is not a weekday or a range like mon-fri")
+    return value
+
+
+Weekday = Annotated[str, AfterValidator(_weekdays)]
+
+
 class When(Model):
     """Conditions of a rule; all must hold. Strings may be globs; a list means any of."""
 
-    calling_ae: str | list[str] | None = None
-    called_ae: str | list[str] | None = None
-    tags: dict[str, Any] = Field(default_factory=dict)
+    calling_ae: _one_or_list(str, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
+        None, description="the peer's AE title (globs)",
+    )
+    called_ae: _one_or_list(str, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
+        None, description="the AE title the peer called (globs)",
+    )
+    peer: list[Network] | None = Field(None, description="the peer's address (CIDR networks or addresses)")
+    time: _one_or_list(TimeRange, "a time range or a list of them") | None = Field(  # type: ignore[valid-type]
+        None, description="local time of day, e.g. 07:00-19:00 (a range may wrap past midnight)",
+    )
+    weekday: _one_or_list(Weekday, "a weekday or a list of them") | None = Field(  # type: ignore[valid-type]
+        None, description="mon..sun, or a range like mon-fri",
+    )
+    tags: dict[TagPath, TagCondition] = Field(
+        default_factory=dict,
+        description="keyword, (gggg,eeee) or Sequence[0].Keyword -> condition",
+    )
+
+    @field_validator("peer", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list):
+            try:
+                return [ipaddress.ip_network(str(v), strict=False) for v in values]
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class Replace(Model):
+    pattern: Regex = Field(description="a Python regular expression")
+    with_: str = Field(alias="with", description="the replacement (\\1 for groups)")
+
+
+class Modification(Model):
+    """Changes to the outgoing copy for one destination, applied in this order: copy,
+    replace, set, remove. The spooled original is never changed."""
+
+    copy_: dict[TopLevelTag, TopLevelTag] = Field(
+        default_factory=dict, alias="copy", description="target keyword: source keyword",
+    )
+    replace: dict[TopLevelTag, Replace] = Field(default_factory=dict, description="regex replace in a value")
+    set: dict[TopLevelTag, _one_or_list(Scalar, "a value or a list of values") | None] = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="keyword: new value (null: empty value)",
+    )
+    remove: list[TopLevelTag] = Field(default_factory=list, description="keywords or (gggg,eeee) to remove")
+
+    def keys(self) -> frozenset[str]:
+        return frozenset([*self.copy_, *self.replace, *self.set, *self.remove])
+
+    def merged(self, later: Modification) -> Modification:
+        """This and a later rule's modification of the same destination: later keys win."""
+        return Modification.model_validate({
+            "copy": {**self.copy_, **later.copy_}, "replace": {**self.replace, **later.replace},
+            "set": {**self.set, **later.set}, "remove": list(dict.fromkeys([*self.remove, *later.remove])),
+        })
 
 
 class Rule(Model):
     name: str
     when: When = Field(default_factory=When)
-    store: list[str] = Field(default_factory=list)
-    continue_: bool = Field(False, alias="continue")
-    priority: int | None = None
+    store: list[str] = Field(default_factory=list, description="destinations for C-STORE and watched files")
+    find: list[str] = Field(default_factory=list, description="sources asked for C-FIND")
+    retrieve: list[str] = Field(default_factory=list, description="sources for C-MOVE and C-GET, in order")
+    modify: dict[str, Modification] = Field(default_factory=dict, description="destination -> changes")
+    continue_: bool = Field(False, alias="continue", description="later rules are still considered")
+    priority: int | None = Field(
+        None, description="queue priority of what this rule stores (default: the destination's)",
+    )
 
 
 class Metrics(Model):
@@ -299,43 +483,77 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> Config:
+    """Validate a whole configuration; ``ConfigError`` lists every problem at once: the
+    models' errors, those of a rules file, and names that refer to nothing."""
+    errors: list[str] = []
+    config: Config | None = None
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        errors = [e for e in (_describe(err, raw) for err in exc.errors()) if e]
-        raise ConfigError(list(dict.fromkeys(errors)), source) from None
+        errors += [e for e in (_describe(err, raw) for err in exc.errors()) if e]
+    raw_rules: list[tuple[str, Any]] = []
+    rules: list[Rule] | None = None
+    if isinstance(raw.get("rules"), str):
+        rules_path = _resolve(base, Path(raw["rules"]))
+        try:
+            raw_rules = _read_rules(rules_path)
+            rules = _validate_rules(raw_rules)
+        except ConfigError as exc:
+            errors += exc.errors
+    elif isinstance(raw.get("rules"), list):
+        raw_rules = [(f"rules[{i}]", item) for i, item in enumerate(raw["rules"])]
+    errors += _cross_references(raw, raw_rules)
+    if errors or config is None:
+        raise ConfigError(list(dict.fromkeys(errors)), source)
+    if rules is not None:
+        config.rules = rules
     config.data_dir = _resolve(base, config.data_dir)
     for destination in config.destinations.values():
-        if destination.path is not None:
+        if isinstance(destination, FolderDestination | ArchiveDestination) and destination.path is not None:
             destination.path = str(_resolve(base, Path(destination.path)))
-    if isinstance(config.rules, str):
-        rules_path = _resolve(base, Path(config.rules))
-        config.rules = load_rules(rules_path)
-    errors = _cross_references(config)
-    if errors:
-        raise ConfigError(errors, source)
     return config
 
 
 def load_rules(path: Path) -> list[Rule]:
     """Rules from a YAML file (a list, or a mapping with ``rules:``) or a folder of them, in name order."""
+    return _validate_rules(_read_rules(path))
+
+
+def _read_rules(path: Path) -> list[tuple[str, Any]]:
+    """The raw rules of a file or folder, each with the path an error about it names."""
+    if not path.exists():
+        raise ConfigError([f"rules: {path} does not exist"], str(path))
     files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
-    rules: list[Rule] = []
-    errors: list[str] = []
+    found: list[tuple[str, Any]] = []
     for file in files:
         try:
             raw = yaml.safe_load(file.read_text(encoding="utf-8")) or []
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError([f"{file}: {exc}"], "rules") from exc
+        except OSError as exc:
+            raise ConfigError([f"{file}: cannot read: {exc.strerror}"], "rules") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError([f"{file}: {where}{getattr(exc, 'problem', exc)}"], "rules") from exc
         if isinstance(raw, dict):
             raw = raw.get("rules", [])
-        for i, item in enumerate(raw):
-            try:
-                rules.append(Rule.model_validate(item))
-            except ValidationError as exc:
-                errors.extend(f"{file.name}: " + _describe(err, item, f"rules[{i}]") for err in exc.errors())
+        if not isinstance(raw, list):
+            raise ConfigError([f"{file}: expected a list of rules, or a mapping with rules:"], "rules")
+        found += [(f"{file.name}: rules[{i}]", item) for i, item in enumerate(raw)]
+    return found
+
+
+def _validate_rules(raw_rules: list[tuple[str, Any]]) -> list[Rule]:
+    rules: list[Rule] = []
+    errors: list[str] = []
+    for where, item in raw_rules:
+        try:
+            rules.append(Rule.model_validate(item))
+        except ValidationError as exc:
+            file, _, prefix = where.rpartition(": ")
+            lead = f"{file}: " if file else ""
+            errors += [lead + e for e in (_describe(err, item, prefix, Rule) for err in exc.errors()) if e]
     if errors:
-        raise ConfigError(errors, str(path))
+        raise ConfigError(errors, "rules")
     return rules
 
 
@@ -344,16 +562,40 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def _cross_references(config: Config) -> list[str]:
+SOURCES_BUILT_IN = ["local"]
+
+
+def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> list[str]:
+    """Names that refer to nothing, read from the raw file so that they are reported
+    together with every other error."""
     errors = []
-    names = list(config.destinations)
-    if config.unrouted != "reject" and config.unrouted not in config.destinations:
-        errors.append(f"unrouted: unknown destination {config.unrouted!r}{_hint(config.unrouted, names + ['reject'])}")
-    assert isinstance(config.rules, list)
-    for i, rule in enumerate(config.rules):
-        for j, name in enumerate(rule.store):
-            if name not in config.destinations:
-                errors.append(f"rules[{i}].store[{j}]: unknown destination {name!r}{_hint(name, names)}")
+    destinations: dict[str, Any] = raw["destinations"] if isinstance(raw.get("destinations"), dict) else {}
+    nodes: dict[str, Any] = raw["nodes"] if isinstance(raw.get("nodes"), dict) else {}
+    names = [str(n) for n in destinations]
+    sources = SOURCES_BUILT_IN
+    unrouted = raw.get("unrouted", "reject")
+    if isinstance(unrouted, str) and unrouted != "reject" and unrouted not in destinations:
+        errors.append(f"unrouted: unknown destination {unrouted!r}{_hint(unrouted, names + ['reject'])}")
+    for name, destination in destinations.items():
+        node = destination.get("node") if isinstance(destination, dict) else None
+        if isinstance(node, str) and node not in nodes:
+            errors.append(f"destinations.{name}.node: unknown node {node!r}{_hint(node, [str(n) for n in nodes])}")
+    for where, rule in raw_rules:
+        if not isinstance(rule, dict):
+            continue
+        for verb, known, what in (("store", names, "destination"), ("find", sources, "source"),
+                                  ("retrieve", sources, "source")):
+            targets = rule.get(verb)
+            for j, target in enumerate(targets if isinstance(targets, list) else []):
+                if isinstance(target, str) and target not in known:
+                    errors.append(f"{where}.{verb}[{j}]: unknown {what} {target!r}{_hint(target, known)}")
+        modify = rule.get("modify")
+        store: list[Any] = rule["store"] if isinstance(rule.get("store"), list) else []
+        for name in modify if isinstance(modify, dict) else {}:
+            if name not in destinations:
+                errors.append(f"{where}.modify.{name}: unknown destination {name!r}{_hint(str(name), names)}")
+            elif name not in store:
+                errors.append(f"{where}.modify.{name}: {name!r} is not in this rule's store list")
     return errors
 
 
@@ -364,9 +606,9 @@ def _hint(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _describe(err: Any, raw: Any, prefix: str = "") -> str:
+def _describe(err: Any, raw: Any, prefix: str = "", root: type[BaseModel] | None = None) -> str:
     """One pydantic error as ``path: message``, with a hint for unknown keys ("" if moot)."""
-    path, model = _walk(err["loc"], raw)
+    path, model = _walk(err["loc"], raw, root or Config)
     if not path and err["loc"]:
         return ""
     joiner = "." if prefix and path and not path.startswith("[") else ""
@@ -384,17 +626,25 @@ def _describe(err: Any, raw: Any, prefix: str = "") -> str:
     return f"{where}: {message}"
 
 
-def _walk(loc: tuple[Any, ...], raw: Any) -> tuple[str, type[BaseModel] | None]:
+def _walk(loc: tuple[Any, ...], raw: Any, root: type[BaseModel]) -> tuple[str, type[BaseModel] | None]:
     """Turn a pydantic location into a config path, and find the model that holds its last key.
 
     Discriminated unions put the tag into the location (``destinations.x.folder.path``);
     it is dropped, since it is not a key the administrator wrote.
     """
     parts: list[str] = []
-    annotation: Any = Config
+    annotation: Any = root
     model: type[BaseModel] | None = None
     for item in loc:
         annotation = _unwrap(annotation, raw)
+        members = _tagged_members(annotation)
+        if members is not None:
+            if item in members:  # the member a kind-discriminated union chose: not a key
+                annotation = members[item]
+                continue
+            annotation = _unwrap(members.get(str(_kind(raw)), annotation), raw)
+        if item == "[key]":  # the error is in a mapping's key, which is already in the path
+            continue
         if isinstance(raw, dict) and isinstance(item, str) and item not in raw and raw.get("type") == item:
             continue
         if isinstance(item, str) and not isinstance(raw, dict) and parts:
@@ -439,16 +689,20 @@ def _field(model: type[BaseModel], key: str) -> Any:
 
 
 def _unwrap(annotation: Any, raw: Any) -> Any:
-    """Strip Annotated/Optional; pick the member of a model union that matches ``raw``."""
+    """Strip Annotated/Optional; pick the member of a model union that matches ``raw``.
+    A kind-discriminated union (``_by_kind``) is returned as it is: its tag is in the path."""
     while True:
         origin = typing.get_origin(annotation)
+        if _tagged_members(annotation) is not None:
+            return annotation
         if origin is Annotated:
             annotation = typing.get_args(annotation)[0]
         elif origin in (Union, types.UnionType):
             members = [a for a in typing.get_args(annotation) if a is not type(None)]
             models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
             tag = raw.get("type") if isinstance(raw, dict) else None
-            chosen = [m for m in models if typing.get_args(m.model_fields["type"].annotation) == (tag,)]
+            chosen = [m for m in models if "type" in m.model_fields
+                      and typing.get_args(m.model_fields["type"].annotation) == (tag,)]
             if chosen:
                 annotation = chosen[0]
             elif isinstance(raw, dict) and models:
@@ -461,3 +715,19 @@ def _unwrap(annotation: Any, raw: Any) -> Any:
                 annotation = members[0]
         else:
             return annotation
+
+
+def _tagged_members(annotation: Any) -> dict[str, Any] | None:
+    """The members of a union discriminated by ``_by_kind``, by tag; None for anything else."""
+    if typing.get_origin(annotation) is not Annotated:
+        return None
+    union, *metadata = typing.get_args(annotation)
+    if not any(isinstance(m, Discriminator) for m in metadata):
+        return None
+    members = {}
+    for member in typing.get_args(union):
+        inner, *tags = typing.get_args(member)
+        for tag in tags:
+            if isinstance(tag, Tag):
+                members[tag.tag] = inner
+    return members

@@ -42,12 +42,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from bridge import dicomfile, pynetdicom_overrides
-from bridge.config import Config, Rule
+from bridge.config import Config
 from bridge.errors import IntakeError
 from bridge.metrics import Metrics
 from bridge.model import SpooledInstance
 from bridge.queue import Queue, Route
-from bridge.rules import Context, route_store
+from bridge.rules import Context, RuleSet
 from bridge.spool import HashingTempFile, Spool, fsync_dir, fsync_file, sha256_file
 
 LOGGER = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ class _AssocStats:
     stored: int = 0
     failed: int = 0
     started: float = 0.0
+    # The configuration and rules the association started with: a reload applies to
+    # associations that start after it, never to one in progress.
+    config: Config | None = None
+    rules: RuleSet | None = None
 
 
 class Intake:
@@ -118,7 +122,7 @@ class Intake:
         on_queued: Any = None,
     ) -> None:
         self.config = config
-        self.rules: list[Rule] = list(config.rules) if isinstance(config.rules, list) else []
+        self.rules = ruleset(config)
         self.spool = spool
         self.queue = queue
         self.metrics = metrics
@@ -186,7 +190,7 @@ class Intake:
     def reload(self, config: Config) -> None:
         """New rules apply to associations that start after this."""
         self.config = config
-        self.rules = list(config.rules) if isinstance(config.rules, list) else []
+        self.rules = ruleset(config)
 
     # -- association events ------------------------------------------------------------
 
@@ -205,14 +209,16 @@ class Intake:
         primitive = cast(A_ASSOCIATE, rq.primitive)
         calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
         peer = str(rq.address)
-        self._stats[id(assoc)] = _AssocStats(label, calling, peer, started=time.monotonic())
-        accept = self.config.accept
+        config, rules = self.config, self.rules
+        self._stats[id(assoc)] = _AssocStats(label, calling, peer, started=time.monotonic(), config=config,
+                                             rules=rules)
+        accept = config.accept
         reject = None
         if accept.hosts is not None and not _in_networks(peer, accept.hosts):
             reject = REJECT_PEER
         elif accept.calling_ae is not None and not any(fnmatch.fnmatchcase(calling, p) for p in accept.calling_ae):
             reject = REJECT_CALLING_AE
-        elif accept.check_called_ae and called != self.config.ae_title:
+        elif accept.check_called_ae and called != config.ae_title:
             reject = REJECT_CALLED_AE
         if reject:
             # As pynetdicom's own negotiation does: send, notify, then wait for the DUL
@@ -277,6 +283,7 @@ class Intake:
 
     def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:
         request = cast(C_STORE, event.request)
+        config, rules = stats.config or self.config, stats.rules or self.rules
         calling = stats.calling_ae
         called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
         # The file's fsync runs while the header is parsed and routed; both are waited
@@ -290,9 +297,8 @@ class Intake:
             if sop_instance != str(request.AffectedSOPInstanceUID):
                 raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
             ctx = Context(calling_ae=calling, called_ae=called, peer=stats.peer)
-            priorities = {name: d.priority for name, d in self.config.destinations.items()}
             try:
-                decision = route_store(self.rules, ctx, header, priorities)
+                decision = rules.store(ctx, header)
             except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
                 raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
         except IntakeError as exc:
@@ -305,16 +311,16 @@ class Intake:
 
         destinations = decision.destinations
         if not destinations:
-            if self.config.unrouted == "reject":
+            if config.unrouted == "reject":
                 futures.wait([file_synced])
                 LOGGER.warning("refused C-STORE of %s: no rule routes it (unrouted: reject)", sop_instance)
                 return 0x0124, "no rule routes this instance"
-            destinations = {self.config.unrouted: priorities.get(self.config.unrouted, 0)}
+            destinations = {config.unrouted: rules.priorities.get(config.unrouted, 0)}
 
         attributes = dicomfile.attributes(header)
         size = path.stat().st_size
         free = self.spool.free_bytes()
-        if free - size < self.config.spool.min_free:
+        if free - size < config.spool.min_free:
             futures.wait([file_synced])
             LOGGER.error("refused C-STORE: spool has %d bytes free, below spool.min_free", free)
             return 0xA700, "out of resources: spool below its free-space floor"
@@ -336,7 +342,7 @@ class Intake:
             attributes=attributes,
         )
         routes = [
-            Route(name, prio, self.config.destinations[name].duplicates)
+            Route(name, prio, config.destinations[name].duplicates, decision.modify.get(name))
             for name, prio in destinations.items()
         ]
         # The folder's fsync and the queue's commit are both waited for before the
@@ -366,6 +372,11 @@ class Intake:
         LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
         self.on_queued(list(destinations))
         return 0x0000, ""
+
+
+def ruleset(config: Config) -> RuleSet:
+    rules = config.rules if isinstance(config.rules, list) else []
+    return RuleSet(rules, {name: d.priority for name, d in config.destinations.items()})
 
 
 def _in_networks(address: str, networks: list[Any]) -> bool:

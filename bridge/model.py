@@ -6,7 +6,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from bridge.config import Modification
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class SpooledInstance:
     # dicomfile.INDEX_KEYWORDS as text, read by intake from the header it parsed (empty
     # values left out): the archive indexes from them without parsing the file again.
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # What the rules change in the copy a destination receives (a queue row is one
+    # instance for one destination); the spooled original is never changed.
+    modify: Modification | None = None
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bridge.config import Retry
+from bridge.config import Modification, Retry
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance, Transient, Warning
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS queue (
     called_ae        TEXT NOT NULL DEFAULT '',
     peer             TEXT NOT NULL DEFAULT '',
     attributes       TEXT NOT NULL DEFAULT '{}', -- JSON: SpooledInstance.attributes
+    modify           TEXT,                       -- JSON: the rules' Modification for this destination
     received_at      REAL NOT NULL,
     retried_at       REAL,
     done_at          REAL
@@ -78,6 +79,7 @@ class Route:
     destination: str
     priority: int = 0
     duplicates: str = "supersede"
+    modify: Modification | None = None  # what the rules change in this destination's copy
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ class Queue:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(queue)")}
         if "attributes" not in columns:  # a queue written by schema version 1
             self._db.execute("ALTER TABLE queue ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
+        if "modify" not in columns:  # versions 1 and 2
+            self._db.execute("ALTER TABLE queue ADD COLUMN modify TEXT")
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -170,13 +174,14 @@ class Queue:
         cursor = self._db.execute(
             "INSERT INTO queue (spool_path, destination, state, next_attempt_at, priority, content_hash, size,"
             " sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, patient_id,"
-            " accession_number, calling_ae, called_ae, peer, attributes, received_at)"
-            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " accession_number, calling_ae, called_ae, peer, attributes, modify, received_at)"
+            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(i.spool_path), route.destination, now, route.priority, i.sha256, i.size,
                 i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax,
                 i.patient_id, i.accession_number, i.calling_ae, i.called_ae, i.peer,
-                json.dumps(i.attributes, ensure_ascii=False), i.received_at.timestamp(),
+                json.dumps(i.attributes, ensure_ascii=False),
+                route.modify.model_dump_json(by_alias=True) if route.modify else None, i.received_at.timestamp(),
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -420,6 +425,7 @@ def _row(r: sqlite3.Row) -> Row:
         patient_id=r["patient_id"],
         accession_number=r["accession_number"],
         attributes=json.loads(r["attributes"] or "{}"),
+        modify=Modification.model_validate_json(r["modify"]) if r["modify"] else None,
     )
     return Row(
         id=r["id"], destination=r["destination"], state=r["state"], attempts=r["attempts"],

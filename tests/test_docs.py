@@ -51,15 +51,23 @@ def _children(annotation: Any, prefix: str) -> list[tuple[str, type[BaseModel]]]
     return found
 
 
-def setting_paths(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
-    """Every dotted path of a setting, from ``model`` down."""
+def setting_paths(model: type[BaseModel] = Config, prefix: str = "",
+                  seen: dict[type[BaseModel], str] | None = None) -> set[str]:
+    """Every dotted path of a setting, from ``model`` down. A model met again at another
+    path (a tag condition's ``not``, a condition in a list) is not walked again: its
+    settings are documented once, where the walk first meets them."""
+    seen = {} if seen is None else seen
+    seen.setdefault(model, prefix)
     paths: set[str] = set()
     for name, field in model.model_fields.items():
         key = field.alias or name
         path = f"{prefix}.{key}" if prefix else key
         paths.add(path)
         for child_prefix, child in _children(field.annotation, path):
-            paths |= setting_paths(child, child_prefix)
+            if child_prefix.endswith(".<name>"):
+                paths.add(child_prefix)  # a map's entry: `destinations.<name>`
+            if seen.get(child, child_prefix) == child_prefix:
+                paths |= setting_paths(child, child_prefix, seen)
     return paths
 
 

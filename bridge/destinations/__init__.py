@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.config import Config
+from bridge.config import DimseDestination as DimseConfig
 from bridge.config import FolderDestination as FolderConfig
 from bridge.model import Destination
 
@@ -18,4 +19,8 @@ def build(name: str, config: Config) -> Destination:
         from bridge.destinations.archive import ArchiveDestination
 
         return ArchiveDestination(name, settings, config.data_dir / "archive")
+    if isinstance(settings, DimseConfig):
+        from bridge.destinations.dimse import DimseDestination
+
+        return DimseDestination(name, settings.node)
     raise TypeError(f"no destination type for {type(settings).__name__}")
