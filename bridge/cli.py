@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from bridge import __version__, log
@@ -24,6 +25,21 @@ def main(argv: list[str] | None = None) -> int:
         "data under ./dicom-bridge-data, every instance kept in the local archive)."))
     run.add_argument("--config", type=Path, help="configuration file (YAML)")
     run.set_defaults(func=_run)
+
+    route = commands.add_parser(
+        "route", help="dry run: which rules match each file, and where it would go",
+        description="For each file (folders are walked): every rule considered, whether it matched, the first "
+                    "condition that failed and why, and the destinations with the changes each would get. "
+                    "Nothing is sent.")
+    route.add_argument("--config", type=Path, help="configuration file (YAML); default: the embedded default")
+    route.add_argument("--calling-ae", default="ROUTE", help="the calling AE title to assume (default ROUTE)")
+    route.add_argument("--called-ae", help="the called AE title to assume (default: the config's ae_title)")
+    route.add_argument("--peer", default="127.0.0.1", help="the peer address to assume (default 127.0.0.1)")
+    route.add_argument("--at", type=datetime.fromisoformat, help="the local time to assume, e.g. 2026-11-23T14:30")
+    route.add_argument("--verb", choices=["store", "find", "retrieve"], default="store",
+                       help="which rules: store (default), or find/retrieve with the file as the identifier")
+    route.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
+    route.set_defaults(func=_route)
 
     check = commands.add_parser("check", help="validate a configuration and its rules")
     check.add_argument("--config", type=Path, required=True, help="configuration file (YAML)")
@@ -53,10 +69,34 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from bridge import explain
+
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"{args.config}: OK")
+    found = explain.warnings(config, args.config)
+    for warning in found:
+        print(f"warning: {warning}")
+    print(f"{args.config}: OK" + (f", {len(found)} warning(s)" if found else ""))
     return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    from bridge import explain
+    from bridge.rules import Context
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ctx = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or config.ae_title, peer=args.peer,
+                  now=args.at)
+    missing = [p for p in args.paths if not p.exists()]
+    for path in missing:
+        print(f"{path}: no such file or folder", file=sys.stderr)
+    for path in explain.files([p for p in args.paths if p.exists()]):
+        print("\n".join(explain.route_lines(config, path, ctx, args.verb)))
+    return 1 if missing else 0

@@ -42,6 +42,7 @@ class Verdict:
     """One rule considered for one operation: did it match, and if not, why."""
 
     rule: str
+    index: int  # in the rule list: rules[index]
     matched: bool
     reason: str  # the first condition that failed, or "" when it matched
     targets: list[str]
@@ -79,18 +80,18 @@ class RuleSet:
         """Evaluate the rules of ``verb`` against ``ds`` (a header, or a C-FIND/C-MOVE identifier)."""
         decision = Decision()
         stopped = False
-        for rule, checks in zip(self.rules, self._checks, strict=True):
+        for index, (rule, checks) in enumerate(zip(self.rules, self._checks, strict=True)):
             targets = getattr(rule, verb)
             if not targets:
                 continue
             if stopped:
                 if explain:
-                    decision.verdicts.append(Verdict(rule.name, False, "not considered: an earlier rule matched "
-                                                     "without continue", list(targets), rule.modify))
+                    decision.verdicts.append(Verdict(rule.name, index, False, "not considered: an earlier rule "
+                                                     "matched without continue", list(targets), rule.modify))
                 continue
             reason = next((why for check in checks if (why := check(ctx, ds)) is not None), None)
             if explain:
-                decision.verdicts.append(Verdict(rule.name, reason is None, reason or "", list(targets),
+                decision.verdicts.append(Verdict(rule.name, index, reason is None, reason or "", list(targets),
                                                  rule.modify, stop=reason is None and not rule.continue_))
             if reason is not None:
                 continue

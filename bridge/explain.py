@@ -1,0 +1,155 @@
+"""What ``dicom-bridge check`` and ``dicom-bridge route`` print: the configuration's
+errors and warnings, and for a file, every rule considered and why it matched or not."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bridge import dicomfile, rules
+from bridge.config import Config, Modification
+from bridge.errors import IntakeError
+
+_SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_file$", re.IGNORECASE)
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+def warnings(config: Config, config_path: Path | None) -> list[str]:
+    """What is valid but probably not what the administrator meant."""
+    assert isinstance(config.rules, list)
+    found = rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
+    if config_path is not None:
+        found += _secret_warnings(config_path)
+    found += _orphaned_rows(config)
+    return found
+
+
+def _secret_warnings(config_path: Path) -> list[str]:
+    """Secret files (``*_file`` settings such as ``token_file``) that anyone on the machine
+    can read."""
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    found = []
+    for where, value in _leaves(raw, ""):
+        key = where.rsplit(".", 1)[-1]
+        if not (_SECRET_FILE.search(key) and isinstance(value, str)):
+            continue
+        path = Path(value) if Path(value).is_absolute() else config_path.parent / value
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            found.append(f"{where}: {path} cannot be read")
+            continue
+        if mode & stat.S_IROTH:
+            found.append(f"{where}: {path} is readable by every user of this machine (chmod 600 {path})")
+    if config_path.exists() and config_path.stat().st_mode & stat.S_IROTH and _mentions_secret(raw):
+        found.append(f"{config_path}: readable by every user of this machine and names secrets (chmod 640)")
+    return found
+
+
+def _mentions_secret(raw: Any) -> bool:
+    return any(_SECRET_FILE.search(where.rsplit(".", 1)[-1]) for where, _ in _leaves(raw, ""))
+
+
+def _leaves(raw: Any, where: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            yield from _leaves(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            yield from _leaves(value, f"{where}[{i}]")
+    else:
+        yield where, raw
+
+
+def _orphaned_rows(config: Config) -> list[str]:
+    """Queued rows of destinations the configuration no longer has: kept, never dropped."""
+    path = config.data_dir / "queue.sqlite"
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            counts = db.execute(
+                "SELECT destination, count(*) FROM queue WHERE state IN ('pending', 'in_flight', 'dead')"
+                " GROUP BY destination"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    return [f"destinations: the queue holds {n} row(s) for {name!r}, which is not configured; they are kept"
+            f" (add it back to deliver them, or `dicom-bridge queue purge --destination {name}`)"
+            for name, n in counts if name not in config.destinations]
+
+
+# -- route ---------------------------------------------------------------------------------
+
+
+def files(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def route_lines(config: Config, path: Path, ctx: rules.Context, verb: rules.Verb = "store") -> list[str]:
+    """The explanation of one file's routing, a line each."""
+    try:
+        header = dicomfile.read_header(path)
+    except IntakeError as exc:
+        return [f"{path}: {exc} (a C-STORE of it would get 0x{exc.status:04X})"]
+    summary = ", ".join(f"{k} {v}" for k, v in (
+        ("Modality", dicomfile.text(header, "Modality")),
+        ("study", dicomfile.text(header, "StudyInstanceUID")),
+        ("SOP", dicomfile.text(header, "SOPInstanceUID")),
+    ) if v)
+    lines = [f"{path} ({summary})"]
+    assert isinstance(config.rules, list)
+    ruleset = rules.RuleSet(config.rules, {name: d.priority for name, d in config.destinations.items()})
+    decision = ruleset.route(verb, ctx, header, explain=True)
+    for verdict in decision.verdicts:
+        where = f"rules[{verdict.index}] {verdict.rule}"
+        if verdict.matched:
+            changes = "; ".join(f"{name}: {describe(mod)}" for name, mod in verdict.modify.items()
+                                if name in verdict.targets)
+            tail = "" if verdict.stop else " (continue)"
+            lines.append(f"  {where}: matched -> {', '.join(verdict.targets)}{tail}"
+                         + (f"; modify {changes}" if changes else ""))
+        elif verdict.reason.startswith("not considered"):
+            lines.append(f"  {where}: {verdict.reason}")
+        else:
+            lines.append(f"  {where}: no match, {verdict.reason}")
+    if not decision.verdicts:
+        lines.append(f"  no rule has {verb}")
+    if decision.destinations:
+        targets = ", ".join(f"{name} (priority {prio})" for name, prio in decision.destinations.items())
+        lines.append(f"  => {targets}")
+        for name, mod in decision.modify.items():
+            lines.append(f"     {name} gets: {describe(mod)}")
+    elif verb != "store":
+        lines.append(f"  => no rule routes this {verb}")
+    elif config.unrouted == "reject":
+        lines.append("  => no rule routes it: refused with 0x0124 (unrouted: reject)")
+    else:
+        lines.append(f"  => no rule routes it: unrouted sends it to {config.unrouted}")
+    return lines
+
+
+def describe(mod: Modification) -> str:
+    parts = [f"copy {source} to {target}" for target, source in mod.copy_.items()]
+    parts += [f"replace /{r.pattern}/ in {key} with {r.with_!r}" for key, r in mod.replace.items()]
+    parts += [f"set {key}={value!r}" for key, value in mod.set.items()]
+    parts += [f"remove {key}" for key in mod.remove]
+    return ", ".join(parts) or "nothing"
