@@ -27,12 +27,12 @@ def warnings(config: Config, config_path: Path | None) -> list[str]:
     assert isinstance(config.rules, list)
     found = rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
     if config_path is not None:
-        found += _secret_warnings(config_path)
+        found += secret_warnings(config_path)
     found += _orphaned_rows(config)
     return found
 
 
-def _secret_warnings(config_path: Path) -> list[str]:
+def secret_warnings(config_path: Path) -> list[str]:
     """Secret files (``*_file`` settings such as ``token_file``) that anyone on the machine
     can read."""
     try:
