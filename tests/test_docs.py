@@ -116,3 +116,26 @@ def test_the_complete_example_validates(tmp_path: Path) -> None:
     # it is meant to show every setting: each top-level key is there
     assert set(raw) == {field.alias or name for name, field in Config.model_fields.items()}
     assert config.destinations
+
+
+RULES_DOC = DOC.parent / "rules.md"
+
+
+def test_every_example_in_the_rules_guide_validates() -> None:
+    from bridge.config import Rule
+
+    blocks = re.findall(r"```yaml\n(.*?)```", RULES_DOC.read_text(encoding="utf-8"), re.DOTALL)
+    assert blocks
+    for block in blocks:
+        raw = yaml.safe_load(block)
+        rules = raw if isinstance(raw, list) else [{"name": "example", "store": ["a"], **raw}]
+        for rule in rules:
+            Rule.model_validate(rule)
+
+
+def test_the_rules_guide_names_every_operator() -> None:
+    from bridge.config import TagMatch
+
+    documented = set(re.findall(r"`([^`\n]+)`", RULES_DOC.read_text(encoding="utf-8")))
+    operators = {field.alias or name for name, field in TagMatch.model_fields.items()}
+    assert operators <= documented, f"docs/rules.md does not name: {sorted(operators - documented)}"
