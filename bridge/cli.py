@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from bridge import __version__, log
+from bridge import __version__, log, queuecli
 from bridge.config import load_config
 from bridge.errors import ConfigError
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a configuration and its rules")
     check.add_argument("--config", type=Path, required=True, help="configuration file (YAML)")
     check.set_defaults(func=_check)
+    queuecli.register(commands)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

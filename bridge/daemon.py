@@ -1,7 +1,9 @@
 """The daemon: opens the spool and queue, starts delivery and intake, and handles signals.
 
 Signal handlers only note the signal; the main loop acts on it (SIGTERM/SIGINT: drain
-and exit 0; SIGHUP: reload). systemd is told READY=1 when the listener is up.
+and exit 0; SIGHUP: reload). systemd is told READY=1 when the listener is up. The main
+loop also takes, every second, what ``dicom-bridge queue`` asked of the running daemon
+(request rows in the queue database: resume a destination, wake its workers).
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import start_http_server
 
 from bridge import destinations
 from bridge.config import Config, load_config
-from bridge.delivery import Delivery, DestinationRunner
+from bridge.delivery import SUSPENDED, Delivery, DestinationRunner
 from bridge.errors import ConfigError
 from bridge.intake import Intake, configure_pynetdicom
 from bridge.metrics import Metrics
-from bridge.queue import Queue
+from bridge.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -31,6 +36,7 @@ LOGGER = logging.getLogger(__name__)
 HOUSEKEEPING_EVERY = 5.0  # seconds between gauge refreshes and expiry sweeps
 PURGE_EVERY = 3600.0
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for associations, then for deliveries
+RELOAD_DRAIN_TIMEOUT = 30.0  # seconds a reload waits for the batches of destinations it rebuilds or removes
 
 
 def sd_notify(message: str) -> None:
@@ -73,8 +79,16 @@ class Daemon:
         if recovered:
             LOGGER.warning("%d row(s) were in flight when the daemon last stopped; queued again", recovered)
         self._sweep_orphans()
+        # Requests left from before this start are moot: every destination starts up and
+        # its workers look at the queue at once.
+        self.queue.take_requests()
+        self.queue.note_daemon(os.getpid())
         self.delivery = Delivery(self._runners(self.config, list(self.config.destinations)))
         self.delivery.start()
+        self._report_unconfigured({
+            d for (d, state), n in self.queue.counts().items()
+            if d not in self.config.destinations and state in _UNDELIVERED and n
+        })
         self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         self.intake.start()
         if self.config.metrics.port:
@@ -115,6 +129,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            self.act_on_requests()
             if time.monotonic() >= next_housekeeping:
                 self.housekeeping()
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
@@ -134,11 +149,13 @@ class Daemon:
         if self.delivery is not None:
             self.delivery.stop(DRAIN_TIMEOUT)
         if self.queue is not None:
+            self.queue.note_daemon(None)
             self.queue.close()
         LOGGER.info("stopped")
 
     def reload(self) -> None:
-        """SIGHUP: new rules for new associations; listener settings need a restart."""
+        """SIGHUP: new rules for new associations, destinations as the file now says;
+        listener settings need a restart."""
         sd_notify("RELOADING=1")
         try:
             config = load_config(self.config_path)
@@ -147,20 +164,78 @@ class Daemon:
             sd_notify("READY=1")
             return
         if self.delivery is not None:
-            # Destinations added by the reload get workers; a removed one keeps its
-            # workers, so its queued rows are still delivered (never dropped).
-            # (A runner publishes its state when built, so only new ones are built.)
-            added = self._runners(config, [n for n in config.destinations if n not in self.delivery.runners])
-            for runner in added.values():
-                runner.start()
-            self.delivery.runners.update(added)
-            for runner in self.delivery.runners.values():
-                runner.resume()
+            self._reload_destinations(config)
         if self.intake is not None:
             self.intake.reload(config)
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         sd_notify("READY=1")
+
+    def _reload_destinations(self, config: Config) -> None:
+        """Runners as ``config`` says: new ones for added destinations and for those whose
+        settings changed (the old runner's batch in flight finishes first, bounded); none
+        for removed ones, whose rows stay queued (never dropped). Suspensions are lifted:
+        a reload is how an administrator says the cause may be fixed. A back-off is kept
+        unless the destination changed: a rebuilt runner starts up and tries at once.
+        (A runner publishes its state when built, so unchanged ones are not rebuilt.)
+        """
+        assert self.delivery is not None and self.queue is not None
+        running = self.delivery.runners
+        added = [n for n in config.destinations if n not in running]
+        removed = [n for n in running if n not in config.destinations]
+        changed = [n for n in running if n in config.destinations
+                   and _built_from(self.config, n) != _built_from(config, n)]
+        for name in self.delivery.retire(removed + changed, RELOAD_DRAIN_TIMEOUT):
+            LOGGER.warning("destination %s: a batch is still in flight after %.0fs; it is recorded when it ends",
+                           name, RELOAD_DRAIN_TIMEOUT)
+        for runner in running.values():
+            if runner.state == SUSPENDED:
+                runner.resume()
+        for name in changed:
+            self.queue.due_now(name)
+            LOGGER.info("destination %s changed: its workers are rebuilt with the new settings", name)
+        self.delivery.add(self._runners(config, changed + added))
+        self._report_unconfigured(removed)
+
+    def _report_unconfigured(self, names: Iterable[str]) -> None:
+        """Destinations not in the configuration keep their rows, never dropped: say which,
+        with how many rows, and what an administrator can do about them."""
+        assert self.queue is not None
+        counts = self.queue.counts()
+        for name in sorted(names):
+            by_state = {state: n for (d, state), n in counts.items() if d == name}
+            undelivered = sum(by_state.get(state, 0) for state in _UNDELIVERED)
+            LOGGER.warning(
+                "destination %s is not in the configuration: its %d undelivered row(s) stay in the queue (%s); "
+                "add it back and reload to deliver them, or remove them with "
+                "'dicom-bridge queue purge --destination %s'",
+                name, undelivered, ", ".join(f"{s} {n}" for s, n in sorted(by_state.items())) or "no rows", name,
+            )
+            self.queue.set_destination_state(name, "removed", "not in the configuration", None)
+            self.metrics.set_destination_state(name, "removed")
+
+    # -- requests from `dicom-bridge queue` ------------------------------------------------
+
+    def act_on_requests(self) -> None:
+        """Act on what ``dicom-bridge queue`` asked for since the last look: ``resume`` puts
+        a suspended or backing-off destination back up, ``wake`` makes its workers look at
+        the queue now (dead rows were retried). See docs/operations.md."""
+        assert self.queue is not None and self.delivery is not None
+        try:
+            requests = self.queue.take_requests()
+        except sqlite3.Error as exc:  # e.g. the CLI holds the lock too long: ask again in a second
+            LOGGER.warning("cannot read requests from the queue: %s", exc)
+            return
+        for action, name in requests:
+            runner = self.delivery.runners.get(name)
+            if runner is None:
+                LOGGER.warning("'queue %s %s': %s is not in the running configuration; its rows wait",
+                               action, name, name)
+            elif action == RESUME:
+                LOGGER.info("destination %s: resume requested with 'dicom-bridge queue resume'", name)
+                runner.resume()
+            else:
+                runner.wake()
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -190,3 +265,14 @@ class Daemon:
     def port(self) -> int:
         assert self.intake is not None
         return self.intake.port
+
+
+_UNDELIVERED = (PENDING, IN_FLIGHT, DEAD)
+
+
+def _built_from(config: Config, name: str) -> tuple[Any, ...]:
+    """What the runner of destination ``name`` is built from; a reload that changes any of
+    it rebuilds the runner. (A destination of type dimse is also built from its node.)"""
+    settings = config.destinations[name]
+    node = getattr(settings, "node", None)
+    return settings, config.retry_for(name), config.nodes.get(node) if node else None, config.data_dir

@@ -77,7 +77,13 @@ class DestinationRunner:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    @property
+    def busy(self) -> bool:
+        """Whether a worker is still running (after ``stop``: a batch still in flight)."""
+        return any(thread.is_alive() for thread in self._threads)
+
     def resume(self) -> None:
+        """Back to up, now: a reload or ``queue resume`` says the cause may be gone."""
         with self._cond:
             if self.state != UP:
                 LOGGER.warning("destination %s resumed (was %s: %s)", self.name, self.state, self.reason)
@@ -223,6 +229,28 @@ class Delivery:
         for name in names:
             if runner := self.runners.get(name):
                 runner.wake()
+
+    def add(self, runners: dict[str, DestinationRunner]) -> None:
+        """Start the runners of destinations that a reload added or changed."""
+        for runner in runners.values():
+            runner.start()
+        self.runners.update(runners)
+
+    def retire(self, names: Sequence[str], timeout: float) -> list[str]:
+        """Stop and forget the runners of ``names`` (a reload removed or changed them).
+
+        They claim nothing more; a batch in flight finishes, up to ``timeout`` seconds for
+        all of them together, so it is recorded by the runner that sent it. Returns the
+        names whose batch was still in flight at the deadline: its rows stay claimed, so
+        a new runner cannot send them twice, and are recorded when it ends.
+        """
+        deadline = time.monotonic() + timeout
+        retired = [self.runners.pop(name) for name in names if name in self.runners]
+        for runner in retired:
+            runner.request_stop()
+        for runner in retired:
+            runner.stop(deadline)
+        return [runner.name for runner in retired if runner.busy]
 
     def stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -396,6 +396,132 @@ class Queue:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
+    # -- administration from another process: `dicom-bridge queue` (docs/operations.md) --
+
+    def select(self, where: RowFilter, limit: int) -> list[Row]:
+        """The rows ``where`` matches, in arrival order, at most ``limit``."""
+        sql, params = where.sql(time.time())
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT * FROM queue WHERE {sql} ORDER BY id LIMIT ?", [*params, limit]
+            ).fetchall()
+        return [_row(r) for r in found]
+
+    def count_matching(self, where: RowFilter) -> dict[tuple[str, str], int]:
+        """The rows ``where`` matches, by (destination, state), however many ``select`` shows."""
+        sql, params = where.sql(time.time())
+        with self._lock:
+            return {
+                (r[0], r[1]): r[2]
+                for r in self._db.execute(f"SELECT destination, state, count(*) FROM queue WHERE {sql} GROUP BY 1, 2",
+                                          params)
+            }
+
+    def retry(self, where: RowFilter) -> dict[str, int]:
+        """Dead rows that ``where`` matches back to pending with a clean slate, as ``retry_dead``
+        does; in the same commit, a ``wake`` request for each of their destinations, so a
+        running daemon looks at them at once. Returns how many, by destination."""
+        now = time.time()
+        sql, params = where.sql(now)
+        with self._lock, self._transaction():
+            retried = {
+                r[0]: r[1]
+                for r in self._db.execute(
+                    f"SELECT destination, count(*) FROM queue WHERE state = 'dead' AND {sql} GROUP BY 1", params
+                )
+            }
+            self._db.execute(
+                "UPDATE queue SET state = 'pending', attempts = 0, next_attempt_at = 0, done_at = NULL,"
+                f" retried_at = ? WHERE state = 'dead' AND {sql}",
+                [now, *params],
+            )
+            for destination in retried:
+                self._request(WAKE, destination, now)
+        return retried
+
+    def purge(self, where: RowFilter) -> tuple[dict[tuple[str, str], int], list[Path]]:
+        """Delete the rows ``where`` matches; returns how many by (destination, state), and
+        the spool files that no remaining row needs (a file may serve several destinations).
+
+        ``where.states`` must be given and cannot include ``in_flight``: those rows belong
+        to a worker that is sending them now.
+        """
+        if not where.states or IN_FLIGHT in where.states:
+            raise ValueError("purge needs explicit states, and never takes rows in flight")
+        sql, params = where.sql(time.time())
+        with self._lock, self._transaction():
+            purged = {
+                (r[0], r[1]): r[2]
+                for r in self._db.execute(f"SELECT destination, state, count(*) FROM queue WHERE {sql} GROUP BY 1, 2",
+                                          params)
+            }
+            paths = [Path(r[0]) for r in self._db.execute(f"SELECT DISTINCT spool_path FROM queue WHERE {sql}", params)]
+            self._db.execute(f"DELETE FROM queue WHERE {sql}", params)
+            return purged, self._releasable(paths)
+
+    def request(self, action: str, destination: str) -> None:
+        """Ask the daemon to ``resume`` or ``wake`` a destination: a row in ``meta`` that
+        the running daemon takes within a second (``take_requests``). One pending request
+        per action and destination; asking again only refreshes it."""
+        with self._lock:
+            self._request(action, destination, time.time())
+
+    def _request(self, action: str, destination: str, now: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"{_REQUEST}{action}.{destination}", repr(now))
+        )
+
+    def take_requests(self) -> list[tuple[str, str]]:
+        """The requests made since the last call, as (action, destination), oldest first.
+
+        Each is taken once: a request made again while this runs is kept for next time.
+        The daemon calls this every second, so the common case (none) is one small read.
+        """
+        with self._lock:
+            found = self._db.execute(
+                "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? ORDER BY CAST(value AS REAL)",
+                (len(_REQUEST), _REQUEST),
+            ).fetchall()
+            if not found:
+                return []
+            taken = []
+            with self._transaction():
+                for key, value in found:
+                    if self._db.execute("DELETE FROM meta WHERE key = ? AND value = ?", (key, value)).rowcount:
+                        action, _, destination = key[len(_REQUEST):].partition(".")
+                        taken.append((action, destination))
+            return taken
+
+    def note_daemon(self, pid: int | None) -> None:
+        """Record the process id of the daemon that owns this queue now (None: it stopped),
+        so that ``dicom-bridge queue`` can tell whether a daemon will act on its requests."""
+        with self._lock:
+            if pid is None:
+                self._db.execute("DELETE FROM meta WHERE key = 'daemon_pid'")
+            else:
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('daemon_pid', ?)", (str(pid),))
+
+    def daemon_pid(self) -> int | None:
+        """The pid ``note_daemon`` recorded: a daemon killed with SIGKILL leaves its pid behind."""
+        with self._lock:
+            found = self._db.execute("SELECT value FROM meta WHERE key = 'daemon_pid'").fetchone()
+        return int(found[0]) if found else None
+
+    def due_now(self, destination: str) -> int:
+        """Make every pending row of ``destination`` due now; returns how many waited.
+
+        For a resumed or reconfigured destination: rows given back during a back-off wait
+        for its end, and rows with a retry delay of their own would wait too, though the
+        administrator has just said "try again now".
+        """
+        now = time.time()
+        with self._lock:
+            return self._db.execute(
+                "UPDATE queue SET next_attempt_at = ? WHERE destination = ? AND state = 'pending'"
+                " AND next_attempt_at > ?",
+                (now, destination, now),
+            ).rowcount
+
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection) -> None:
@@ -433,3 +559,43 @@ def _row(r: sqlite3.Row) -> Row:
         received_at=r["received_at"], age_from=r["retried_at"] or r["received_at"], done_at=r["done_at"],
         instance=instance,
     )
+
+
+# Requests to the running daemon (``Queue.request``) are ``meta`` rows keyed
+# ``request.<action>.<destination>``; the value is when it was asked.
+_REQUEST = "request."
+RESUME, WAKE = "resume", "wake"
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows an administrator means (``dicom-bridge queue``): every given field must match."""
+
+    destination: str | None = None
+    states: tuple[str, ...] = ()
+    study_uid: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    older_than: float | None = None  # seconds since arrival, or since the row was last retried
+
+    def narrows(self) -> bool:
+        """Whether anything but the state narrows the rows down (a guard against "all of them")."""
+        fields = (self.destination, self.study_uid, self.accession_number, self.patient_id, self.older_than)
+        return any(value is not None for value in fields)
+
+    def sql(self, now: float) -> tuple[str, list[Any]]:
+        """A WHERE clause and its parameters; ``older_than`` counts back from ``now``."""
+        clauses: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        for column in ("destination", "study_uid", "accession_number", "patient_id"):
+            value = getattr(self, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.states:
+            clauses.append(f"state IN ({','.join('?' * len(self.states))})")
+            params.extend(self.states)
+        if self.older_than is not None:
+            clauses.append("coalesce(retried_at, received_at) < ?")
+            params.append(now - self.older_than)
+        return " AND ".join(clauses), params
