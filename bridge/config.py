@@ -414,6 +414,13 @@ class Rule(Model):
     retrieve: list[str] = Field(default_factory=list, description="sources for C-MOVE and C-GET, in order")
     modify: dict[str, Modification] = Field(default_factory=dict, description="destination -> changes")
     continue_: bool = Field(False, alias="continue", description="later rules are still considered")
+    ack: Literal["spooled", "delivered"] = Field(
+        "spooled", description="when a C-STORE is answered: once spooled, or once every destination of this "
+        "rule confirms",
+    )
+    ack_timeout: Duration = Field(
+        20.0, gt=0, description="with ack: delivered, answer 0xA700 'delivery pending' after this long",
+    )
     priority: int | None = Field(
         None, description="queue priority of what this rule stores (default: the destination's)",
     )

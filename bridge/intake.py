@@ -25,6 +25,7 @@ import fnmatch
 import ipaddress
 import itertools
 import logging
+import re
 import socket
 import time
 from concurrent import futures
@@ -371,7 +372,41 @@ class Intake:
         self.metrics.received_bytes.labels(label).inc(size)
         LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
         self.on_queued(list(destinations))
+        if decision.await_delivery:
+            return self._await_delivery(sop_instance, sha256, decision.await_delivery, decision.ack_timeout)
         return 0x0000, ""
+
+    def _await_delivery(self, sop_instance: str, sha256: str, destinations: set[str],
+                        timeout: float) -> tuple[int, str]:
+        """``ack: delivered``: answer once every destination holds the instance; a dead row
+        is a failure status, and no answer in time is 0xA700 'delivery pending' (the row
+        stays queued, so the modality's resend is a harmless duplicate)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            generation = self.queue.generation()
+            states = self.queue.delivery_states(sop_instance, sha256, destinations)
+            dead = {name: error or "" for name, (state, error) in states.items() if state == "dead"}
+            if dead:
+                name, error = next(iter(dead.items()))
+                LOGGER.warning("C-STORE of %s answered as failed: delivery to %s failed: %s", sop_instance, name,
+                               error)
+                return _failure_status(error), f"delivery to {name} failed: {error}"
+            if all(states.get(name, ("", None))[0] == "done" for name in destinations):
+                return 0x0000, ""
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                LOGGER.info("C-STORE of %s answered 0xA700: not yet delivered to %s after %.0fs (stays queued)",
+                            sop_instance, ", ".join(sorted(destinations)), timeout)
+                return 0xA700, "delivery pending"
+            self.queue.wait_recorded(generation, remaining)
+
+
+def _failure_status(reason: str) -> int:
+    """The destination's own failure status when the reason starts with one (``0xA900 ...``,
+    from bridge.statuses), else 0xC000."""
+    m = re.match(r"0x([0-9A-Fa-f]{4})\b", reason)
+    status = int(m.group(1), 16) if m else 0
+    return status if status & 0xF000 in (0xA000, 0xC000) or status in (0x0117, 0x0122, 0x0124) else 0xC000
 
 
 def ruleset(config: Config) -> RuleSet:

@@ -115,6 +115,9 @@ class Queue:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        # Outcomes recorded so far, for those who wait for a delivery (``ack: delivered``).
+        self._recorded = threading.Condition()
+        self._generation = 0
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous=FULL: a commit is on disk when it returns, which is what
@@ -244,7 +247,36 @@ class Queue:
                     self._dead(row.id, row.attempts + 1, outcome.reason, now)
                 else:
                     raise TypeError(f"not an Outcome: {outcome!r}")
-            return self._releasable([r.instance.spool_path for r in rows])
+            releasable = self._releasable([r.instance.spool_path for r in rows])
+        with self._recorded:
+            self._generation += 1
+            self._recorded.notify_all()
+        return releasable
+
+    # -- waiting for a delivery (ack: delivered) -------------------------------------------
+
+    def generation(self) -> int:
+        """A counter that grows whenever outcomes are recorded."""
+        with self._recorded:
+            return self._generation
+
+    def wait_recorded(self, since: int, timeout: float) -> None:
+        """Block until outcomes are recorded after ``generation() == since``, or ``timeout``."""
+        with self._recorded:
+            self._recorded.wait_for(lambda: self._generation != since, max(0.0, timeout))
+
+    def delivery_states(self, sop_instance_uid: str, content_hash: str,
+                        destinations: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """Per destination, the state and last error of the newest row holding this content."""
+        names = list(destinations)
+        marks = ", ".join("?" * len(names))
+        with self._lock:
+            found = self._db.execute(
+                "SELECT destination, state, last_error FROM queue WHERE sop_instance_uid = ? AND content_hash = ?"
+                f" AND destination IN ({marks}) ORDER BY id",
+                (sop_instance_uid, content_hash, *names),
+            ).fetchall()
+        return {r["destination"]: (r["state"], r["last_error"]) for r in found}
 
     def _dead(self, row_id: int, attempts: int, reason: str, now: float) -> None:
         self._db.execute(

@@ -57,6 +57,10 @@ class Decision:
 
     destinations: dict[str, int] = field(default_factory=dict)
     modify: dict[str, Modification] = field(default_factory=dict)
+    # ack: delivered: the destinations that must confirm before the C-STORE is answered,
+    # and for how long to wait (the shortest of the rules that asked)
+    await_delivery: set[str] = field(default_factory=set)
+    ack_timeout: float = 0.0
     rules: list[str] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
 
@@ -102,6 +106,9 @@ class RuleSet:
                 if verb == "store" and name in rule.modify:
                     earlier = decision.modify.get(name)
                     decision.modify[name] = earlier.merged(rule.modify[name]) if earlier else rule.modify[name]
+            if verb == "store" and rule.ack == "delivered":
+                decision.await_delivery.update(targets)
+                decision.ack_timeout = min(decision.ack_timeout or rule.ack_timeout, rule.ack_timeout)
             if not rule.continue_:
                 stopped = True
         return decision

@@ -8,7 +8,8 @@ FailureReasons (the same codes, PS3.18 Table I.2-3), mapped in one place.
 | 0x0111 duplicate SOP instance | duplicate | ``Duplicate``: the destination's ``duplicates`` policy decides |
 | 0xA7xx out of resources, 0x0110 processing failure | transient | ``Transient``: retried with backoff, charged |
 | 0xA9xx, 0xCxxx, 0x0117 | permanent | ``Permanent``: dead at once, with the reason |
-| 0x0122 SOP class not supported, 0x0124 not authorised | refused | ``Permanent`` for one instance; for every instance of a batch the destination is suspended |
+| 0x0122 SOP class not supported, 0x0124 not authorised | refused | ``Permanent`` (but the |
+| | | destination is suspended when every instance of a batch gets it) |
 | anything else | permanent | ``Permanent``, with the raw code in the reason |
 """
 
