@@ -192,10 +192,12 @@ class Bridge:
     """
 
     def __init__(self, workdir: Path, profile_to: Path | None = None, clock: str = "wall",
-                 deliver: bool = True) -> None:
+                 deliver: bool = True, config: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.config = bridge_config(workdir, self.port, deliver)
+        if config is not None:  # other destinations and rules (bench/forward)
+            self.config.update(config)
         self.config_path = workdir / "bridge.yaml"
         self.log = workdir / "bridge.log"
         self.profile_to = profile_to

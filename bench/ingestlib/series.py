@@ -132,3 +132,39 @@ class PixelSource:
             return values.astype("<u2").tobytes()
         offset = (number * 7919 * 2) % len(self._base)
         return self._base[offset:] + self._base[:offset]
+
+
+def large_multiframe(path: Path, megabytes: int) -> Path:
+    """One Multi-frame Grayscale Word SC instance of about ``megabytes`` MB, written in
+    chunks (the pixel data never sits in memory); reused when it already exists."""
+    import struct
+
+    from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage as SOP_CLASS
+
+    frame_bytes = ROWS * COLUMNS * 2
+    frames = max(1, megabytes * 1024 * 1024 // frame_bytes)
+    if path.exists() and path.stat().st_size > frames * frame_bytes:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SOP_CLASS
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Bench^Large", "BENCH-LARGE", "OT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ROWS, COLUMNS, frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, BITS_STORED, BITS_STORED - 1, 0
+    partial = path.with_suffix(".partial")
+    ds.save_as(partial, enforce_file_format=True)
+    frame = random.Random(1).randbytes(frame_bytes)
+    with open(partial, "ab") as f:
+        f.write(struct.pack("<HH2s2xL", 0x7FE0, 0x0010, b"OW", frames * frame_bytes))  # Pixel Data, OW
+        for _ in range(frames):
+            f.write(frame)
+    partial.rename(path)
+    return path
