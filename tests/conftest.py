@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import ct_series, fresh_copies  # noqa: E402
-from peers import Bridge  # noqa: E402
+from peers import Bridge, Orthanc  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,21 @@ def bridge_factory(tmp_path: Path):
     for bridge in started:
         if bridge.proc is not None and bridge.proc.poll() is None:
             bridge.kill()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path):
+    """Start private Orthancs (DICOMweb plugin on); every one is stopped at the end of the test."""
+    started: list[Orthanc] = []
+
+    def make(name: str = "orthanc", **options: Any) -> Orthanc:
+        orthanc = Orthanc(tmp_path / name, **options)
+        started.append(orthanc)
+        return orthanc.start()
+
+    yield make
+    for orthanc in started:
+        orthanc.stop()
 
 
 @pytest.fixture

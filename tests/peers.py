@@ -7,6 +7,8 @@ tool gets TCP_NODELAY=1 (DCMTK leaves Nagle on otherwise: ~40 ms per message).
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +190,118 @@ class Bridge:
             return dict(db.execute("SELECT state, count(*) FROM queue GROUP BY state").fetchall())
         finally:
             db.close()
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+class Orthanc:
+    """A private Orthanc with its DICOMweb plugin, on free ports, its storage in ``workdir``.
+
+    Orthanc 1.10 cannot bind its HTTP or DICOM server to loopback only (no bind address
+    setting before 1.11): it listens on every interface, so ``RemoteAccessAllowed: false``
+    keeps other hosts out of its REST API. ``users`` turns HTTP basic authentication on;
+    ``lua`` is the text of a Lua script (e.g. an ``IncomingHttpRequestFilter``).
+    """
+
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None, lua: str | None = None,
+                 aet: str = "ORTHANC", extra: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.headers = headers or {}  # sent with every REST request of the tests (e.g. a bearer token)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        self.aet = aet
+        self.users = users
+        config: dict[str, Any] = {
+            "Name": f"test-{self.http_port}",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
+            "Plugins": [ORTHANC_DICOMWEB],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StorageCompression": False,
+            "SaveJobs": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+        }
+        if lua is not None:
+            (workdir / "filter.lua").write_text(lua)
+            config["LuaScripts"] = [str(workdir / "filter.lua")]
+        config.update(extra or {})
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = workdir / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self, timeout: float = 60) -> Orthanc:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], cwd=self.workdir, env=dcmtk_env(),
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"Orthanc exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.get("/system", timeout=2)
+            except urllib.error.HTTPError:
+                return True  # an answer all the same (e.g. a Lua filter's 403)
+            except OSError:
+                return False
+            return True
+
+        wait_for(ready, timeout, "Orthanc to answer /system", interval=0.1)
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL: nothing of a test's Orthanc is kept, and a clean stop takes seconds."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _open(self, path: str, timeout: float) -> Any:
+        request = urllib.request.Request(self.url + path, headers=self.headers)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(request, timeout=timeout)
+
+    def get(self, path: str, timeout: float = 30) -> Any:
+        """JSON from Orthanc's REST API (as the first registered user, if any)."""
+        with self._open(path, timeout) as response:
+            return json.loads(response.read())
+
+    def get_bytes(self, path: str, timeout: float = 60) -> bytes:
+        with self._open(path, timeout) as response:
+            return bytes(response.read())
+
+    def instance_uids(self) -> dict[str, str]:
+        """SOP Instance UID -> Orthanc's id of every instance it holds."""
+        found = {}
+        for orthanc_id in self.get("/instances"):
+            tags = self.get(f"/instances/{orthanc_id}/simplified-tags")
+            found[tags["SOPInstanceUID"]] = orthanc_id
+        return found
+
+    def count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.config import Config
+from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import FolderDestination as FolderConfig
 from bridge.model import Destination
@@ -15,6 +16,12 @@ def build(name: str, config: Config) -> Destination:
         from bridge.destinations.folder import FolderDestination
 
         return FolderDestination(name, settings)
+    if isinstance(settings, DicomwebConfig):
+        from bridge.destinations.dicomweb import DicomwebDestination
+        from bridge.spool import Spool
+
+        # Modified copies are written where a restart removes what a crash left.
+        return DicomwebDestination(name, settings, Spool(config.data_dir / "spool").incoming)
     if isinstance(settings, ArchiveConfig):
         from bridge.destinations.archive import ArchiveDestination
 
