@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
-from bridge import tagpath
+from bridge import modify, tagpath
 from bridge.errors import ConfigError
 from bridge.uids import is_valid_uid
 from bridge.units import parse_duration, parse_size
@@ -410,12 +410,19 @@ def _tag_path(value: str) -> str:
 
 
 def _top_level_tag(value: str) -> str:
-    tagpath.top_level(value)
+    modify.check_modifiable(tagpath.top_level(value))
+    return value
+
+
+def _creatable_tag(value: str) -> str:
+    """A tag ``set`` or ``copy`` may create: it needs a VR from the dictionary."""
+    modify.settable_vr(tagpath.top_level(value))
     return value
 
 
 TagPath = Annotated[str, AfterValidator(_tag_path)]
 TopLevelTag = Annotated[str, AfterValidator(_top_level_tag)]
+CreatableTag = Annotated[TopLevelTag, AfterValidator(_creatable_tag)]
 
 
 def _regex(value: str) -> str:
@@ -515,19 +522,42 @@ class Replace(Model):
     pattern: Regex = Field(description="a Python regular expression")
     with_: str = Field(alias="with", description="the replacement (\\1 for groups)")
 
+    @model_validator(mode="after")
+    def _groups(self) -> Replace:
+        try:  # Python checks the replacement's group references against the pattern
+            re.compile(self.pattern).sub(self.with_, "")
+        except (re.error, IndexError) as exc:
+            raise ValueError(f"with: {exc}") from None
+        return self
+
 
 class Modification(Model):
     """Changes to the outgoing copy for one destination, applied in this order: copy,
     replace, set, remove. The spooled original is never changed."""
 
-    copy_: dict[TopLevelTag, TopLevelTag] = Field(
+    copy_: dict[CreatableTag, TopLevelTag] = Field(
         default_factory=dict, alias="copy", description="target keyword: source keyword",
     )
     replace: dict[TopLevelTag, Replace] = Field(default_factory=dict, description="regex replace in a value")
-    set: dict[TopLevelTag, _one_or_list(Scalar, "a value or a list of values") | None] = Field(  # type: ignore[valid-type]
+    set: dict[CreatableTag, _one_or_list(Scalar, "a value or a list of values") | None] = Field(  # type: ignore[valid-type]
         default_factory=dict, description="keyword: new value (null: empty value)",
     )
     remove: list[TopLevelTag] = Field(default_factory=list, description="keywords or (gggg,eeee) to remove")
+
+    @field_validator("set")
+    @classmethod
+    def _values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Each value must fit its element's VR; what depends on the data set (its
+        character set) is checked when the copy is made."""
+        errors = []
+        for name, new in value.items():
+            try:
+                modify.element(tagpath.top_level(name), new)
+            except ValueError as exc:
+                errors.append(f"{name}: {exc}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return value
 
     def keys(self) -> frozenset[str]:
         return frozenset([*self.copy_, *self.replace, *self.set, *self.remove])

@@ -47,3 +47,14 @@ class IntakeError(BridgeError):
         self.status = status
         self.comment = comment[:64]  # ErrorComment is LO: 64 characters at most
         super().__init__(comment)
+
+
+class ModificationError(BridgeError):
+    """A rule's modification cannot be applied to this instance (a value its VR or the data
+    set's character set cannot hold, a regex result invalid for the VR): the row is dead
+    for that destination. ``keyword`` names the element, when one is to blame."""
+
+    def __init__(self, keyword: str | None, reason: str) -> None:
+        self.keyword = keyword
+        self.reason = reason
+        super().__init__(f"{keyword}: {reason}" if keyword else reason)

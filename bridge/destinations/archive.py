@@ -1,7 +1,9 @@
 """``type: archive``: the local archive, original Part-10 files plus an SQLite index.
 
 Files are hard-linked from the spool (same file system, already fsynced), so keeping
-an instance costs a directory entry, not a copy.
+an instance costs a directory entry, not a copy. An instance a rule modifies for the
+archive is written as its modified copy instead (a link would be the original), filed
+and indexed under the copy's values: UIDs, patient and study keys, size and hash.
 """
 
 from __future__ import annotations

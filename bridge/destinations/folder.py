@@ -3,6 +3,11 @@
 Every path component comes from a validated UID or a sanitised value, and the final
 path is checked to stay under the template's root. Writes are atomic (a temporary
 name, fsync, rename) and the folders are fsynced once per batch.
+
+An instance with a modification (``SpooledInstance.modify``) is written as its modified
+copy (``bridge.modify``), and its path is rendered from the copy's values: the file lies
+where its content says it belongs, and a value a rule replaces (a pseudonymised
+PatientID) does not survive in the path.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import secrets
 import shutil
 import string
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from bridge.config import FolderDestination as FolderConfig
 from bridge.dicomfile import read_header
-from bridge.errors import DestinationUnavailable, IntakeError
+from bridge.errors import DestinationUnavailable, IntakeError, ModificationError
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
+from bridge.modify import ModifiedCopy, prepare
 from bridge.spool import fsync_dir, fsync_file, sha256_file
 from bridge.uids import is_valid_uid, sanitise
 
@@ -74,13 +81,13 @@ class FileDestination:
         written: list[tuple[SpooledInstance, Path]] = []
         for instance in batch:
             try:
-                outcome, target = self._write(instance, dirty)
+                outcome, target, kept = self._write(instance, dirty)
             except _SourceMissing as exc:
                 outcomes.append(Permanent(str(exc)))
                 continue
             outcomes.append(outcome)
             if target is not None:
-                written.append((instance, target))
+                written.append((kept, target))
         try:
             for folder in dirty:
                 fsync_dir(folder)
@@ -90,29 +97,44 @@ class FileDestination:
         return outcomes
 
     def after_batch(self, written: list[tuple[SpooledInstance, Path]]) -> None:
-        """Hook for subclasses: the files are durable."""
+        """Hook for subclasses: the files are durable. Each instance is as written: a
+        modified copy's has the copy's UIDs, attributes, size and hash."""
 
-    def _write(self, instance: SpooledInstance, dirty: set[Path]) -> tuple[Outcome, Path | None]:
+    def _write(self, instance: SpooledInstance, dirty: set[Path]) -> tuple[Outcome, Path | None, SpooledInstance]:
         if not instance.spool_path.exists():
             raise _SourceMissing("spool file is missing")
+        copy: ModifiedCopy | None = None
         try:
-            header = read_header(instance.spool_path) if self._needs_header else None
+            if instance.modify is not None:
+                copy = prepare(instance.spool_path, instance.modify)
+                header: Dataset | None = copy.header
+                instance = copy.describe(instance)  # the path is rendered from the copy's values
+            else:
+                header = read_header(instance.spool_path) if self._needs_header else None
         except IntakeError as exc:
-            return Permanent(f"cannot read header: {exc.comment}"), None
+            return Permanent(f"cannot read header: {exc.comment}"), None, instance
+        except ModificationError as exc:
+            return Permanent(f"modify: {exc}"), None, instance
+        except FileNotFoundError as exc:
+            raise _SourceMissing("spool file is missing") from exc
         folder = self.root.joinpath(*(self._render(c, instance, header) for c in self._components))
         target = folder / self._render(self.filename_template, instance, header)
         if not _inside(target, self.root):
-            return Permanent("rendered path leaves the destination folder"), None
+            return Permanent("rendered path leaves the destination folder"), None, instance
         try:
             self._makedirs(folder, dirty)
             if target.exists():
                 if self.duplicates == "keep-first":
-                    return Duplicate("file exists (keep-first)"), None
-                if self.duplicates == "keep-both" and sha256_file(target) != instance.sha256:
-                    target = target.with_name(f"{target.stem}~{instance.sha256[:12]}{target.suffix}")
+                    return Duplicate("file exists (keep-first)"), None, instance
+                sha256 = instance.sha256 if copy is None else copy.sha256()
+                if self.duplicates == "keep-both" and sha256_file(target) != sha256:
+                    target = target.with_name(f"{target.stem}~{sha256[:12]}{target.suffix}")
                     if target.exists():
-                        return Duplicate("this content is already present (keep-both)"), None
-            self._place(instance.spool_path, target)
+                        return Duplicate("this content is already present (keep-both)"), None, instance
+            if copy is None:
+                self._place(instance.spool_path, target)
+            else:
+                instance = replace(instance, sha256=self._place_copy(copy, target))
         except FileNotFoundError as exc:
             if not instance.spool_path.exists():
                 raise _SourceMissing("spool file is missing") from exc
@@ -122,7 +144,7 @@ class FileDestination:
                 raise DestinationUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
             raise
         dirty.add(target.parent)
-        return Done(), target
+        return Done(), target, instance
 
     def _place(self, source: Path, target: Path) -> None:
         temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
@@ -140,6 +162,21 @@ class FileDestination:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+
+    def _place_copy(self, copy: ModifiedCopy, target: Path) -> str:
+        """Write a modified copy atomically (never a link: the spool file is the original);
+        returns its SHA-256."""
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temp, "xb") as out:
+                sha256 = copy.write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return sha256
 
     def _makedirs(self, folder: Path, dirty: set[Path]) -> None:
         missing = []
