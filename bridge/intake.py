@@ -86,6 +86,9 @@ TRANSFER_SYNTAXES = sorted((str(u) for u in AllTransferSyntaxes), key=transfer_s
 def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     """Set pynetdicom's process-wide switches (see the module docstring). Call once at start."""
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # The dimse destination sends C-STOREs from spool files: read in PDU-sized pieces, not
+    # decoded (it converts a copy itself when the peer needs another syntax).
+    _config.STORE_SEND_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = any_sop_class
     _config.LOG_HANDLER_LEVEL = "none"
 

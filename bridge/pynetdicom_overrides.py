@@ -1,4 +1,4 @@
-"""Pinned overrides of pynetdicom's internals, for speed. Applied once, at start.
+"""Pinned overrides of pynetdicom's internals, for speed (and one race). Applied once, at start.
 
 pynetdicom (3.0.x, pinned in pyproject.toml) spends much of a C-STORE's time in
 places that have nothing to do with DICOM (measured in docs/performance.md):
@@ -23,6 +23,12 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   direct encoder of the same bytes (checked against pynetdicom's output by a test);
   every other message, and any response with fields it does not know, goes through
   pynetdicom as before.
+
+And three for correctness on the associations the bridge requests (``bridge.scu``),
+where a ``send_*()`` call waits for its response beside the reactor thread: the
+reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
+takes no message while a ``send_*()`` call has paused it, and that call stops waiting
+when the association is aborted (see ``_get_msg``).
 
 Every intake test runs through these overrides; tests/test_pynetdicom_overrides.py
 checks that each one still finds what it replaces.
@@ -70,14 +76,30 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
 
 
 class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
-    """The DUL's outgoing queue: putting an item wakes the DUL thread's wait."""
+    """The DUL's outgoing queue: putting an item wakes the DUL thread's wait.
 
-    def __init__(self, wake: socket.socket) -> None:
-        super().__init__()
+    With ``maxsize``, a put waits for room (the sender is held back to the network's pace)
+    for as long as the DUL thread runs; once it has ended, nothing will ever be sent and
+    the item is dropped rather than waited on forever.
+    """
+
+    def __init__(self, wake: socket.socket, maxsize: int = 0, dul: threading.Thread | None = None) -> None:
+        super().__init__(maxsize)
         self._wake = wake
+        self._dul = weakref.ref(dul) if dul is not None else None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
+        if self.maxsize > 0 and block and timeout is None:
+            while True:
+                try:
+                    super().put(item, True, 0.5)
+                    break
+                except queue.Full:
+                    dul = self._dul() if self._dul is not None else None
+                    if dul is None or not dul.is_alive():
+                        return
+        else:
+            super().put(item, block, timeout)
         try:
             self._wake.send(b"\0")
         except OSError:
@@ -95,6 +117,11 @@ def _association_sleep(seconds: float) -> None:
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(seconds)
+        if messages.queue:
+            # A put wakes one waiter. On a requestor's association another thread may be
+            # blocked in get() for the same message (a send_*() call waiting for its
+            # response): pass the wake-up on, or it sleeps until its DIMSE timeout.
+            messages.not_empty.notify()
 
 
 def _dul_sleep(seconds: float) -> None:
@@ -202,8 +229,50 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
     self.dul.send_pdu(pdata)
 
 
+_pynetdicom_get_msg = pynetdicom.dimse.DIMSEServiceProvider.get_msg
+
+
+def _get_msg(self: Any, block: bool = False) -> Any:
+    """``DIMSEServiceProvider.get_msg``, for associations where another thread's
+    ``send_*()`` call waits for a response beside the reactor thread (the bridge's own):
+
+    - the reactor takes nothing while a ``send_*()`` call has asked it to pause.
+      pynetdicom's pause is a handshake with a stale flag: ``send_c_store`` clears the
+      reactor's checkpoint and waits for ``_is_paused``, which the reactor set before it
+      last passed the checkpoint. A reactor woken by the end of the previous operation,
+      but not yet run, can then run one more turn after the next request has gone out,
+      and take the response ``send_c_store`` waits for (which then waits out its DIMSE
+      timeout). The faster the peer, the likelier;
+    - the ``send_*()`` call's wait ends as soon as the association is aborted or its
+      connection closed (the reactor that would notice is paused), not at the end of the
+      DIMSE timeout, which may be minutes for a PACS slow to store large instances.
+    """
+    assoc = self.assoc
+    reactor = threading.current_thread() is assoc
+    if not block:
+        if reactor and not assoc._reactor_checkpoint.is_set():
+            return None, None
+        return _pynetdicom_get_msg(self, block)
+    if reactor:
+        return _pynetdicom_get_msg(self, block)
+    timeout = self.dimse_timeout
+    deadline = None if timeout is None else _time.monotonic() + timeout
+    while True:
+        wait = _ABORT_CHECK if deadline is None else max(0.0, min(_ABORT_CHECK, deadline - _time.monotonic()))
+        try:
+            return self.msg_queue.get(block=True, timeout=wait)
+        except queue.Empty:
+            pass
+        if (deadline is not None and _time.monotonic() >= deadline) or assoc.acse.is_aborted():
+            return None, None
+
+
+_ABORT_CHECK = 0.2  # seconds between looks for an abort while a send_*() call waits
+
+
 def install() -> None:
     """Apply the overrides (idempotent)."""
+    pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
     pynetdicom.dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
@@ -216,8 +285,14 @@ def install() -> None:
     )
 
 
-def prepare(assoc: Any) -> None:
-    """Per association, before its DUL thread runs: a socket pair to wake the DUL's wait."""
+def prepare(assoc: Any, max_queued: int = 0) -> None:
+    """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait.
+
+    An acceptor's DUL thread has not started yet; a requestor's is the one running the
+    handler, between taking the A-ASSOCIATE request off its queue and sending it, so the
+    queue it replaces is empty either way. ``max_queued`` bounds the outgoing queue (PDUs;
+    0 = unbounded), for associations that send data sets read from files.
+    """
     dul = assoc.dul
     if getattr(dul, "_bridge_wake", None) is not None:
         return
@@ -225,6 +300,6 @@ def prepare(assoc: Any) -> None:
     reader.setblocking(False)
     writer.setblocking(False)
     dul._bridge_wake = reader
-    dul.to_provider_queue = _WakingQueue(writer)
+    dul.to_provider_queue = _WakingQueue(writer, max_queued, dul)
     weakref.finalize(dul, reader.close)
     weakref.finalize(dul, writer.close)

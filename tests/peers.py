@@ -116,6 +116,60 @@ def echoscu(port: int, calling_ae: str = "ECHOSCU", called_ae: str = "ANY-SCP",
                      timeout=timeout)
 
 
+class StoreSCP:
+    """DCMTK ``storescp`` as a remote PACS: receives into ``folder``, logs verbosely.
+
+    ``options`` go to storescp as they are, e.g. ``+xa`` (accept every syntax it knows),
+    ``+xi`` (implicit VR little endian only) or ``--refuse`` (reject every association).
+    """
+
+    def __init__(self, workdir: Path, *options: str, aet: str = "STORESCP") -> None:
+        self.folder = workdir / "received"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.aet = aet
+        self.options = options
+        self.log_path = workdir / "storescp.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> StoreSCP:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [dcmtk("storescp"), "-v", "-aet", self.aet, "-od", str(self.folder), *self.options, str(self.port)],
+            env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"storescp exited with {self.proc.returncode}:\n{self.log()}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout, "storescp to listen", interval=0.05)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def associations(self) -> int:
+        """Associations storescp has acknowledged so far."""
+        return self.log().count("Association Acknowledged")
+
+
 class Bridge:
     """The daemon as a subprocess, with a YAML config written for it."""
 

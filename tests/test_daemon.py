@@ -25,11 +25,13 @@ def pynetdicom_globals():
     import pynetdicom.dimse_messages
     from pynetdicom import _config
 
-    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.UNRESTRICTED_STORAGE_SERVICE,
-             _config.LOG_HANDLER_LEVEL, pynetdicom.dimse_messages.NamedTemporaryFile)
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+             _config.UNRESTRICTED_STORAGE_SERVICE, _config.LOG_HANDLER_LEVEL,
+             pynetdicom.dimse_messages.NamedTemporaryFile)
     yield
-    (_config.STORE_RECV_CHUNKED_DATASET, _config.UNRESTRICTED_STORAGE_SERVICE,
-     _config.LOG_HANDLER_LEVEL, pynetdicom.dimse_messages.NamedTemporaryFile) = saved
+    (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+     _config.UNRESTRICTED_STORAGE_SERVICE, _config.LOG_HANDLER_LEVEL,
+     pynetdicom.dimse_messages.NamedTemporaryFile) = saved
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import inspect
 import socket
 import threading
 
+import pynetdicom.acse
 import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
@@ -90,3 +91,40 @@ def test_store_response_bytes_are_those_pynetdicom_sends():
     assert pynetdicom_overrides._store_response_command(rsp) is None
     source = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.send_msg)
     assert "self.dul.send_pdu(pdata)" in source and "EVT_DIMSE_SENT" in source
+
+
+def test_pynetdicom_still_pauses_its_reactor_the_way_get_msg_guards_against():
+    source = inspect.getsource(pynetdicom.association.Association._run_reactor)
+    assert source.index("self._reactor_checkpoint.wait()") < source.index("self.dimse.get_msg(block=False)")
+    store = inspect.getsource(pynetdicom.association.Association.send_c_store)
+    assert "self._reactor_checkpoint.clear()" in store and "while not self._is_paused" in store
+    assert "self.dimse.get_msg(block=True)" in store
+    # how a waiting send_*() call learns that the association was aborted
+    assert "peek_next_pdu()" in inspect.getsource(pynetdicom.acse.ACSE.is_aborted)
+
+
+def test_the_reactors_wait_passes_a_wake_up_on_to_a_waiting_get():
+    """A requestor's send_*() blocks in msg_queue.get() while the reactor thread waits on
+    the same queue in _association_sleep. A put wakes one waiter: when that is the
+    reactor, the wake-up must go on to the get(), or the response sits in the queue until
+    the DIMSE timeout."""
+    import queue
+    import types
+
+    messages: queue.Queue[str] = queue.Queue()
+    got: list[str] = []
+    waiter = threading.Thread(target=lambda: got.append(messages.get(timeout=10)))
+    waiter.start()
+    with messages.not_empty:  # the response arrived, and its put's wake-up went to the reactor
+        messages.queue.append("response")
+        messages.unfinished_tasks += 1
+
+    class Reactor(threading.Thread):
+        dimse = types.SimpleNamespace(msg_queue=messages)
+
+        def run(self) -> None:
+            pynetdicom_overrides._association_sleep(0.001)
+
+    Reactor().start()
+    waiter.join(5)
+    assert got == ["response"]

@@ -28,6 +28,9 @@ def build(name: str, config: Config) -> Destination:
         return ArchiveDestination(name, settings, config.data_dir / "archive")
     if isinstance(settings, DimseConfig):
         from bridge.destinations.dimse import DimseDestination
+        from bridge.spool import Spool
 
-        return DimseDestination(name, settings.node)
+        # Converted copies are written where a restart removes what a crash left.
+        temp_dir = Spool(config.data_dir / "spool").incoming
+        return DimseDestination(name, settings, config.nodes[settings.node], config.ae_title, temp_dir)
     raise TypeError(f"no destination type for {type(settings).__name__}")
