@@ -1,7 +1,8 @@
 """Intake: the DIMSE listener that turns associations into durable, queued instances.
 
 C-STORE answers 0x0000 only once the instance is durable: the file fsynced, renamed
-into the spool, the folder fsynced, and its queue rows committed.
+into the spool, the folder fsynced, and its queue rows committed (``bridge.ingest``,
+the path it shares with watched folders).
 
 pynetdicom is used through two documented switches and one pinned override, all set
 in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
@@ -28,9 +29,7 @@ import logging
 import re
 import socket
 import time
-from concurrent import futures
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,14 +41,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from bridge import dicomfile, pynetdicom_overrides
+from bridge import pynetdicom_overrides
 from bridge.config import Config
 from bridge.errors import IntakeError
+from bridge.ingest import Ingest
 from bridge.metrics import Metrics
-from bridge.model import SpooledInstance
-from bridge.queue import Queue, Route
+from bridge.queue import Queue
 from bridge.rules import Context, RuleSet
-from bridge.spool import HashingTempFile, Spool, fsync_dir, fsync_file, sha256_file
+from bridge.spool import HashingTempFile, Spool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -130,11 +129,10 @@ class Intake:
         self.spool = spool
         self.queue = queue
         self.metrics = metrics
-        self.on_queued = on_queued or (lambda names: None)
+        self.ingest = Ingest(spool, queue, metrics, on_queued)
         self._ids = itertools.count(1)
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
-        self._fsync = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self.ae = self._build_ae()
 
     # -- set-up ------------------------------------------------------------------------
@@ -189,7 +187,7 @@ class Intake:
         for assoc in self.ae.active_associations:
             LOGGER.warning("aborting association %s at shutdown", assoc.name)
             assoc.abort()
-        self._fsync.shutdown(wait=True)
+        self.ingest.close()
 
     def reload(self, config: Config) -> None:
         """New rules apply to associations that start after this."""
@@ -288,96 +286,20 @@ class Intake:
     def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:
         request = cast(C_STORE, event.request)
         config, rules = stats.config or self.config, stats.rules or self.rules
-        calling = stats.calling_ae
         called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
-        # The file's fsync runs while the header is parsed and routed; both are waited
-        # for before the answer.
-        file_synced = self._fsync.submit(fsync_file, path)
-        try:
-            header = dicomfile.read_header(path)
-            sop_class, sop_instance, study, series = dicomfile.required_uids(header)
+
+        def matches_command(header: Dataset, sop_class: str, sop_instance: str) -> None:
             if sop_class != str(request.AffectedSOPClassUID):
                 raise IntakeError(0xA900, "SOP Class differs from the command's")
             if sop_instance != str(request.AffectedSOPInstanceUID):
                 raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
-            ctx = Context(calling_ae=calling, called_ae=called, peer=stats.peer)
-            try:
-                decision = rules.store(ctx, header)
-            except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
-                raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
-        except IntakeError as exc:
-            futures.wait([file_synced])
-            LOGGER.warning("refused C-STORE: %s (0x%04X)", exc, exc.status)
-            return exc.status, exc.comment
-        except BaseException:
-            futures.wait([file_synced])
-            raise
 
-        destinations = decision.destinations
-        if not destinations:
-            if config.unrouted == "reject":
-                futures.wait([file_synced])
-                LOGGER.warning("refused C-STORE of %s: no rule routes it (unrouted: reject)", sop_instance)
-                return 0x0124, "no rule routes this instance"
-            destinations = {config.unrouted: rules.priorities.get(config.unrouted, 0)}
-
-        attributes = dicomfile.attributes(header)
-        size = path.stat().st_size
-        free = self.spool.free_bytes()
-        if free - size < config.spool.min_free:
-            futures.wait([file_synced])
-            LOGGER.error("refused C-STORE: spool has %d bytes free, below spool.min_free", free)
-            return 0xA700, "out of resources: spool below its free-space floor"
-
-        sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
-        try:
-            file_synced.result()
-            spooled = self.spool.take(path, sync_file=False, sync_folder=False)
-        except OSError as exc:
-            LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
-            return 0xA700, f"out of resources: {exc.strerror}"
-        instance = SpooledInstance(
-            spool_path=spooled, size=size, sha256=sha256, sop_class_uid=sop_class,
-            sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
-            transfer_syntax=str(header.file_meta.TransferSyntaxUID), calling_ae=calling,
-            called_ae=called, peer=stats.peer, received_at=datetime.now(UTC),
-            patient_id=attributes.get("PatientID", ""),
-            accession_number=attributes.get("AccessionNumber", ""),
-            attributes=attributes,
-        )
-        routes = [
-            Route(name, prio, config.destinations[name].duplicates, decision.modify.get(name))
-            for name, prio in destinations.items()
-        ]
-        # The folder's fsync and the queue's commit are both waited for before the
-        # answer; running them side by side costs one fsync's time instead of two.
-        folder_synced = self._fsync.submit(fsync_dir, spooled.parent)
-        try:
-            enqueued = self.queue.enqueue(instance, routes)
-        except Exception as exc:
-            futures.wait([folder_synced])
-            self.spool.discard(spooled)
-            LOGGER.error("refused C-STORE: queue error: %s", exc)
-            return 0xA700, "out of resources: queue error"
-        try:
-            folder_synced.result()
-        except OSError as exc:
-            self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
-            self.spool.discard(spooled)
-            LOGGER.error("refused C-STORE: cannot persist to the spool: %s", exc.strerror)
-            return 0xA700, f"out of resources: {exc.strerror}"
-        if not enqueued.row_ids:
-            self.spool.discard(spooled)
-        for name, why in enqueued.skipped.items():
-            LOGGER.info("%s not queued for %s: %s", sop_instance, name, why)
-        label = self.metrics.calling_ae(calling)
-        self.metrics.received_instances.labels(label).inc()
-        self.metrics.received_bytes.labels(label).inc(size)
-        LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
-        self.on_queued(list(destinations))
-        if decision.await_delivery:
-            return self._await_delivery(sop_instance, sha256, decision.await_delivery, decision.ack_timeout)
-        return 0x0000, ""
+        ctx = Context(calling_ae=stats.calling_ae, called_ae=called, peer=stats.peer)
+        stored = self.ingest.store(path, ctx, config, rules, "C-STORE", check=matches_command)
+        if stored.status == 0x0000 and stored.decision.await_delivery:
+            return self._await_delivery(stored.sop_instance_uid, stored.sha256, stored.decision.await_delivery,
+                                        stored.decision.ack_timeout)
+        return stored.status, stored.comment
 
     def _await_delivery(self, sop_instance: str, sha256: str, destinations: set[str],
                         timeout: float) -> tuple[int, str]:
