@@ -108,10 +108,15 @@ def destination(url: str, tmp_path: Path, **settings: Any) -> DicomwebDestinatio
 
 
 @pytest.mark.slow
-def test_a_hundred_mixed_instances_arrive_in_orthanc_with_their_pixels(tmp_path, corpus, orthanc_factory,
-                                                                        bridge_factory):
-    orthanc = orthanc_factory()
-    bridge = bridge_factory(config(orthanc.dicomweb, workers=2))
+def test_a_hundred_mixed_instances_reach_orthanc_by_stow_and_by_c_store(tmp_path, corpus, orthanc_factory,
+                                                                         bridge_factory):
+    """Fan-out: every instance goes to one Orthanc by STOW-RS and to another by C-STORE."""
+    web, pacs = orthanc_factory("web"), orthanc_factory("pacs", aet="PACS")
+    settings = config(web.dicomweb, workers=2)
+    settings["nodes"] = {"PACS": {"host": "127.0.0.1", "port": pacs.dicom_port}}
+    settings["destinations"]["pacs"] = {"type": "dimse", "node": "PACS"}
+    settings["rules"] = [{"name": "everything", "store": ["web", "pacs"]}]
+    bridge = bridge_factory(settings)
     files = [*corpus, *ct_series(tmp_path / "ct", 100 - len(corpus), size=128)]
     assert len(files) == 100
     by_syntax: dict[str, list[Path]] = defaultdict(list)
@@ -121,17 +126,18 @@ def test_a_hundred_mixed_instances_arrive_in_orthanc_with_their_pixels(tmp_path,
         result = storescu(bridge.port, group, extra=["-R", PROPOSE[ts]])
         assert result.statuses == [0] * len(group), f"{ts}:\n{result.output[-2000:]}"
 
-    wait_for(lambda: orthanc.count() >= 100, 120, "Orthanc to hold 100 instances")
-    held = orthanc.instance_uids()
-    assert set(held) == {uid_of(p) for p in files}
-    for path in files:
-        original = pydicom.dcmread(path)
-        got = pydicom.dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{held[original.SOPInstanceUID]}/file")))
-        assert got.SOPClassUID == original.SOPClassUID
-        assert got.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID, path.name
-        if "PixelData" in original:
-            assert got.PixelData == original.PixelData, path.name
-    wait_for(lambda: bridge.queue_states() == {"done": 100}, 30, "every row done")
+    for orthanc in (web, pacs):
+        wait_for(lambda o=orthanc: o.count() >= 100, 120, f"{orthanc.aet} to hold 100 instances")
+        held = orthanc.instance_uids()
+        assert set(held) == {uid_of(p) for p in files}
+        for path in files:
+            original = pydicom.dcmread(path)
+            got = pydicom.dcmread(io.BytesIO(orthanc.get_bytes(f"/instances/{held[original.SOPInstanceUID]}/file")))
+            assert got.SOPClassUID == original.SOPClassUID
+            assert got.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID, (orthanc.aet, path.name)
+            if "PixelData" in original:
+                assert got.PixelData == original.PixelData, (orthanc.aet, path.name)
+    wait_for(lambda: bridge.queue_states() == {"done": 200}, 30, "every row done")
     assert "WARNING" not in bridge.log() and "ERROR" not in bridge.log(), bridge.log()[-3000:]
 
 
