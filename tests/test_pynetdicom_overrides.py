@@ -12,6 +12,7 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
+import pynetdicom.presentation
 import pynetdicom.transport
 
 from bridge import pynetdicom_overrides
@@ -128,3 +129,26 @@ def test_the_reactors_wait_passes_a_wake_up_on_to_a_waiting_get():
     Reactor().start()
     waiter.join(5)
     assert got == ["response"]
+
+
+def test_each_association_still_copies_the_acceptor_contexts_through_transport_deepcopy():
+    source = inspect.getsource(pynetdicom.transport.RequestHandler._create_association)
+    assert "assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)" in source
+    assert set(vars(pynetdicom.presentation.PresentationContext())) == {
+        "_context_id", "_abstract_syntax", "_transfer_syntax", "result", "_scu_role", "_scp_role",
+        "_as_scp", "_as_scu",
+    }  # the copy duplicates the one mutable attribute, the list of syntaxes
+
+
+def test_copied_contexts_are_equal_and_independent():
+    from pynetdicom import AllStoragePresentationContexts, build_context
+
+    contexts = [build_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+                for cx in AllStoragePresentationContexts[:5]]
+    copies = pynetdicom_overrides._copy_contexts(contexts)
+    assert copies == contexts and all(a is not b for a, b in zip(copies, contexts, strict=True))
+    copies[0].add_transfer_syntax("1.2.840.10008.1.2.2")
+    copies[1].context_id = 3
+    assert "1.2.840.10008.1.2.2" not in contexts[0].transfer_syntax
+    assert contexts[1].context_id is None
+    assert pynetdicom_overrides._copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
