@@ -590,6 +590,53 @@ class Rule(Model):
     )
 
 
+class WatchZip(Model):
+    """Zip archives dropped into a watched folder: their members are taken as files."""
+
+    enabled: bool = Field(False, description="take *.zip files apart (off: a zip is not DICOM and fails)")
+    max_expanded: ByteSize = Field(parse_size("4GiB"), ge=1, description="most bytes one zip may expand to")
+    max_ratio: float = Field(200.0, ge=1, description="most a zip may expand, as a multiple of its own size")
+
+
+class Watch(Model):
+    """A folder whose new DICOM files enter the rules and the queue as a C-STORE would."""
+
+    path: Path = Field(description="the folder watched")
+    name: str | None = Field(None, description="the label in logs and metrics (default: the path)")
+    recursive: bool = Field(True, description="watch subfolders too")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="globs a file's name or relative "
+                               "path must match")
+    exclude: list[str] = Field(default_factory=list, description="globs that leave a file alone")
+    calling_ae: AETitle = Field("WATCH", description="the calling AE title rules see for these files")
+    called_ae: AETitle | None = Field(None, description="the called AE title rules see (default: ae_title)")
+    peer: str | None = Field(None, description="the peer rules see (default: watch:<path>)")
+    after: Literal["delete", "move"] = Field("delete", description="what happens to a file once it is queued")
+    move_to: Path | None = Field(None, description="with after: move, where files go (relative path kept)")
+    failed: Path = Field(description="where files that cannot be taken go, each with a .reason file")
+    observer: Literal["inotify", "polling"] = Field(
+        "inotify", description="inotify, or polling for network shares written by other machines",
+    )
+    poll_interval: Duration = Field(2.0, gt=0, description="with observer: polling, how often to look")
+    settle: Duration = Field(2.0, ge=0, description="a file must be unchanged this long before it is taken")
+    rescan: Duration = Field(60.0, gt=0, description="look at the whole folder this often, for missed events")
+    incomplete_timeout: Duration = Field(
+        300.0, ge=0, description="a file that parses as truncated is retried until unchanged this long",
+    )
+    zip: WatchZip = Field(default_factory=WatchZip)
+
+    @model_validator(mode="after")
+    def _after(self) -> Watch:
+        if self.after == "move" and self.move_to is None:
+            raise ValueError("after: move needs move_to")
+        if self.after == "delete" and self.move_to is not None:
+            raise ValueError("move_to is only used with after: move")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.path)
+
+
 class Metrics(Model):
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus metrics here (absent: not served)")
@@ -613,6 +660,7 @@ class Config(Model):
         description="a list of rules, or a YAML file or folder of them",
     )
     metrics: Metrics = Field(default_factory=Metrics)
+    watch: list[Watch] = Field(default_factory=list, description="folders whose files are taken as C-STOREs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def retry_for(self, destination: str) -> Retry:
@@ -684,7 +732,36 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
             destination.path = str(_resolve(base, Path(destination.path)))
         if isinstance(destination, HttpPeer):
             destination.resolve_paths(base)
+    for watch in config.watch:
+        watch.path = _resolve(base, watch.path)
+        watch.failed = _resolve(base, watch.failed)
+        watch.move_to = _resolve(base, watch.move_to) if watch.move_to is not None else None
+    errors = _watch_overlaps(config.watch)
+    if errors:
+        raise ConfigError(errors, source)
     return config
+
+
+def _watch_overlaps(watches: list[Watch]) -> list[str]:
+    """Folders that would feed each other: a watched folder inside another recursive one,
+    a failed or move_to folder that is watched itself; and labels used twice."""
+    errors = []
+    seen: dict[str, int] = {}
+    for i, watch in enumerate(watches):
+        if watch.label in seen:
+            errors.append(f"watch[{i}]: {watch.label!r} is already watch[{seen[watch.label]}]"
+                          " (give one of them another name)")
+        seen.setdefault(watch.label, i)
+        for j, other in enumerate(watches):
+            inside = watch.path == other.path or (other.recursive and watch.path.is_relative_to(other.path))
+            if i != j and inside:
+                errors.append(f"watch[{i}].path: {watch.path} is also watched by watch[{j}]")
+            for key in ("failed", "move_to"):
+                target = getattr(watch, key)
+                if target is not None and (target == other.path
+                                           or (other.recursive and target.is_relative_to(other.path))):
+                    errors.append(f"watch[{i}].{key}: {target} is inside the watched folder {other.path}")
+    return errors
 
 
 def load_rules(path: Path) -> list[Rule]:

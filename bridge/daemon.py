@@ -1,9 +1,11 @@
-"""The daemon: opens the spool and queue, starts delivery and intake, and handles signals.
+"""The daemon: opens the spool and queue, starts delivery, intake and watched folders, and
+handles signals.
 
-Signal handlers only note the signal; the main loop acts on it (SIGTERM/SIGINT: drain
-and exit 0; SIGHUP: reload). systemd is told READY=1 when the listener is up. The main
-loop also takes, every second, what ``dicom-bridge queue`` asked of the running daemon
-(request rows in the queue database: resume a destination, wake its workers).
+Signal handlers only note the signal; the main loop acts on it (SIGTERM/SIGINT: stop
+watching, drain and exit 0; SIGHUP: reload, watched folders included). systemd is told
+READY=1 when the listener is up. The main loop also takes, every second, what
+``dicom-bridge queue`` asked of the running daemon (request rows in the queue database:
+resume a destination, wake its workers).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from bridge import destinations
 from bridge.config import Config, load_config
 from bridge.delivery import SUSPENDED, Delivery, DestinationRunner
 from bridge.errors import ConfigError
-from bridge.intake import Intake, configure_pynetdicom
+from bridge.intake import Intake, configure_pynetdicom, ruleset
 from bridge.metrics import Metrics
 from bridge.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.spool import Spool
+from bridge.watch import Watcher
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class Daemon:
         self.queue: Queue | None = None
         self.delivery: Delivery | None = None
         self.intake: Intake | None = None
+        self.watcher: Watcher | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_purge = 0.0
@@ -91,6 +95,9 @@ class Daemon:
         })
         self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         self.intake.start()
+        # Watched files go through the intake's durable path (bridge.ingest).
+        self.watcher = Watcher(self.config, ruleset(self.config), self.intake.ingest, self.metrics)
+        self.watcher.start()
         if self.config.metrics.port:
             start_http_server(self.config.metrics.port, self.config.metrics.host, registry=self.metrics.registry)
             LOGGER.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.config.metrics.port)
@@ -142,6 +149,8 @@ class Daemon:
     def stop(self) -> None:
         """Stop accepting, let associations and deliveries in flight finish (bounded), close."""
         sd_notify("STOPPING=1")
+        if self.watcher is not None:
+            self.watcher.stop()
         LOGGER.info("stopping: no new associations; waiting for those in progress")
         if self.intake is not None:
             self.intake.stop_accepting()
@@ -167,6 +176,8 @@ class Daemon:
             self._reload_destinations(config)
         if self.intake is not None:
             self.intake.reload(config)
+        if self.watcher is not None:
+            self.watcher.reload(config, ruleset(config))
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         sd_notify("READY=1")

@@ -1,7 +1,7 @@
 """Prometheus metrics, prefix ``dicom_bridge_``, in a registry owned by the daemon.
 
-Labels are bounded: service, status, destination, outcome, and calling AE folded to
-``other`` past a fixed number of distinct titles. Never a UID, never patient data.
+Labels are bounded: service, status, destination, outcome, watched folder (as
+configured), and calling AE folded to ``other`` past a fixed number of distinct titles. Never a UID, never patient data.
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ class Metrics:
         self.destination_state = Gauge(
             "dicom_bridge_destination_state", "1 for the destination's current state", ["destination", "state"],
             registry=r,
+        )
+        self.watch_files = Counter(
+            "dicom_bridge_watch_files", "Files taken from watched folders, by folder and result "
+            "(queued, duplicate, failed, retried)", ["watch", "result"], registry=r,
+        )
+        self.watch_backlog = Gauge(
+            "dicom_bridge_watch_backlog", "Files seen in a watched folder and not yet taken", ["watch"], registry=r,
         )
         self.spool_free = Gauge("dicom_bridge_spool_free_bytes", "Free bytes on the spool's file system", registry=r)
 
