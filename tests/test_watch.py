@@ -22,7 +22,7 @@ from typing import Any
 import pydicom
 import pytest
 from corpus import TEST_FILES, ct_series
-from peers import REPO, Bridge, free_port, wait_for
+from peers import REPO, free_port, wait_for
 from pydicom.fileset import FileSet
 
 from bridge.config import validate
