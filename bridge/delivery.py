@@ -26,6 +26,9 @@ LOGGER = logging.getLogger(__name__)
 
 UP, BACKING_OFF, SUSPENDED = "up", "backing_off", "suspended"
 POLL = 1.0  # seconds between looks at the queue when nothing wakes a worker
+# While another worker of the destination is sending, a worker takes a batch that is not
+# full only once its first instance has waited this long (see DestinationRunner._claim).
+SHARE_AFTER = 0.2
 
 
 class DestinationRunner:
@@ -51,6 +54,7 @@ class DestinationRunner:
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._sending = 0  # workers between a claim and the end of its batch
         self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
         self._publish()
 
@@ -101,9 +105,7 @@ class DestinationRunner:
             wait = self._must_wait()
             if not wait and quiet and self.settings.batch.linger:
                 self._stopping.wait(self.settings.batch.linger)
-            rows = [] if wait else self._queue.claim(
-                self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes
-            )
+            rows = [] if wait else self._claim()
             quiet = len(rows) < self.settings.batch.max_instances
             if not rows:
                 if destination is not None and time.monotonic() - last_work > self.settings.idle_close:
@@ -111,14 +113,39 @@ class DestinationRunner:
                     destination = None
                 with self._cond:
                     if not self._stopping.is_set():
-                        self._cond.wait(min(wait or POLL, POLL))
+                        # while others send, look again soon: what waits may be due to share
+                        self._cond.wait(min(wait or POLL, SHARE_AFTER if self._sending else POLL))
                 continue
-            if destination is None:
-                destination = self._factory()
-            destination = self._deliver(destination, rows)
+            try:
+                if destination is None:
+                    destination = self._factory()
+                destination = self._deliver(destination, rows)
+            finally:
+                with self._cond:
+                    self._sending -= 1
             last_work = time.monotonic()
         if destination is not None:
             self._close(destination)
+
+    def _claim(self) -> list[Row]:
+        """The next batch for this worker. While another worker is sending, only a full
+        batch, or instances that have waited ``SHARE_AFTER`` (behind a large upload): a
+        trickle of instances goes out as soon as it comes, one request at a time, and
+        what arrives meanwhile makes the next batch larger (fewer requests, less work per
+        instance for both sides); a backlog (after an outage, a migration) fills every
+        worker's batch and they all send at once."""
+        with self._cond:
+            others = self._sending
+            self._sending += 1
+        rows: list[Row] = []
+        try:
+            rows = self._queue.claim(self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes,
+                                     partial_after=SHARE_AFTER if others else 0.0)
+        finally:
+            if not rows:
+                with self._cond:
+                    self._sending -= 1
+        return rows
 
     def _must_wait(self) -> float:
         """Seconds to wait before claiming (0 = go)."""

@@ -196,8 +196,12 @@ class Queue:
         with self._lock:
             return self._db.execute("UPDATE queue SET state = 'pending' WHERE state = 'in_flight'").rowcount
 
-    def claim(self, destination: str, max_instances: int, max_bytes: int) -> list[Row]:
-        """Take the next due rows of ``destination`` (at least one, however large)."""
+    def claim(self, destination: str, max_instances: int, max_bytes: int, partial_after: float = 0.0) -> list[Row]:
+        """Take the next due rows of ``destination`` (at least one, however large).
+
+        ``partial_after``: take a batch that is not full (fewer than ``max_instances``,
+        and no more than ``max_bytes`` waiting) only once its first row has been due for
+        that many seconds; take nothing before."""
         now = time.time()
         with self._lock, self._transaction():
             candidates = self._db.execute(
@@ -210,11 +214,15 @@ class Queue:
             ).fetchall()
             rows: list[sqlite3.Row] = []
             total = 0
+            full = len(candidates) >= max_instances
             for r in candidates:
                 if rows and total + r["size"] > max_bytes:
+                    full = True
                     break
                 rows.append(r)
                 total += r["size"]
+            if not full and rows and partial_after > 0 and now - rows[0]["next_attempt_at"] < partial_after:
+                return []
             self._db.executemany("UPDATE queue SET state = 'in_flight' WHERE id = ?", [(r["id"],) for r in rows])
         return [_row(r) for r in rows]
 

@@ -54,6 +54,19 @@ def test_a_batch_closes_at_max_bytes_but_takes_at_least_one(queue):
     assert len(queue.claim("d", 10, 10)) == 1  # larger than max_bytes, still goes
 
 
+def test_a_partial_batch_waits_for_partial_after_but_a_full_one_goes(queue):
+    now = time.time()
+    queue.enqueue(instance("1.0", received=now), [Route("d")])
+    assert queue.claim("d", 3, 10**9, partial_after=60) == []  # one of three, just arrived
+    for n in (1, 2):
+        queue.enqueue(instance(f"1.{n}", received=now), [Route("d")])
+    assert len(queue.claim("d", 3, 10**9, partial_after=60)) == 3  # full: goes at once
+    queue.enqueue(instance("2.0"), [Route("d")])
+    assert queue.claim("d", 3, 10**9, partial_after=0.3) == []
+    claimed = wait_for(lambda: queue.claim("d", 3, 10**9, partial_after=0.3), 5, "the partial batch to be due")
+    assert [r.instance.sop_instance_uid for r in claimed] == ["2.0"]  # waited long enough
+
+
 def test_transient_retries_with_backoff_then_dies(queue):
     retry = Retry(initial=0.2, max=0.3, max_attempts=3, max_age=3600)
     queue.enqueue(instance("1.1"), [Route("d")])
