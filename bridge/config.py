@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import string
 import types
@@ -732,10 +733,10 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
             destination.path = str(_resolve(base, Path(destination.path)))
         if isinstance(destination, HttpPeer):
             destination.resolve_paths(base)
-    for watch in config.watch:
-        watch.path = _resolve(base, watch.path)
-        watch.failed = _resolve(base, watch.failed)
-        watch.move_to = _resolve(base, watch.move_to) if watch.move_to is not None else None
+    for watch in config.watch:  # normalised: compared with each other, and shown in logs and rows
+        watch.path = Path(os.path.normpath(_resolve(base, watch.path)))
+        watch.failed = Path(os.path.normpath(_resolve(base, watch.failed)))
+        watch.move_to = Path(os.path.normpath(_resolve(base, watch.move_to))) if watch.move_to else None
     errors = _watch_overlaps(config.watch)
     if errors:
         raise ConfigError(errors, source)

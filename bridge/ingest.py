@@ -63,12 +63,14 @@ class Ingest:
         self._fsync.shutdown(wait=True)
 
     def store(self, path: Path, ctx: Context, config: Config, rules: RuleSet, what: str = "C-STORE",
-              check: Callable[[Dataset, str, str], None] | None = None) -> Stored:
+              check: Callable[[Dataset, str, str], None] | None = None,
+              refusal_level: int = logging.WARNING) -> Stored:
         """Make ``path`` (a complete Part-10 file in the spool's ``incoming/``) durable and
         queued. ``check(header, sop_class, sop_instance)`` may refuse it with an
         ``IntakeError`` once the UIDs are valid (C-STORE: do they match the command?).
-        ``what`` names the operation in log lines. The caller removes ``path`` afterwards
-        if it is still there (a refused file)."""
+        ``what`` names the operation in log lines; a refused instance (an error status) is
+        logged at ``refusal_level`` (a watched folder logs its own line when a file fails
+        for good). The caller removes ``path`` afterwards if it is still there."""
         # The file's fsync runs while the header is parsed and routed; both are waited
         # for before the answer.
         file_synced = self._fsync.submit(fsync_file, path)
@@ -83,7 +85,7 @@ class Ingest:
                 raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
         except IntakeError as exc:
             futures.wait([file_synced])
-            LOGGER.warning("refused %s: %s (0x%04X)", what, exc, exc.status)
+            LOGGER.log(refusal_level, "refused %s: %s (0x%04X)", what, exc, exc.status)
             return Stored(exc.status, exc.comment)
         except BaseException:
             futures.wait([file_synced])
@@ -93,7 +95,8 @@ class Ingest:
         if not destinations:
             if config.unrouted == "reject":
                 futures.wait([file_synced])
-                LOGGER.warning("refused %s of %s: no rule routes it (unrouted: reject)", what, sop_instance)
+                LOGGER.log(refusal_level, "refused %s of %s: no rule routes it (unrouted: reject)", what,
+                           sop_instance)
                 return Stored(0x0124, "no rule routes this instance", sop_instance)
             destinations = {config.unrouted: rules.priorities.get(config.unrouted, 0)}
 

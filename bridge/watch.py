@@ -69,7 +69,8 @@ LOGGER = logging.getLogger(__name__)
 WORKERS = 4  # threads that take files, shared by every watched folder
 WORK_QUEUE = 16  # files handed to the workers and not yet started
 MAX_TRACKED = 10_000  # candidates held per folder; more wait for a rescan
-TICK = 0.2  # seconds between the scheduler's looks at the candidates
+TICK = 0.2  # seconds between the scheduler's looks at the candidates, at most
+MIN_TICK = 0.02  # ... and at least
 OPEN_GRACE = 60.0  # a file written and never closed (inotify) is taken after this long unchanged
 RETRY_AFTER = 30.0  # a file that could not be persisted (spool full, queue error) is tried again
 STOP_TIMEOUT = 10.0
@@ -383,13 +384,16 @@ class Folder:
                     temp.write(chunk)
             finally:
                 temp.close()
-            stored = watcher.ingest.store(path, self._context(), watcher.config, watcher.rules, "watched file")
+            stored = watcher.ingest.store(path, self._context(), watcher.config, watcher.rules, "watched file",
+                                          refusal_level=logging.DEBUG)
         finally:
             path.unlink(missing_ok=True)
         if stored.status == 0x0000:
             return (QUEUED if stored.rows else DUPLICATE), ""
         if stored.status == 0xA700:
             return RETRIED, stored.comment
+        if "InvalidDicomError" in stored.comment:
+            return FAILED, "not a DICOM file: no Part-10 'DICM' prefix and File Meta Information"
         return FAILED, stored.comment
 
     def _take_file(self, path: Path) -> str:
@@ -579,10 +583,14 @@ class Watcher:
         self.folders: dict[str, Folder] = {}
         self._work: queue.Queue[tuple[Folder, Path]] = queue.Queue(WORK_QUEUE)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        # watchdog logs every inotify event at DEBUG, file names included: far more than
+        # our own DEBUG lines, and names can hold patient data. Set once, here.
+        logging.getLogger("watchdog").setLevel(logging.INFO)
         self._apply(self.config.watch)
         self._threads = [threading.Thread(target=self._schedule, name="watch", daemon=True)]
         self._threads += [threading.Thread(target=self._take, name=f"watch-{n}", daemon=True)
@@ -594,6 +602,7 @@ class Watcher:
         """Stop observing and taking files; a file being taken finishes (bounded)."""
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self._wake.set()
         with self._lock:
             folders = list(self.folders.values())
         for folder in folders:
@@ -630,7 +639,12 @@ class Watcher:
     # -- threads -----------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        while not self._stop.wait(TICK):
+        while not self._stop.is_set():
+            # Every TICK, or sooner when the workers have drained half the work queue
+            # (a folder with thousands of ready files is fed as fast as they are taken).
+            self._wake.wait(TICK)
+            self._wake.clear()
+            time.sleep(MIN_TICK)
             with self._lock:
                 folders = list(self.folders.values())
             for folder in folders:
@@ -673,6 +687,8 @@ class Watcher:
                 LOGGER.exception("watch %s: error while taking a file", folder.label)
             finally:
                 folder.finished(path, outcome)
+                if self._work.qsize() <= WORK_QUEUE // 2:
+                    self._wake.set()
 
 
 # -- helpers ---------------------------------------------------------------------------

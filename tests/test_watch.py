@@ -148,7 +148,7 @@ def test_dropped_files_reach_orthanc_and_the_rest_fail_with_reasons(tmp_path, co
     wait_for(lambda: emptied(watched), 60, "the watched folder to be empty")
     reasons = {p.relative_to(failed).as_posix(): p.read_text() for p in failed.rglob("*.reason")}
     assert set(reasons) == {"notes.txt.reason", "no_meta.dcm.reason", "pydicom/MR_truncated.dcm.reason"}
-    assert "cannot parse data set" in reasons["notes.txt.reason"]
+    assert "not a DICOM file" in reasons["notes.txt.reason"]
     assert "truncated" in reasons["pydicom/MR_truncated.dcm.reason"]
     assert (failed / "notes.txt").read_text() == "not an image\n"
     assert (failed / "pydicom" / "MR_truncated.dcm").read_bytes() == (TEST_FILES / "MR_truncated.dcm").read_bytes()
