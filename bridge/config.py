@@ -723,6 +723,16 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
     elif isinstance(raw.get("rules"), list):
         raw_rules = [(f"rules[{i}]", item) for i, item in enumerate(raw["rules"])]
     errors += _cross_references(raw, raw_rules)
+    # Folders that feed each other are reported with everything else, even when another
+    # section has errors: the watch entries are checked on their own then.
+    watches: list[Watch | None] = list(config.watch) if config is not None else _valid_watches(raw.get("watch"))
+    for watch in watches:  # normalised: compared with each other, and shown in logs and rows
+        if watch is None:
+            continue
+        watch.path = Path(os.path.normpath(_resolve(base, watch.path)))
+        watch.failed = Path(os.path.normpath(_resolve(base, watch.failed)))
+        watch.move_to = Path(os.path.normpath(_resolve(base, watch.move_to))) if watch.move_to else None
+    errors += _watch_overlaps(watches)
     if errors or config is None:
         raise ConfigError(list(dict.fromkeys(errors)), source)
     if rules is not None:
@@ -733,27 +743,39 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
             destination.path = str(_resolve(base, Path(destination.path)))
         if isinstance(destination, HttpPeer):
             destination.resolve_paths(base)
-    for watch in config.watch:  # normalised: compared with each other, and shown in logs and rows
-        watch.path = Path(os.path.normpath(_resolve(base, watch.path)))
-        watch.failed = Path(os.path.normpath(_resolve(base, watch.failed)))
-        watch.move_to = Path(os.path.normpath(_resolve(base, watch.move_to))) if watch.move_to else None
-    errors = _watch_overlaps(config.watch)
-    if errors:
-        raise ConfigError(errors, source)
     return config
 
 
-def _watch_overlaps(watches: list[Watch]) -> list[str]:
+def _valid_watches(raw: Any) -> list[Watch | None]:
+    """The entries of a ``watch`` list, each validated on its own; None where it is
+    invalid (the whole model's validation reports why), so indices stay those of the file."""
+    if not isinstance(raw, list):
+        return []
+    watches: list[Watch | None] = []
+    for entry in raw:
+        try:
+            watches.append(Watch.model_validate(entry))
+        except ValidationError:
+            watches.append(None)
+    return watches
+
+
+def _watch_overlaps(watches: list[Watch | None]) -> list[str]:
     """Folders that would feed each other: a watched folder inside another recursive one,
-    a failed or move_to folder that is watched itself; and labels used twice."""
+    a failed or move_to folder that is watched itself; and labels used twice. Invalid
+    entries (None) are left out."""
     errors = []
     seen: dict[str, int] = {}
     for i, watch in enumerate(watches):
+        if watch is None:
+            continue
         if watch.label in seen:
             errors.append(f"watch[{i}]: {watch.label!r} is already watch[{seen[watch.label]}]"
                           " (give one of them another name)")
         seen.setdefault(watch.label, i)
         for j, other in enumerate(watches):
+            if other is None:
+                continue
             inside = watch.path == other.path or (other.recursive and watch.path.is_relative_to(other.path))
             if i != j and inside:
                 errors.append(f"watch[{i}].path: {watch.path} is also watched by watch[{j}]")

@@ -100,6 +100,8 @@ def test_watch_settings_that_cannot_work_are_errors(tmp_path):
     errors = "\n".join(caught.value.errors)
     assert "watch[1]: after: move needs move_to" in errors
     assert "watch[2].observer" in errors and "watch[2].zip.max_ratio" in errors
+    # folders that feed each other are reported in the same run as the other errors
+    assert "watch[0].failed" in errors
     raw["watch"] = raw["watch"][:1] + [{"path": "in/sub", "failed": "f3"}]
     with pytest.raises(ConfigError) as caught:
         validate(raw, tmp_path)
