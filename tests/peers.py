@@ -235,15 +235,31 @@ class Bridge:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def queue_states(self) -> dict[str, int]:
-        """Rows by state, read from the daemon's queue database."""
+    def _query(self, sql: str, *params: Any) -> list[Any]:
+        """Rows of a query on the daemon's queue database (read beside the running daemon)."""
         import sqlite3
 
         db = sqlite3.connect(self.data_dir / "queue.sqlite", timeout=10)
+        db.row_factory = sqlite3.Row
         try:
-            return dict(db.execute("SELECT state, count(*) FROM queue GROUP BY state").fetchall())
+            return db.execute(sql, params).fetchall()
         finally:
             db.close()
+
+    def queue_states(self) -> dict[str, int]:
+        """Rows by state, read from the daemon's queue database."""
+        return {r[0]: r[1] for r in self._query("SELECT state, count(*) FROM queue GROUP BY state")}
+
+    def queue_rows(self, destination: str | None = None) -> list[dict[str, Any]]:
+        """Queue rows (of one destination, or all) in arrival order, as dicts of columns."""
+        if destination is None:
+            return [dict(r) for r in self._query("SELECT * FROM queue ORDER BY id")]
+        return [dict(r) for r in self._query("SELECT * FROM queue WHERE destination = ? ORDER BY id", destination)]
+
+    def destination_state(self, name: str) -> tuple[str, str]:
+        """(state, reason) the daemon published for a destination; ('', '') before it did."""
+        found = self._query("SELECT state, reason FROM destination_state WHERE name = ?", name)
+        return (found[0]["state"], found[0]["reason"] or "") if found else ("", "")
 
 
 ORTHANC = "/usr/sbin/Orthanc"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -51,22 +50,8 @@ def config(url: str, **destination: Any) -> dict[str, Any]:
 
 def rows(bridge: Bridge) -> dict[str, tuple[str, int, str]]:
     """SOP Instance UID -> (state, attempts, last error) of the web destination's rows."""
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    try:
-        found = db.execute("SELECT sop_instance_uid, state, attempts, last_error FROM queue"
-                           " WHERE destination = 'web' ORDER BY id").fetchall()
-        return {uid: (state, attempts, error or "") for uid, state, attempts, error in found}
-    finally:
-        db.close()
-
-
-def destination_state(bridge: Bridge, name: str = "web") -> tuple[str, str]:
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    try:
-        found = db.execute("SELECT state, reason FROM destination_state WHERE name = ?", (name,)).fetchone()
-        return (found[0], found[1] or "") if found else ("", "")
-    finally:
-        db.close()
+    return {r["sop_instance_uid"]: (r["state"], r["attempts"], r["last_error"] or "")
+            for r in bridge.queue_rows("web")}
 
 
 def settled(bridge: Bridge, count: int) -> dict[str, tuple[str, int, str]]:
@@ -206,8 +191,8 @@ def test_a_wrong_password_suspends_the_destination_and_is_never_logged(tmp_path,
     bridge.start()
     files = ct_series(tmp_path / "ct", 4)
     send(bridge, files)
-    state, reason = wait_for(lambda: destination_state(bridge) if destination_state(bridge)[0] == "suspended"
-                             else None, 60, "the destination to be suspended")
+    wait_for(lambda: bridge.destination_state("web")[0] == "suspended", 60, "the destination to be suspended")
+    state, reason = bridge.destination_state("web")
     assert "HTTP 401" in reason, reason
     found = rows(bridge)
     assert len(found) == 4 and all(r[0] == "pending" and r[1] == 0 for r in found.values()), found
@@ -250,7 +235,7 @@ def test_a_bearer_token_from_a_file_is_read_again_when_it_changes(tmp_path, orth
     second = ct_series(tmp_path / "two", 3)
     send(bridge, second)
     wait_for(lambda: orthanc.count() == 6, 60, "the next three instances")
-    assert destination_state(bridge)[0] == "up"
+    assert bridge.destination_state("web")[0] == "up"
     assert set(orthanc.instance_uids()) == {uid_of(p) for p in first + second}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,24 +45,6 @@ def dimse_config(scp: StoreSCP, **destination) -> dict:
         "rules": [{"name": "everything", "store": ["pacs"]}],
         "retry": {"initial": "1s", "max": "2s"},
     }
-
-
-def rows(bridge: Bridge) -> list[dict]:
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM queue ORDER BY id")]
-    finally:
-        db.close()
-
-
-def destination_state(bridge: Bridge, name: str = "pacs") -> tuple[str, str]:
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    try:
-        found = db.execute("SELECT state, reason FROM destination_state WHERE name = ?", (name,)).fetchone()
-        return (found[0], found[1] or "") if found else ("", "")
-    finally:
-        db.close()
 
 
 def send_corpus(bridge: Bridge, files: list[Path]) -> list[Path]:
@@ -182,7 +163,7 @@ def test_syntaxes_the_peer_refuses_arrive_converted_with_the_same_pixels(tmp_pat
             assert syntax_of(arrived) == (EXPLICIT if not options else IMPLICIT), original.name
         assert_same_pixels(arrived, original)
     assert converted >= (20 if not options else 40)
-    for row in rows(bridge):
+    for row in bridge.queue_rows():
         if row["sop_instance_uid"] in hopeless:
             assert row["state"] == "dead"
             assert "cannot convert" in row["last_error"] or "does not accept" in row["last_error"], row
@@ -252,16 +233,16 @@ def test_peer_down_backs_off_without_charging_then_everything_arrives(tmp_path, 
     series = ct_series(tmp_path / "series", 20)
     assert storescu(bridge.port, series).statuses == [0] * 20
 
-    wait_for(lambda: destination_state(bridge)[0] == "backing_off", 60, "the destination backing off")
-    assert "cannot connect to node PACS" in destination_state(bridge)[1]
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 60, "the destination backing off")
+    assert "cannot connect to node PACS" in bridge.destination_state("pacs")[1]
     wait_for(lambda: "next try in" in bridge.log(), 30, "a second refused attempt")
-    assert all(row["state"] == "pending" and row["attempts"] == 0 for row in rows(bridge)), rows(bridge)
+    assert all(row["state"] == "pending" and row["attempts"] == 0 for row in bridge.queue_rows()), bridge.queue_rows()
 
     scp.start()
     wait_for(lambda: bridge.queue_states() == {"done": 20}, 120, f"20 rows done; {bridge.queue_states()}")
     assert {uid_of(p) for p in series} == set(received(scp))
-    assert all(row["attempts"] == 1 for row in rows(bridge)), rows(bridge)  # only the delivery counted
-    wait_for(lambda: destination_state(bridge)[0] == "up", 30, "the destination up again")
+    assert all(row["attempts"] == 1 for row in bridge.queue_rows()), bridge.queue_rows()  # only the delivery counted
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "up", 30, "the destination up again")
 
 
 def test_a_peer_that_refuses_us_suspends_the_destination_and_kills_nothing(tmp_path, storescp, bridge_factory):
@@ -270,11 +251,11 @@ def test_a_peer_that_refuses_us_suspends_the_destination_and_kills_nothing(tmp_p
     series = ct_series(tmp_path / "series", 5)
     assert storescu(bridge.port, series).statuses == [0] * 5
 
-    wait_for(lambda: destination_state(bridge)[0] == "suspended", 60, "the destination suspended")
-    reason = destination_state(bridge)[1]
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "suspended", 60, "the destination suspended")
+    reason = bridge.destination_state("pacs")[1]
     assert "rejected the association from BRIDGE" in reason and "A-ASSOCIATE-RJ 1/1/1" in reason, reason
     assert bridge.queue_states() == {"pending": 5}
-    assert all(row["attempts"] == 0 for row in rows(bridge))
+    assert all(row["attempts"] == 0 for row in bridge.queue_rows())
     assert scp.files() == []
     assert "suspended" in bridge.log()
 
@@ -288,7 +269,7 @@ def test_a_peer_that_closes_an_idle_association_costs_nothing(tmp_path, storescp
     wait_for(lambda: "Association Aborted" in scp.log(), 30, "storescp to drop the idle association")
     assert storescu(bridge.port, series[3:]).statuses == [0] * 3
     wait_for(lambda: bridge.queue_states() == {"done": 6}, 60, "6 rows done")
-    assert all(row["attempts"] == 1 for row in rows(bridge))
+    assert all(row["attempts"] == 1 for row in bridge.queue_rows())
     assert "unavailable" not in bridge.log()
     assert len(scp.files()) == 6
 
@@ -300,9 +281,9 @@ def test_no_response_within_the_dimse_timeout_backs_off_without_charging(tmp_pat
     bridge = bridge_factory(config)
     series = ct_series(tmp_path / "series", 2)
     assert storescu(bridge.port, series).statuses == [0] * 2
-    wait_for(lambda: destination_state(bridge)[0] == "backing_off", 60, "the destination backing off")
-    assert "no C-STORE response within 1s" in destination_state(bridge)[1]
-    assert all(row["attempts"] == 0 for row in rows(bridge) if row["state"] == "pending")
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 60, "the destination backing off")
+    assert "no C-STORE response within 1s" in bridge.destination_state("pacs")[1]
+    assert all(row["attempts"] == 0 for row in bridge.queue_rows() if row["state"] == "pending")
 
 
 def test_more_sop_classes_than_one_association_can_propose(tmp_path, storescp, bridge_factory):
@@ -325,7 +306,7 @@ def test_more_sop_classes_than_one_association_can_propose(tmp_path, storescp, b
             break
     for part in (files[:35], files[35:]):  # storescu proposes one context per SOP class too
         assert storescu(bridge.port, part, extra=["-R"]).statuses == [0] * len(part)
-    wait_for(lambda: destination_state(bridge)[0] == "backing_off", 60, "the destination backing off")
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 60, "the destination backing off")
 
     scp.start()  # the next claim takes all 70 rows in one batch
     wait_for(lambda: bridge.queue_states() == {"done": 70}, 120, f"70 rows done; {bridge.queue_states()}")
@@ -356,6 +337,6 @@ def test_a_peer_that_aborts_during_a_c_store_is_noticed_at_once(tmp_path, stores
     scp = storescp("--abort-during")
     bridge = bridge_factory(dimse_config(scp))  # DIMSE timeout 60 s: not what ends the wait
     assert storescu(bridge.port, ct_series(tmp_path / "series", 2)).statuses == [0] * 2
-    wait_for(lambda: destination_state(bridge)[0] == "backing_off", 20, "the destination backing off")
-    assert "the association ended during a C-STORE" in destination_state(bridge)[1]
-    assert all(row["attempts"] == 0 for row in rows(bridge))
+    wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 20, "the destination backing off")
+    assert "the association ended during a C-STORE" in bridge.destination_state("pacs")[1]
+    assert all(row["attempts"] == 0 for row in bridge.queue_rows())

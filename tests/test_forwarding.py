@@ -4,13 +4,12 @@ killed with SIGKILL. What the bridge decided is read from its queue database."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pydicom
 import pytest
 from corpus import ct_series
-from peers import Bridge, Orthanc, storescu, wait_for
+from peers import Orthanc, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,25 +21,6 @@ def stow_config(orthanc: Orthanc, **destination: object) -> dict:
         "rules": [{"name": "everything", "store": ["web"]}],
         "retry": {"initial": "1s", "max": "2s"},
     }
-
-
-def queue_rows(bridge: Bridge) -> list[dict]:
-    """The web destination's rows in arrival order."""
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM queue WHERE destination = 'web' ORDER BY id")]
-    finally:
-        db.close()
-
-
-def destination_state(bridge: Bridge) -> str:
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite", timeout=10)
-    try:
-        found = db.execute("SELECT state FROM destination_state WHERE name = 'web'").fetchone()
-        return found[0] if found else ""
-    finally:
-        db.close()
 
 
 def uids(files: list[Path]) -> list[str]:
@@ -69,22 +49,22 @@ def test_orthanc_down_costs_no_attempt_and_the_backlog_arrives_in_order(tmp_path
 
     result = storescu(bridge.port, files)
     assert result.statuses == [0] * 100, result.output[-2000:]  # the modality never notices
-    wait_for(lambda: destination_state(bridge) == "backing_off", 30, "the destination to back off")
+    wait_for(lambda: bridge.destination_state("web")[0] == "backing_off", 30, "the destination to back off")
     wait_for(lambda: "destination web unavailable" in bridge.log(), 10, "the log to say why")
-    rows = queue_rows(bridge)
+    rows = bridge.queue_rows("web")
     assert len(rows) == 100
     assert {(r["state"], r["attempts"]) for r in rows} == {("pending", 0)}  # nobody charged
 
     orthanc.start()
     try:
         wait_for(lambda: orthanc.count() == 100, 90, "Orthanc to hold the backlog")
-        wait_for(lambda: {r["state"] for r in queue_rows(bridge)} == {"done"}, 30, "every row done")
-        rows = queue_rows(bridge)
+        wait_for(lambda: {r["state"] for r in bridge.queue_rows("web")} == {"done"}, 30, "every row done")
+        rows = bridge.queue_rows("web")
         # one attempt each (the one that succeeded): the outage charged nothing
         assert {r["attempts"] for r in rows} == {1}
         assert [r["sop_instance_uid"] for r in rows] == uids(files)
         assert stored_order(orthanc) == uids(files)  # drained in arrival order
-        assert destination_state(bridge) == "up"
+        assert bridge.destination_state("web")[0] == "up"
     finally:
         orthanc.stop()
     assert bridge.stop() == 0
@@ -95,7 +75,7 @@ def test_kill_9_mid_delivery_then_restart_delivers_everything_once(tmp_path, ort
     bridge = bridge_factory(stow_config(orthanc, workers=1, batch={"max_instances": 5}))
     files = ct_series(tmp_path / "ct", 100, size=128)
     assert storescu(bridge.port, files).statuses == [0] * 100
-    wait_for(lambda: destination_state(bridge) == "backing_off", 30, "the destination to back off")
+    wait_for(lambda: bridge.destination_state("web")[0] == "backing_off", 30, "the destination to back off")
 
     orthanc.start()  # the backlog starts to drain; the bridge dies in the middle of it
     try:
@@ -103,11 +83,11 @@ def test_kill_9_mid_delivery_then_restart_delivers_everything_once(tmp_path, ort
         bridge.kill()
         assert orthanc.count() < 100, "delivery finished before the kill: the test proves nothing"
         # Orthanc holds instances whose rows are not all done: those are resent after the restart
-        assert {r["state"] for r in queue_rows(bridge)} & {"pending", "in_flight"}
+        assert {r["state"] for r in bridge.queue_rows("web")} & {"pending", "in_flight"}
 
         bridge.start()
         wait_for(lambda: orthanc.count() == 100, 90, "every instance after the restart")
-        wait_for(lambda: {r["state"] for r in queue_rows(bridge)} == {"done"}, 30, "every row done")
+        wait_for(lambda: {r["state"] for r in bridge.queue_rows("web")} == {"done"}, 30, "every row done")
         assert sorted(orthanc.instance_uids()) == sorted(uids(files))  # each once
         assert "dead" not in bridge.log().lower()
     finally:
