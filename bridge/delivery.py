@@ -70,6 +70,12 @@ class DestinationRunner:
         with self._cond:
             self._cond.notify_all()
 
+    def queued(self) -> None:
+        """New rows are due: one idle worker looks (what it leaves, the others would leave
+        too; waking them all would cost a claim query each, for every instance)."""
+        with self._cond:
+            self._cond.notify()
+
     def request_stop(self) -> None:
         """Stop claiming new batches."""
         self._stopping.set()
@@ -253,9 +259,10 @@ class Delivery:
             runner.start()
 
     def wake(self, names: Sequence[str]) -> None:
+        """Rows were queued for ``names``."""
         for name in names:
             if runner := self.runners.get(name):
-                runner.wake()
+                runner.queued()
 
     def add(self, runners: dict[str, DestinationRunner]) -> None:
         """Start the runners of destinations that a reload added or changed."""
