@@ -61,7 +61,7 @@ class FakeStow:
     """``url`` is the DICOMweb base URL; STOW goes to ``url + "/studies"``, tokens to
     ``url + "/token"``."""
 
-    def __init__(self, certificate: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, certificate: tuple[Path, Path] | None = None, client_ca: Path | None = None) -> None:
         self.requests: list[Request] = []
         self.answer: Callable[[Request], Answer] = lambda r: (200, {}, stored(r.uids))
         self.token_answer: Callable[[Request], Answer] = lambda r: (404, {}, None)
@@ -109,6 +109,9 @@ class FakeStow:
         if certificate is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(certificate[0]), str(certificate[1]))
+            if client_ca is not None:  # mutual TLS: a client certificate signed by this CA, or no connection
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(str(client_ca))
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
             scheme = "https"
         self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web"

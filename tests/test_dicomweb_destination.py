@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ import pydicom
 import pytest
 from corpus import ct_series
 from fakestow import FakeStow, Request, form, response, stored
-from peers import Bridge, storescu, wait_for
+from peers import Bridge, free_port, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from test_intake import PROPOSE
@@ -435,6 +436,48 @@ def test_tls_is_verified_unless_a_ca_bundle_says_whom_to_trust(tmp_path):
             destination(fake.url, tmp_path).send([spooled(files[0])])
         web = destination(fake.url, tmp_path, tls={"ca_bundle": str(cert)})
         assert [type(o) for o in web.send([spooled(files[0])])] == [Done]
+
+
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_a_client_certificate_gets_through_mutual_tls_and_a_refused_one_suspends(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    server, client = self_signed(tmp_path, "127.0.0.1"), self_signed(tmp_path, "bridge")
+    stranger = self_signed(tmp_path, "stranger")  # a certificate the server's CA did not sign
+    files = ct_series(tmp_path / "ct", 1)
+    tls = {"ca_bundle": str(server[0])}
+    # A TLS server that requires a client certificate signed by `client` (OpenSSL's own,
+    # which sends the alerts a production server sends).
+    port = free_port()
+    s_server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(server[0]), "-key", str(server[1]),
+         "-Verify", "1", "-CAfile", str(client[0]), "-verify_return_error", "-www", "-quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 10, "openssl s_server to listen")
+        url = f"https://127.0.0.1:{port}/dicom-web"
+        for refused in ({}, {"client_cert": str(stranger[0]), "client_key": str(stranger[1])}):
+            with pytest.raises(DestinationMisconfigured, match="refused our TLS client certificate"):
+                destination(url, tmp_path, tls={**tls, **refused}).send([spooled(files[0])])
+    finally:
+        s_server.kill()
+        s_server.wait()
+    with FakeStow(certificate=server, client_ca=client[0]) as fake:
+        web = destination(fake.url, tmp_path, tls={**tls, "client_cert": str(client[0]), "client_key": str(client[1])})
+        assert [type(o) for o in web.send([spooled(files[0])])] == [Done]
+    assert fake.uids_received() == {uid_of(files[0])}
 
 
 # -- a 1 GB instance ---------------------------------------------------------------------

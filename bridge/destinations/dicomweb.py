@@ -284,7 +284,15 @@ class DicomwebDestination:
         text = str(exc)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text:
             return DestinationMisconfigured(f"{self.stow_url}: TLS verification failed: {_describe(exc)}")
+        if any(alert in text.lower() for alert in _CLIENT_CERTIFICATE_ALERTS):
+            return DestinationMisconfigured(f"{self.stow_url}: the server refused our TLS client certificate "
+                                            f"(or its absence): {_describe(exc)}")
         return DestinationUnavailable(f"{self.stow_url}: TLS: {_describe(exc)}")
+
+
+# TLS alerts by which a server refuses the client's certificate, or its absence (RFC 8446 6.2).
+_CLIENT_CERTIFICATE_ALERTS = ("alert certificate required", "alert bad certificate", "alert unknown ca",
+                              "alert certificate unknown", "alert certificate expired", "alert certificate revoked")
 
 
 def stow_outcomes(content: bytes, content_type: str, duplicates: str = "supersede",
