@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from corpus import ct_series
+from corpus import ct_series, with_uid
 from peers import Bridge, StoreSCP, run_dcmtk, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -203,6 +203,21 @@ def test_one_association_serves_many_batches(tmp_path, storescp, bridge_factory)
     assert "Association Release" not in scp.log()  # still open: idle_close (60 s) has not passed
     assert bridge.stop() == 0
     wait_for(lambda: "Association Release" in scp.log(), 30, "the association released at shutdown")
+
+
+def test_a_batch_of_another_common_modality_needs_no_new_association(tmp_path, storescp, bridge_factory):
+    """CT, then MR: the common storage classes are proposed up front, in little endian."""
+    from pydicom.data import get_testdata_file
+
+    scp = storescp()
+    bridge = bridge_factory(dimse_config(scp))
+    assert storescu(bridge.port, ct_series(tmp_path / "ct", 2)).statuses == [0, 0]
+    wait_for(lambda: bridge.queue_states() == {"done": 2}, 60, "the CTs delivered")
+    mr = with_uid(Path(get_testdata_file("MR_small.dcm")), tmp_path / "mr.dcm", SOPInstanceUID=generate_uid())
+    assert storescu(bridge.port, [mr]).statuses == [0]
+    wait_for(lambda: bridge.queue_states() == {"done": 3}, 60, "the MR delivered")
+    assert uid_of(mr) in received(scp)
+    assert scp.associations() == 1, scp.log()[-3000:]
 
 
 def test_idle_close_releases_and_the_next_batch_reassociates(tmp_path, storescp, bridge_factory):

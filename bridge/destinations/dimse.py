@@ -8,7 +8,8 @@ Presentation contexts (PS3.8 9.3.2.2, at most 128 per association): for each SOP
 of the batch, one context per transfer syntax its files are in, each proposing that
 syntax alone (so that the peer accepts or refuses each one), plus explicit and implicit
 VR little endian in contexts of their own, plus Verification (which tells a peer that
-knows us but not a SOP class from one that accepts nothing). An instance whose SOP class
+knows us but not a SOP class from one that accepts nothing), plus, as room allows, the
+common storage classes in little endian. An instance whose SOP class
 or syntax was not proposed on the open association gets a new one, proposing what the
 rest of the batch needs first and what the old one had as room allows, so a batch of
 more SOP classes than fit goes out over consecutive associations, in order.
@@ -237,8 +238,9 @@ def plan(needed: Iterable[tuple[str, str]], previous: dict[str, list[str]],
 
     ``needed`` yields (SOP class, syntax) in the order instances will be sent: what comes
     first is proposed first. Each SOP class also gets explicit and implicit VR little
-    endian. What ``previous`` proposed is kept as room allows, so batches that alternate
-    between SOP classes do not make the association change every time.
+    endian. What ``previous`` proposed, then ``COMMON_SOP_CLASSES``, are added as room
+    allows, so batches that alternate between SOP classes do not make the association
+    change every time.
     """
     proposal: dict[str, list[str]] = {}
     used = 0
@@ -261,4 +263,29 @@ def plan(needed: Iterable[tuple[str, str]], previous: dict[str, list[str]],
     for sop_class, syntaxes in previous.items():
         for syntax in syntaxes:
             add(sop_class, syntax)
+    for sop_class in COMMON_SOP_CLASSES:
+        add(sop_class, EXPLICIT)
     return proposal
+
+
+# Proposed on every association as room allows (in explicit and implicit VR little
+# endian), so that a stream of mixed modalities does not need a new association each
+# time a batch brings a SOP class the open one lacks.
+COMMON_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2",       # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",     # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4",       # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",     # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.6.1",     # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3.1",     # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.1",       # Computed Radiography Image
+    "1.2.840.10008.5.1.4.1.1.1.1",     # Digital X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",     # Digital Mammography X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.7",       # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.12.1",    # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.20",      # Nuclear Medicine Image
+    "1.2.840.10008.5.1.4.1.1.128",     # Positron Emission Tomography Image
+    "1.2.840.10008.5.1.4.1.1.481.1",   # RT Image
+    "1.2.840.10008.5.1.4.1.1.88.22",   # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.11.1",    # Grayscale Softcopy Presentation State
+)
