@@ -137,7 +137,10 @@ def test_dropped_files_reach_orthanc_and_the_rest_fail_with_reasons(tmp_path, co
     (watched / ".hidden.dcm").write_bytes(series[0].read_bytes())  # dot files are never taken
     (watched / "late.dcm.part").write_bytes(ct_series(tmp_path / "late", 1)[0].read_bytes())
     writer.join()
-    time.sleep(0.5)
+    # Once the series has been taken, the dot file and the .part file are still there:
+    # temporary names are never taken.
+    wait_for(lambda: not any((watched / "series").glob("*.dcm")), 60, "the series to be taken")
+    assert (watched / ".hidden.dcm").exists() and (watched / "late.dcm.part").exists()
     (watched / ".hidden.dcm").unlink()
     (watched / "late.dcm.part").rename(watched / "late.dcm")  # the usual way to drop a file whole
 
