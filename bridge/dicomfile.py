@@ -48,13 +48,15 @@ def required_uids(ds: Dataset) -> tuple[str, str, str, str]:
     """(SOP Class, SOP Instance, Study, Series) UIDs, each valid, or ``IntakeError(0xC000)``."""
     values = []
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = ds.get(keyword)
-        if value is None or value == "":
+        # ``text`` reads the raw value without pydicom's conversion, whose own validation
+        # (a regular expression per UID) is a fifth of this function's cost and repeats
+        # the check below.
+        value = text(ds, keyword)
+        if not value:
             raise IntakeError(0xC000, f"missing {keyword}")
-        text = str(value)
-        if not is_valid_uid(text):
+        if not is_valid_uid(value):
             raise IntakeError(0xC000, f"invalid {keyword}")
-        values.append(text)
+        values.append(value)
     return values[0], values[1], values[2], values[3]
 
 
