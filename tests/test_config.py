@@ -12,6 +12,17 @@ from bridge.config import load_config
 from bridge.errors import ConfigError
 from bridge.units import parse_duration, parse_size
 
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted([*REPO.glob("config/*.yaml"), REPO / "docker" / "bridge-with-orthanc.yaml"])
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_example_passes_check(example):
+    result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(example)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith(": OK"), result.stdout
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 from corpus import TEST_FILES, ct_series
-from peers import REPO, free_port, wait_for
+from peers import free_port, wait_for
 from pydicom.fileset import FileSet
 
 from bridge.config import validate
@@ -81,12 +79,6 @@ def metrics(port: int) -> str:
 
 
 # -- configuration -----------------------------------------------------------------------
-
-
-def test_the_watch_example_passes_check():
-    result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", "config/watch.yaml"],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_watch_settings_that_cannot_work_are_errors(tmp_path):
