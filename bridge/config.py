@@ -725,10 +725,8 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
     errors += _cross_references(raw, raw_rules)
     # Folders that feed each other are reported with everything else, even when another
     # section has errors: the watch entries are checked on their own then.
-    watches: list[Watch | None] = list(config.watch) if config is not None else _valid_watches(raw.get("watch"))
-    for watch in watches:  # normalised: compared with each other, and shown in logs and rows
-        if watch is None:
-            continue
+    watches = list(enumerate(config.watch)) if config is not None else _valid_watches(raw.get("watch"))
+    for _, watch in watches:  # normalised: compared with each other, and shown in logs and rows
         watch.path = Path(os.path.normpath(_resolve(base, watch.path)))
         watch.failed = Path(os.path.normpath(_resolve(base, watch.failed)))
         watch.move_to = Path(os.path.normpath(_resolve(base, watch.move_to))) if watch.move_to else None
@@ -746,43 +744,39 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
     return config
 
 
-def _valid_watches(raw: Any) -> list[Watch | None]:
-    """The entries of a ``watch`` list, each validated on its own; None where it is
-    invalid (the whole model's validation reports why), so indices stay those of the file."""
+def _valid_watches(raw: Any) -> list[tuple[int, Watch]]:
+    """The entries of a ``watch`` list that are valid on their own, with their index in
+    the file (the whole model's validation reports why the others are not)."""
     if not isinstance(raw, list):
         return []
-    watches: list[Watch | None] = []
-    for entry in raw:
+    watches = []
+    for i, entry in enumerate(raw):
         try:
-            watches.append(Watch.model_validate(entry))
+            watches.append((i, Watch.model_validate(entry)))
         except ValidationError:
-            watches.append(None)
+            pass
     return watches
 
 
-def _watch_overlaps(watches: list[Watch | None]) -> list[str]:
+def _watch_overlaps(watches: list[tuple[int, Watch]]) -> list[str]:
     """Folders that would feed each other: a watched folder inside another recursive one,
-    a failed or move_to folder that is watched itself; and labels used twice. Invalid
-    entries (None) are left out."""
+    a failed or move_to folder that is watched itself; and labels used twice."""
+    def watched_by(path: Path, other: Watch) -> bool:
+        return path == other.path or (other.recursive and path.is_relative_to(other.path))
+
     errors = []
     seen: dict[str, int] = {}
-    for i, watch in enumerate(watches):
-        if watch is None:
-            continue
+    for i, watch in watches:
         if watch.label in seen:
             errors.append(f"watch[{i}]: {watch.label!r} is already watch[{seen[watch.label]}]"
                           " (give one of them another name)")
         seen.setdefault(watch.label, i)
-        for j, other in enumerate(watches):
-            if other is None:
-                continue
-            inside = watch.path == other.path or (other.recursive and watch.path.is_relative_to(other.path))
-            if i != j and inside:
+        for j, other in watches:
+            if i != j and watched_by(watch.path, other):
                 errors.append(f"watch[{i}].path: {watch.path} is also watched by watch[{j}]")
             for key in ("failed", "move_to"):
                 target = getattr(watch, key)
-                if target is not None and (target == other.path
-                                           or (other.recursive and target.is_relative_to(other.path))):
+                if target is not None and watched_by(target, other):
                     errors.append(f"watch[{i}].{key}: {target} is inside the watched folder {other.path}")
     return errors
 

@@ -28,7 +28,7 @@ from bridge import destinations
 from bridge.config import Config, load_config
 from bridge.delivery import SUSPENDED, Delivery, DestinationRunner
 from bridge.errors import ConfigError
-from bridge.intake import Intake, configure_pynetdicom, ruleset
+from bridge.intake import Intake, configure_pynetdicom
 from bridge.metrics import Metrics
 from bridge.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.spool import Spool
@@ -95,8 +95,8 @@ class Daemon:
         })
         self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         self.intake.start()
-        # Watched files go through the intake's durable path (bridge.ingest).
-        self.watcher = Watcher(self.config, ruleset(self.config), self.intake.ingest, self.metrics)
+        # Watched files go through the intake's durable path (bridge.ingest), with its rules.
+        self.watcher = Watcher(self.config, self.intake.rules, self.intake.ingest, self.metrics)
         self.watcher.start()
         if self.config.metrics.port:
             start_http_server(self.config.metrics.port, self.config.metrics.host, registry=self.metrics.registry)
@@ -176,8 +176,8 @@ class Daemon:
             self._reload_destinations(config)
         if self.intake is not None:
             self.intake.reload(config)
-        if self.watcher is not None:
-            self.watcher.reload(config, ruleset(config))
+        if self.watcher is not None and self.intake is not None:
+            self.watcher.reload(config, self.intake.rules)
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         sd_notify("READY=1")

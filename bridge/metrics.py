@@ -1,7 +1,8 @@
 """Prometheus metrics, prefix ``dicom_bridge_``, in a registry owned by the daemon.
 
 Labels are bounded: service, status, destination, outcome, watched folder (as
-configured), and calling AE folded to ``other`` past a fixed number of distinct titles. Never a UID, never patient data.
+configured), and calling AE folded to ``other`` past a fixed number of distinct
+titles. Never a UID, never patient data.
 """
 
 from __future__ import annotations

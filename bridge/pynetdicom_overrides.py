@@ -1,4 +1,4 @@
-"""Pinned overrides of pynetdicom's internals, for speed (and one race). Applied once, at start.
+"""Pinned overrides of pynetdicom's internals, for speed and correctness. Applied once, at start.
 
 pynetdicom (3.0.x, pinned in pyproject.toml) spends much of a C-STORE's time in
 places that have nothing to do with DICOM (measured in docs/performance.md):

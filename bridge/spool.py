@@ -136,20 +136,6 @@ class Spool:
             fsync_dir(target.parent)
         return target
 
-    def take_copy(self, source: Path) -> tuple[Path, str]:
-        """Copy a file from elsewhere into the spool durably; returns (path, sha256)."""
-        temp = self.new_temp()
-        try:
-            with open(source, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    temp.write(chunk)
-            temp.close()
-            return self.take(Path(temp.name)), temp.hexdigest()
-        except BaseException:
-            temp.close()
-            Path(temp.name).unlink(missing_ok=True)
-            raise
-
     def discard(self, path: Path) -> None:
         try:
             path.unlink()
