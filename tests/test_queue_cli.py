@@ -246,7 +246,8 @@ def test_sighup_removing_a_destination_keeps_its_rows(tmp_path, bridge_factory):
     assert shown.count("gone (not in config)") == 3  # two rows and the summary line
     assert storescu(bridge.port, ct_series(tmp_path / "more", 1)).statuses == [0]
     wait_for(lambda: len(delivered(kept)) == 3, 20, "the kept destination goes on")
-    assert bridge.queue_states() == {"done": 3, "pending": 2}
+    # The file lands before its row is recorded done: wait for the record, not just the file.
+    wait_for(lambda: bridge.queue_states() == {"done": 3, "pending": 2}, 10, "3 rows done, 2 pending")
 
 
 def _uid(path: Path, keyword: str = "SOPInstanceUID") -> object:
