@@ -265,7 +265,7 @@ class Intake:
         self.metrics.dimse_requests.labels("C-ECHO", "0x0000").inc()
         return 0x0000
 
-    def _on_store(self, event: evt.Event) -> Dataset:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         stats = self._stats.get(id(event.assoc)) or _AssocStats("?")
         path = event.dataset_path
         try:
@@ -273,14 +273,15 @@ class Intake:
         finally:
             path.unlink(missing_ok=True)  # refused instances: nothing half-written is kept
         self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
-        rsp = Dataset()
-        rsp.Status = status
-        if comment:
-            rsp.ErrorComment = comment[:64]
         if status == 0x0000:
             stats.stored += 1
         else:
             stats.failed += 1
+        if not comment:
+            return status  # an int: no pydicom Dataset to build and take apart again
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = comment[:64]
         return rsp
 
     def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:

@@ -3,6 +3,7 @@ and bridge/intake.py). These fail first when pynetdicom is upgraded under us."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import socket
 import threading
@@ -11,6 +12,7 @@ import pynetdicom.acse
 import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
+import pynetdicom.dimse_primitives
 import pynetdicom.dul
 import pynetdicom.presentation
 import pynetdicom.transport
@@ -152,3 +154,13 @@ def test_copied_contexts_are_equal_and_independent():
     assert "1.2.840.10008.1.2.2" not in contexts[0].transfer_syntax
     assert contexts[1].context_id is None
     assert pynetdicom_overrides._copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
+
+
+def test_the_storage_scp_override_copies_the_method_it_replaces():
+    # _storage_scp is pynetdicom 3.0's StorageServiceClass.SCP with the response's UIDs
+    # shared instead of validated again: any change to the original must be looked at.
+    source = inspect.getsource(pynetdicom_overrides._pynetdicom_storage_scp)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40"
+    ), "pynetdicom's StorageServiceClass.SCP changed: bring _storage_scp in line with it"
+    assert "_affected_sop_instance_uid" in inspect.getsource(pynetdicom.dimse_primitives.DIMSEPrimitive)
