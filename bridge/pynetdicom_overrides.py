@@ -38,6 +38,16 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   UID objects (``_storage_scp``); the handler, its error handling (0xC211) and the
   status checks are pynetdicom's.
 
+- Every P-DATA-TF PDU is copied whole, decoded into PDU and primitive objects, queued
+  as a state-machine event and handed through the state machine to the DIMSE layer,
+  which copies each fragment again before writing it to the data set's file. For the
+  PDUs that only continue a C-STORE data set (all but its last few kilobytes), the
+  DUL thread now writes the fragments straight from the received buffer to that file
+  (``_read_pdu_data``), which is all pynetdicom ends up doing with them; a PDU that
+  ends the data set is passed to the DIMSE layer directly, as the state machine's
+  action DT-2 would. Anything else (commands, other PDUs, a state other than Sta6, a
+  handler bound to the events this skips) goes through pynetdicom as before.
+
 And three for correctness on the associations the bridge requests (``bridge.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
 reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
@@ -51,6 +61,7 @@ checks that each one still finds what it replaces.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import queue
 import select
@@ -75,6 +86,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import attempt as _attempt
 
+LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's messages, under its name
 _real_sleep = _time.sleep
 
 
@@ -303,6 +315,99 @@ def _get_msg(self: Any, block: bool = False) -> Any:
 _ABORT_CHECK = 0.2  # seconds between looks for an abort while a send_*() call waits
 
 
+_pynetdicom_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
+# Events whose handlers would see what the fast path skips (the PDU's bytes and objects,
+# the state machine's transition).
+_FAST_PATH_UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+
+def _read_pdu_data(self: Any) -> None:
+    """``DULServiceProvider._read_pdu_data`` (pynetdicom 3.0) with a fast path for the
+    P-DATA-TF PDUs that carry a C-STORE data set (see the module's docstring). Reads,
+    errors and events are pynetdicom's otherwise, in the same order."""
+    sock = self.socket
+    try:
+        head = sock.recv(6)
+    except (OSError, TimeoutError) as exc:
+        LOGGER.error("Connection closed before the entire PDU was received")
+        LOGGER.exception(exc)
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu_type, _, pdu_length = struct.unpack(">BBL", head)
+    except struct.error:
+        self.event_queue.put("Evt17")
+        return
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        self.event_queue.put("Evt19")
+        return
+    try:
+        body = sock.recv(pdu_length)
+    except (OSError, TimeoutError) as exc:
+        LOGGER.error("Connection closed before the entire PDU was received")
+        LOGGER.exception(exc)
+        self.event_queue.put("Evt17")
+        return
+    if len(body) != pdu_length:
+        LOGGER.error(
+            f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
+        )
+        self.event_queue.put("Evt17")
+        return
+    if pdu_type == 0x04 and _take_data_set_pdu(self, body):
+        return
+    try:
+        pdu, event = self._decode_pdu(head + body)
+        self.event_queue.put(event)
+    except Exception as exc:
+        LOGGER.error("Unable to decode the received PDU data")
+        LOGGER.exception(exc)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
+
+
+def _take_data_set_pdu(dul: Any, body: bytearray) -> bool:
+    """Write a P-DATA-TF PDU's data set fragments straight to the file of the C-STORE
+    being received, if that is all the PDU holds (an ending fragment last, if any) and
+    nothing queued must be handled first. Returns False, having done nothing, otherwise."""
+    if dul.state_machine.current_state != "Sta6" or dul.event_queue.queue or dul._recv_pdu.queue:
+        return False
+    assoc = dul.assoc
+    message = assoc.dimse.message
+    target = getattr(message, "_data_set_file", None) if message is not None else None
+    if target is None or any(assoc.get_handlers(event) for event in _FAST_PATH_UNWATCHED):
+        return False
+    view = memoryview(body)
+    fragments: list[memoryview] = []
+    ending: tuple[int, bytes] | None = None
+    offset, end = 0, len(body)
+    while offset < end:
+        if ending is not None or end - offset < 6:
+            return False  # something after the data set's last fragment, or a broken item
+        (length,) = struct.unpack_from(">L", body, offset)
+        context_id, control = body[offset + 4], body[offset + 5]
+        if length < 2 or offset + 4 + length > end or control & 1:
+            return False  # a malformed item, or command fragments: pynetdicom's path
+        value = view[offset + 6:offset + 4 + length]
+        if control & 2:
+            ending = (context_id, bytes(view[offset + 5:offset + 4 + length]))
+        else:
+            fragments.append(value)
+        offset += 4 + length
+    for fragment in fragments:
+        target.write(fragment)
+    if fragments:
+        target.file.flush()
+    if ending is not None:
+        # What the state machine's DT-2 does with the PDU, without the detour.
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append(ending)
+        assoc.dimse.receive_primitive(primitive)
+    return True
+
+
 _pynetdicom_storage_scp = pynetdicom.service_class.StorageServiceClass.SCP
 
 
@@ -341,6 +446,7 @@ def install() -> None:
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
         sleep=_association_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
     )

@@ -14,6 +14,7 @@ import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dimse_primitives
 import pynetdicom.dul
+import pynetdicom.fsm
 import pynetdicom.presentation
 import pynetdicom.transport
 
@@ -164,3 +165,16 @@ def test_the_storage_scp_override_copies_the_method_it_replaces():
         "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40"
     ), "pynetdicom's StorageServiceClass.SCP changed: bring _storage_scp in line with it"
     assert "_affected_sop_instance_uid" in inspect.getsource(pynetdicom.dimse_primitives.DIMSEPrimitive)
+
+
+def test_the_pdu_reader_override_copies_the_method_it_replaces():
+    # _read_pdu_data is pynetdicom 3.0's DULServiceProvider._read_pdu_data plus a fast
+    # path for data set fragments: any change to the original must be looked at.
+    source = inspect.getsource(pynetdicom_overrides._pynetdicom_read_pdu_data)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b"
+    ), "pynetdicom's DULServiceProvider._read_pdu_data changed: bring _read_pdu_data in line with it"
+    # what the fast path does instead of the state machine's DT-2, and of decode_msg
+    assert "dul.assoc.dimse.receive_primitive(" in inspect.getsource(pynetdicom.fsm.DT_2)
+    decode = inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
+    assert "self._data_set_file.write(data[1:])" in decode and "self._data_set_file.file.flush()" in decode
