@@ -74,7 +74,6 @@ class Ingest:
         # The file's fsync runs while the header is parsed and routed; both are waited
         # for before the answer.
         file_synced = self._fsync.submit(fsync_file, path)
-        HashingTempFile.written(path)
         try:
             header = dicomfile.read_header(path)
             sop_class, sop_instance, study, series = dicomfile.required_uids(header)

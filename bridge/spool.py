@@ -45,14 +45,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# One thread hashes for every HashingTempFile, in the order the chunks were written.
-# hashlib releases the GIL on large buffers, so this runs on another core while the
-# network thread goes on: SHA-256 of a 0.5 MB image is ~0.3 ms that would otherwise sit
-# in every C-STORE's path.
+# SHA-256 of what intake receives. An instance's last (or only) lot is hashed by the
+# thread that takes the file into the spool, beside the file's fsync, which takes longer
+# (bridge.ingest); larger instances hand each full lot of ``HASH_LOT`` bytes to this
+# thread meanwhile, so hashing a 2 GB multi-frame does not hold up its receipt. hashlib
+# releases the GIL on large buffers. (A thread hop per instance, or per P-DATA fragment
+# as at first, cost more than it saved once the machine's cores were busy: measured in
+# bench/forward.)
 _HASHER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-# Chunks are handed to that thread in lots of this many bytes (and at close): one hand-off
-# per instance for a typical image, instead of one per P-DATA fragment, each of which
-# woke the thread (a futex wake-up and a Future apiece).
 HASH_LOT = 8 << 20
 
 
@@ -92,27 +92,25 @@ class HashingTempFile:
             self._hashed = _HASHER.submit(_update_all, self.digest, self._lot)
             self._lot, self._lot_bytes = [], 0
 
-    def hexdigest(self) -> str:
-        """SHA-256 of everything written so far (waits for the hashing thread)."""
-        self._hand_over()
+    def _finish(self) -> None:
+        """Hash what is left, here, after the lots handed over (in order)."""
         if self._hashed is not None:
             self._hashed.result()
+            self._hashed = None
+        if self._lot:
+            _update_all(self.digest, self._lot)
+            self._lot, self._lot_bytes = [], 0
+
+    def hexdigest(self) -> str:
+        """SHA-256 of everything written so far."""
+        self._finish()
         return self.digest.hexdigest()
 
     def close(self) -> None:
-        self._hand_over()  # the hash runs while the caller syncs and parses the file
         self._file.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
-
-    @classmethod
-    def written(cls, path: Path) -> None:
-        """Nothing more will be written to ``path``: start hashing what is left, so the
-        hash runs beside what the caller does next (``hash_of`` waits for it)."""
-        writer = cls._open.get(str(path))
-        if writer is not None:
-            writer._hand_over()
 
     @classmethod
     def hash_of(cls, path: Path) -> str | None:
