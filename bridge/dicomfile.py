@@ -10,9 +10,11 @@ from typing import BinaryIO
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from bridge.errors import IntakeError
 from bridge.uids import is_valid_uid
@@ -29,7 +31,10 @@ def read_header(path: Path) -> Dataset:
     """
     try:
         with open(path, "rb") as f:
-            ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
+            ds = _read_plain_part10(f)
+            if ds is None:
+                f.seek(0)
+                ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
             stop = f.tell()  # at the Pixel Data tag, if there is one
             # Values are converted lazily, when a rule or the index asks for them:
             # converting all of them here would double the cost of a C-STORE.
@@ -41,6 +46,81 @@ def read_header(path: Path) -> Dataset:
         raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean the same here
         raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
+    return ds
+
+
+# VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+# Transfer syntaxes a data set is read in as it is: (implicit VR, little endian).
+# Any other standard syntax is explicit VR little endian (encapsulated pixel data).
+_ENCODINGS = {
+    "1.2.840.10008.1.2": (True, True),
+    "1.2.840.10008.1.2.1": (False, True),
+    "1.2.840.10008.1.2.2": (False, False),
+}
+_READ_AS_IS = ("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")  # JPEG family, RLE
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+
+
+def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _read_plain_part10(f: BinaryIO) -> FileDataset | None:
+    """``dcmread(f, stop_before_pixels=True)`` for the common case, or None to let
+    pydicom read the file (anything else: no preamble, File Meta not explicit VR little
+    endian, an unknown, deflated or private transfer syntax, a Command Set in the file).
+
+    The same data set, read by pydicom's own ``read_dataset``; the difference is the
+    File Meta Information, whose seven elements pydicom converts and validates at once
+    (a regular expression per UID, a third of reading a CT header). Here they stay raw,
+    converted when asked for, like the rest of the header.
+    """
+    preamble = f.read(128)
+    if f.read(4) != b"DICM":
+        return None
+    meta: dict[BaseTag, RawDataElement] = {}
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        group, element = struct.unpack("<HH", head[:4])
+        if group != 2:
+            f.seek(-8, os.SEEK_CUR)
+            break
+        vr = head[4:6]
+        if vr in _LONG_VRS:
+            extra = f.read(4)
+            if len(extra) < 4:
+                return None
+            (length,) = struct.unpack("<L", extra)
+        elif vr.isalpha() and vr.isupper():
+            (length,) = struct.unpack("<H", head[6:8])
+        else:
+            return None  # implicit VR File Meta: pydicom knows what to make of it
+        if length > _DEFER:
+            return None
+        value_tell = f.tell()
+        value = f.read(length)
+        if len(value) < length:
+            return None
+        tag = BaseTag((group << 16) | element)
+        meta[tag] = RawDataElement(tag, vr.decode("ascii"), length, value, value_tell, False, True)
+    syntax = meta.get(BaseTag(0x00020010))
+    if syntax is None or not isinstance(syntax.value, bytes):
+        return None
+    uid = syntax.value.rstrip(b"\x00 ").decode("ascii", "replace")
+    encoding = _ENCODINGS.get(uid) or ((False, True) if uid.startswith(_READ_AS_IS) else None)
+    if encoding is None:
+        return None
+    peek = f.read(4)
+    if len(peek) < 4 or struct.unpack("<H" if encoding[1] else ">H", peek[:2])[0] == 0:
+        return None  # an empty data set, or a Command Set stored in the file
+    f.seek(-4, os.SEEK_CUR)
+    implicit, little = encoding
+    dataset = read_dataset(f, implicit, little, stop_when=_at_pixel_data, defer_size=_DEFER)
+    ds = FileDataset(f, dataset, preamble, FileMetaDataset(meta), implicit, little)
+    ds.set_original_encoding(implicit, little, dataset._character_set)
     return ds
 
 
