@@ -183,7 +183,7 @@ class Queue:
                 str(i.spool_path), route.destination, now, route.priority, i.sha256, i.size,
                 i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.transfer_syntax,
                 i.patient_id, i.accession_number, i.calling_ae, i.called_ae, i.peer,
-                json.dumps(i.attributes, ensure_ascii=False),
+                _ATTRIBUTES_JSON.encode(i.attributes),
                 route.modify.model_dump_json(by_alias=True) if route.modify else None, i.received_at.timestamp(),
             ),
         )
@@ -586,6 +586,10 @@ class _Transaction:
         finally:
             if not self._durable:
                 self._db.execute("PRAGMA synchronous=FULL")
+
+
+# json.dumps with any non-default option builds a new encoder per call.
+_ATTRIBUTES_JSON = json.JSONEncoder(ensure_ascii=False)
 
 
 def _row(r: sqlite3.Row) -> Row:
