@@ -87,6 +87,7 @@ class Daemon:
         # its workers look at the queue at once.
         self.queue.take_requests()
         self.queue.note_daemon(os.getpid())
+        destinations.preload(self.config)
         self.delivery = Delivery(self._runners(self.config, list(self.config.destinations)))
         self.delivery.start()
         self._report_unconfigured({
@@ -172,6 +173,7 @@ class Daemon:
             LOGGER.error("reload refused, keeping the running configuration:\n%s", exc)
             sd_notify("READY=1")
             return
+        destinations.preload(config)
         if self.delivery is not None:
             self._reload_destinations(config)
         if self.intake is not None:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.config import Config
 from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import FolderDestination as FolderConfig
 from bridge.model import Destination
+
+_MODULES = {FolderConfig: "folder", DicomwebConfig: "dicomweb", ArchiveConfig: "archive", DimseConfig: "dimse"}
+
+
+def preload(config: Config) -> None:
+    """Import the modules of the configured destination types now, at start or reload,
+    not in a delivery worker's first batch (the dicomweb module brings requests and
+    urllib3: 15 ms of imports holding the GIL while the first images arrive)."""
+    for settings in config.destinations.values():
+        module = _MODULES.get(type(settings))
+        if module:
+            importlib.import_module(f"bridge.destinations.{module}")
 
 
 def build(name: str, config: Config) -> Destination:
