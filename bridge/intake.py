@@ -35,6 +35,7 @@ from typing import Any, cast
 
 import pynetdicom
 import pynetdicom.dimse_messages
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -97,6 +98,13 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
     pynetdicom_overrides.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom checks every value it converts against its VR (a regular expression per
+    # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
+    # of an association request that way (a storage SCU proposes hundreds, 4 ms per
+    # association), and intake each UID of each C-STORE command. The bridge checks what
+    # it relies on itself (bridge.dicomfile.required_uids; pynetdicom its own UID check),
+    # and forwards other values as they came: the checks bought only log noise.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 @dataclass

@@ -89,6 +89,10 @@ class HashingTempFile:
 
     def _hand_over(self) -> None:
         if self._lot:
+            if self._hashed is not None:
+                # One lot hashing, one gathering: a receiver faster than the hash waits
+                # here rather than holding ever more of the instance in memory.
+                self._hashed.result()
             self._hashed = _HASHER.submit(_update_all, self.digest, self._lot)
             self._lot, self._lot_bytes = [], 0
 
