@@ -28,7 +28,7 @@ UP, BACKING_OFF, SUSPENDED = "up", "backing_off", "suspended"
 POLL = 1.0  # seconds between looks at the queue when nothing wakes a worker
 # While another worker of the destination is sending, a worker takes a batch that is not
 # full only once its first instance has waited this long (see DestinationRunner._claim).
-SHARE_AFTER = 0.2
+SHARE_AFTER = 0.05
 
 
 class DestinationRunner:

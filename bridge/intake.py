@@ -209,12 +209,15 @@ class Intake:
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pynetdicom_overrides.prepare(event.assoc)
+        pynetdicom_overrides.prepare(event.assoc, serve_inline=True)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         label = f"A{next(self._ids)}"
-        assoc.name = label  # the thread name: every log line of this association carries it
+        # The thread names: every log line of this association carries it, from either of
+        # its threads (the network thread serves C-STOREs itself: bridge.pynetdicom_overrides).
+        assoc.name = label
+        assoc.dul.name = label
         rq = assoc.requestor
         primitive = cast(A_ASSOCIATE, rq.primitive)
         calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()

@@ -48,6 +48,16 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   action DT-2 would. Anything else (commands, other PDUs, a state other than Sta6, a
   handler bound to the events this skips) goes through pynetdicom as before.
 
+- A complete C-STORE request is queued by the network (DUL) thread for the
+  association thread, which wakes, serves it and queues the response back for the
+  network thread to send: two hand-offs between threads per image, each a wake-up that
+  waits for a free core when the machine is busy (as it is while the bridge forwards).
+  On the bridge's own listener (``prepare(assoc, serve_inline=True)``) the network
+  thread serves a C-STORE request itself, with pynetdicom's ``_serve_request``, when
+  the association thread has nothing queued or in hand (``_receive_primitive``; the
+  peer waits for the answer either way, so nothing else arrives meanwhile); any other
+  message, or a C-STORE while another request is being served, is queued as before.
+
 And three for correctness on the associations the bridge requests (``bridge.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
 reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
@@ -71,6 +81,7 @@ import threading
 import time as _time
 import types
 import weakref
+from io import BytesIO
 from typing import Any
 
 import pynetdicom.association
@@ -81,10 +92,12 @@ import pynetdicom.service_class
 import pynetdicom.transport
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import attempt as _attempt
+from pynetdicom.utils import make_target
 
 LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's messages, under its name
 _real_sleep = _time.sleep
@@ -297,7 +310,17 @@ def _get_msg(self: Any, block: bool = False) -> Any:
     if not block:
         if reactor and not assoc._reactor_checkpoint.is_set():
             return None, None
-        return _pynetdicom_get_msg(self, block)
+        if not reactor:
+            return _pynetdicom_get_msg(self, block)
+        # While this is True the network thread queues C-STOREs rather than serving
+        # them itself (_serve_inline): set before a message is taken, cleared only once
+        # the reactor finds nothing to take.
+        if self.msg_queue.queue:
+            assoc._bridge_serving = True
+        item = _pynetdicom_get_msg(self, block)
+        if item[1] is None:
+            assoc._bridge_serving = False
+        return item
     if reactor:
         return _pynetdicom_get_msg(self, block)
     timeout = self.dimse_timeout
@@ -408,6 +431,58 @@ def _take_data_set_pdu(dul: Any, body: bytearray) -> bool:
     return True
 
 
+_pynetdicom_receive_primitive = pynetdicom.dimse.DIMSEServiceProvider.receive_primitive
+_DIMSE_LOGGER = logging.getLogger("pynetdicom.dimse")
+
+
+def _receive_primitive(self: Any, primitive: P_DATA) -> None:
+    """``DIMSEServiceProvider.receive_primitive`` (pynetdicom 3.0), line for line, except
+    that a C-STORE request may be served here, in the network thread (``_serve_inline``),
+    instead of being queued for the association thread."""
+    if self.message is None:
+        self.message = DIMSEMessage()
+    if self.message.decode_msg(primitive, self.assoc):
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
+        context_id = self.message.context_id
+        try:
+            d_primitive = self.message.message_to_primitive()
+        except Exception as exc:
+            _DIMSE_LOGGER.error("Received an invalid DIMSE message")
+            _DIMSE_LOGGER.exception(exc)
+            self.dul.event_queue.put("Evt19")
+            return
+        inline = False
+        if isinstance(d_primitive, C_CANCEL) and len(self.cancel_req) < 10:
+            self.cancel_req[d_primitive.MessageIDBeingRespondedTo] = d_primitive
+        elif isinstance(d_primitive, N_EVENT_REPORT) and d_primitive.is_valid_request:
+            t = threading.Thread(target=make_target(self.assoc._serve_request), args=(d_primitive, context_id))
+            t.start()
+        elif _serve_inline(self, d_primitive):
+            inline = True
+        else:
+            self.msg_queue.put((context_id, d_primitive))
+        self.message.encoded_command_set = BytesIO()
+        self.message.data_set = BytesIO()
+        self.message._data_set_file = None
+        self.message._data_set_path = None
+        self.message = None
+        if inline:
+            self.assoc._serve_request(d_primitive, context_id)
+
+
+def _serve_inline(dimse: Any, primitive: Any) -> bool:
+    """Whether the network thread may serve ``primitive`` itself: a C-STORE request on an
+    association prepared for it, with nothing queued for the association thread and
+    nothing in its hands (``_get_msg`` keeps ``_bridge_serving``). Only this thread
+    queues messages, so the answer cannot change before the request is served."""
+    assoc = dimse.assoc
+    if not getattr(assoc, "_bridge_serve_inline", False) or not isinstance(primitive, C_STORE) \
+            or primitive.MessageIDBeingRespondedTo is not None:
+        return False
+    with dimse.msg_queue.mutex:
+        return not dimse.msg_queue.queue and not getattr(assoc, "_bridge_serving", False)
+
+
 _pynetdicom_storage_scp = pynetdicom.service_class.StorageServiceClass.SCP
 
 
@@ -447,6 +522,7 @@ def install() -> None:
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
     pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
         sleep=_association_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
     )
@@ -455,15 +531,18 @@ def install() -> None:
     )
 
 
-def prepare(assoc: Any, max_queued: int = 0) -> None:
+def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False) -> None:
     """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait.
 
     An acceptor's DUL thread has not started yet; a requestor's is the one running the
     handler, between taking the A-ASSOCIATE request off its queue and sending it, so the
     queue it replaces is empty either way. ``max_queued`` bounds the outgoing queue (PDUs;
     0 = unbounded), for associations that send data sets read from files.
+    ``serve_inline``: the network thread may serve C-STORE requests itself
+    (``_serve_inline``); for the bridge's listener, whose handlers never call ``send_*``.
     """
     dul = assoc.dul
+    assoc._bridge_serve_inline = serve_inline
     if getattr(dul, "_bridge_wake", None) is not None:
         return
     reader, writer = socket.socketpair()

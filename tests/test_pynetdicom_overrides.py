@@ -178,3 +178,14 @@ def test_the_pdu_reader_override_copies_the_method_it_replaces():
     assert "dul.assoc.dimse.receive_primitive(" in inspect.getsource(pynetdicom.fsm.DT_2)
     decode = inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
     assert "self._data_set_file.write(data[1:])" in decode and "self._data_set_file.file.flush()" in decode
+
+
+def test_the_receive_primitive_override_copies_the_method_it_replaces():
+    # _receive_primitive is pynetdicom 3.0's DIMSEServiceProvider.receive_primitive, but a
+    # C-STORE request may be served in the network thread: any change must be looked at.
+    source = inspect.getsource(pynetdicom_overrides._pynetdicom_receive_primitive)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f"
+    ), "pynetdicom's DIMSEServiceProvider.receive_primitive changed: bring _receive_primitive in line with it"
+    # the reactor still takes messages through get_msg, which keeps the serving flag
+    assert "self.dimse.get_msg(block=False)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
