@@ -4,8 +4,9 @@ C-STORE answers 0x0000 only once the instance is durable: the file fsynced, rena
 into the spool, the folder fsynced, and its queue rows committed (``bridge.ingest``,
 the path it shares with watched folders).
 
-pynetdicom is used through two documented switches and one pinned override, all set
-in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
+pynetdicom is used through documented switches and pinned overrides, all set in
+``configure_pynetdicom`` (pynetdicom keeps them as process globals; the overrides made
+for speed are in ``bridge.pynetdicom_overrides``):
 
 - ``STORE_RECV_CHUNKED_DATASET``: data sets are written to a file as they arrive,
   never held in memory;
@@ -14,7 +15,8 @@ in ``configure_pynetdicom`` (pynetdicom keeps them as process globals):
   is a rename) and hashes the bytes as they are written (no second read). pynetdicom
   is pinned to 3.0.x in pyproject.toml and ``tests/test_pynetdicom_overrides.py`` checks the
   override still takes effect;
-- ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``.
+- ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``;
+- pydicom's ``reading_validation_mode`` set to ``IGNORE`` (see ``configure_pynetdicom``).
 
 Association accept/reject decisions use pynetdicom's public ``EVT_REQUESTED`` hook:
 a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiation.
