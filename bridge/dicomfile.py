@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -79,7 +79,7 @@ def _read_plain_part10(f: BinaryIO) -> FileDataset | None:
     preamble = f.read(128)
     if f.read(4) != b"DICM":
         return None
-    meta: dict[BaseTag, RawDataElement] = {}
+    meta: dict[BaseTag, DataElement | RawDataElement] = {}
     while True:
         head = f.read(8)
         if len(head) < 8:

@@ -82,7 +82,7 @@ import time as _time
 import types
 import weakref
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom.association
 import pynetdicom.dimse
@@ -495,7 +495,7 @@ def _storage_scp(self: Any, req: C_STORE, context: PresentationContext) -> None:
     rsp.MessageIDBeingRespondedTo = req.MessageID
     rsp._affected_sop_instance_uid = req._affected_sop_instance_uid
     rsp._affected_sop_class_uid = req._affected_sop_class_uid
-    cx_id = context.context_id
+    cx_id = cast(int, context.context_id)
     with _attempt(rsp, self.dimse, cx_id, self.assoc) as ctx:
         ctx.error_msg = "Exception in handler bound to 'evt.EVT_C_STORE'"
         ctx.error_status = 0xC211

@@ -33,11 +33,11 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.etree import ElementTree
 
 import requests
@@ -256,7 +256,8 @@ class DicomwebDestination:
         headers = {"Content-Type": body.content_type, "Accept": ACCEPT, **self._auth.headers()}
         started = time.monotonic()
         response = self._session.post(
-            self.stow_url, data=body, headers=headers, stream=True, allow_redirects=False,
+            # an iterable of bytearrays, which requests and urllib3 send like bytes
+            self.stow_url, data=cast(Iterable[bytes], body), headers=headers, stream=True, allow_redirects=False,
             timeout=(self.settings.timeouts.connect, self.settings.timeouts.read),
             verify=self._verify, cert=self._cert,
         )
