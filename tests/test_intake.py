@@ -234,3 +234,37 @@ def test_too_many_associations_are_refused_transiently(tmp_path, bridge_factory)
         held.release()
     wait_for(lambda: echoscu(bridge.port).returncode == 0, 10, "a free slot again")
     assert "too many associations (A-ASSOCIATE-RJ 2/3/2)" in bridge.log()
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """What follows the File Meta Information (explicit VR little endian, its length
+    given by (0002,0000))."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    return data[meta_end:]
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16384, 262144])
+def test_data_sets_arrive_byte_for_byte_whatever_the_pdu_size(tmp_path, bridge_factory, raw_scu, max_pdu):
+    """The network thread writes data set fragments straight from each PDU to the file
+    (bridge.pynetdicom_overrides): small and large PDUs, DCMTK's and pynetdicom's
+    fragmenting, all arrive as sent."""
+    bridge = bridge_factory(folder_config(tmp_path / "out", listen={"max_pdu": max_pdu}))
+    by_dcmtk = ct_series(tmp_path / "dcmtk", 3, size=300)
+    send_pdu = str(min(max_pdu, 131072))
+    assert storescu(bridge.port, by_dcmtk, extra=["--max-send-pdu", send_pdu]).statuses == [0, 0, 0]
+    by_pynetdicom = ct_series(tmp_path / "pynetdicom", 2, size=300)
+    raw_scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = raw_scu.associate("127.0.0.1", bridge.port, ae_title="BRIDGE", max_pdu=max_pdu)
+    try:
+        assert [assoc.send_c_store(p).Status for p in by_pynetdicom] == [0, 0]
+    finally:
+        assoc.release()
+    sent = by_dcmtk + by_pynetdicom
+    archive = bridge.data_dir / "archive"
+    wait_for(lambda: len(dcm_files(archive)) == len(sent), 30, "the archive")
+    archived = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in dcm_files(archive)}
+    for original in sent:
+        uid = pydicom.dcmread(original, stop_before_pixels=True).SOPInstanceUID
+        assert _data_set_bytes(archived[uid]) == _data_set_bytes(original), original.name
