@@ -268,3 +268,21 @@ def test_data_sets_arrive_byte_for_byte_whatever_the_pdu_size(tmp_path, bridge_f
     for original in sent:
         uid = pydicom.dcmread(original, stop_before_pixels=True).SOPInstanceUID
         assert _data_set_bytes(archived[uid]) == _data_set_bytes(original), original.name
+
+
+def test_echoes_and_stores_interleaved_on_one_association(tmp_path, bridge_factory, raw_scu):
+    """C-ECHO is served by the association's own thread, C-STORE by its network thread
+    (bridge.pynetdicom_overrides): taking turns on one association, each gets its answer."""
+    bridge = bridge_factory(folder_config(tmp_path / "out"))
+    files = ct_series(tmp_path / "ct", 3)
+    raw_scu.add_requested_context("1.2.840.10008.1.1")
+    raw_scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = raw_scu.associate("127.0.0.1", bridge.port, ae_title="BRIDGE")
+    try:
+        statuses = []
+        for path in files:
+            statuses += [assoc.send_c_echo().Status, assoc.send_c_store(path).Status]
+        assert statuses == [0] * 6
+    finally:
+        assoc.release()
+    wait_for(lambda: len(dcm_files(bridge.data_dir / "archive")) == 3, 30, "the archive")
