@@ -91,13 +91,16 @@ import pynetdicom.dul
 import pynetdicom.service_class
 import pynetdicom.transport
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import attempt as _attempt
 from pynetdicom.utils import make_target
+
+from bridge.uids import is_valid_uid
 
 LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's messages, under its name
 _real_sleep = _time.sleep
@@ -445,7 +448,7 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
         context_id = self.message.context_id
         try:
-            d_primitive = self.message.message_to_primitive()
+            d_primitive = _c_store_request(self.message) or self.message.message_to_primitive()
         except Exception as exc:
             _DIMSE_LOGGER.error("Received an invalid DIMSE message")
             _DIMSE_LOGGER.exception(exc)
@@ -468,6 +471,48 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
         self.message = None
         if inline:
             self.assoc._serve_request(d_primitive, context_id)
+
+
+# The C-STORE-RQ command elements (PS3.7 9.3.1.1) _c_store_request reads; a command
+# with any other element, or with the Move Originator ones, is left to pynetdicom.
+_STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
+
+
+def _c_store_request(message: Any) -> C_STORE | None:
+    """``message.message_to_primitive()`` for a plain C-STORE request, read straight from
+    the command's bytes (implicit VR little endian): the same primitive, with the same
+    checks, without converting each element through pydicom and setting it through the
+    primitive's validating setters (a tenth of intake's Python). None for anything
+    else, which pynetdicom converts as before."""
+    if type(message) is not C_STORE_RQ:
+        return None
+    raw = message.encoded_command_set.getvalue()
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(raw):
+        group, element, length = struct.unpack_from("<HHL", raw, offset)
+        if group != 0 or element not in _STORE_RQ_ELEMENTS or offset + 8 + length > len(raw):
+            return None
+        values[element] = raw[offset + 8:offset + 8 + length]
+        offset += 8 + length
+    if offset != len(raw) or any(len(values.get(e, b"")) != 2 for e in (0x0100, 0x0110, 0x0700)):
+        return None
+    (command,), (message_id,), (priority,) = (struct.unpack("<H", values[e]) for e in (0x0100, 0x0110, 0x0700))
+    sop_class = values.get(0x0002, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    sop_instance = values.get(0x1000, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    if command != 0x0001 or priority not in (0, 1, 2) or not is_valid_uid(sop_class) \
+            or not is_valid_uid(sop_instance):
+        return None  # pynetdicom's conversion says what is wrong
+    primitive = C_STORE()
+    primitive._message_id = message_id
+    primitive._affected_sop_class_uid = UID(sop_class)
+    primitive._affected_sop_instance_uid = UID(sop_instance)
+    primitive._priority = priority
+    primitive.DataSet = message.data_set
+    primitive._context_id = message.context_id
+    primitive._dataset_path = message._data_set_path
+    primitive._dataset_file = message._data_set_file
+    return primitive
 
 
 def _serve_inline(dimse: Any, primitive: Any) -> bool:

@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import socket
 import threading
+from typing import Any
 
 import pynetdicom.acse
 import pynetdicom.association
@@ -18,6 +19,7 @@ import pynetdicom.fsm
 import pynetdicom.presentation
 import pynetdicom.transport
 import pytest
+from pynetdicom.dimse_primitives import C_STORE
 
 from bridge import pynetdicom_overrides
 
@@ -194,3 +196,46 @@ def test_what_the_copies_rely_on_is_still_there() -> None:
     assert "self._data_set_file.write(data[1:])" in decode and "self._data_set_file.file.flush()" in decode
     # the reactor takes messages through get_msg, which keeps the flag _serve_inline reads
     assert "self.dimse.get_msg(block=False)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
+
+
+def _store_request_message(**fields: object) -> Any:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dsutils import encode
+
+    primitive = C_STORE()
+    primitive.MessageID = 7
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4.5"
+    primitive.Priority = 1
+    primitive.DataSet = BytesIO(b"")
+    for name, value in fields.items():
+        setattr(primitive, name, value)
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    message.encoded_command_set = BytesIO(encode(message.command_set, True, True))
+    message.context_id = 3
+    message._data_set_path = None
+    message._data_set_file = None
+    return message
+
+
+_PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                     "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID", "_context_id")
+
+
+@pytest.mark.parametrize("fields", [{}, {"Priority": 0}, {"Priority": 2, "MessageID": 65535},
+                                    {"MoveOriginatorApplicationEntityTitle": "MOVER", "MoveOriginatorMessageID": 3}],
+                         ids=["plain", "medium", "low-last-id", "move-originator"])
+def test_store_requests_read_directly_are_what_pynetdicom_makes_of_them(fields: dict) -> None:
+    message = _store_request_message(**fields)
+    direct = pynetdicom_overrides._c_store_request(message)
+    expected = message.message_to_primitive()
+    if "MoveOriginatorMessageID" in fields:
+        assert direct is None  # left to pynetdicom
+        return
+    assert direct is not None
+    for name in _PRIMITIVE_FIELDS:
+        assert getattr(direct, name) == getattr(expected, name), name
+    assert type(direct.AffectedSOPInstanceUID) is type(expected.AffectedSOPInstanceUID)
