@@ -46,7 +46,10 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   (``_read_pdu_data``), which is all pynetdicom ends up doing with them; a PDU that
   ends the data set is passed to the DIMSE layer directly, as the state machine's
   action DT-2 would. Anything else (commands, other PDUs, a state other than Sta6, a
-  handler bound to the events this skips) goes through pynetdicom as before.
+  handler bound to the events this skips) goes through pynetdicom as before. A PDU
+  that holds a whole plain C-STORE command starts the message the same way
+  (``_take_store_command_pdu``: its data set's file and File Meta, as ``decode_msg``
+  does, with the command read from its bytes instead of through pydicom).
 
 - A complete C-STORE request is queued by the network (DUL) thread for the
   association thread, which wakes, serves it and queues the response back for the
@@ -82,6 +85,7 @@ import time as _time
 import types
 import weakref
 from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom.association
@@ -92,9 +96,10 @@ import pynetdicom.service_class
 import pynetdicom.transport
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import attempt as _attempt
@@ -381,7 +386,7 @@ def _read_pdu_data(self: Any) -> None:
         )
         self.event_queue.put("Evt17")
         return
-    if pdu_type == 0x04 and _take_data_set_pdu(self, body):
+    if pdu_type == 0x04 and (_take_data_set_pdu(self, body) or _take_store_command_pdu(self, body)):
         return
     try:
         pdu, event = self._decode_pdu(head + body)
@@ -434,6 +439,44 @@ def _take_data_set_pdu(dul: Any, body: bytearray) -> bool:
     return True
 
 
+def _take_store_command_pdu(dul: Any, body: bytearray) -> bool:
+    """Start a C-STORE from a PDU that holds its whole command set and nothing else,
+    as ``DIMSEMessage.decode_msg`` would: the message, its data set's file in the spool
+    and the File Meta written to it, without decoding the command through pydicom
+    (``_plain_store_command`` reads it, ``_c_store_request`` makes the primitive of it
+    later). Returns False, having done nothing, for anything else."""
+    if len(body) < 6 or dul.state_machine.current_state != "Sta6" or dul.event_queue.queue \
+            or dul._recv_pdu.queue or not _config.STORE_RECV_CHUNKED_DATASET:
+        return False
+    assoc = dul.assoc
+    dimse = assoc.dimse
+    (length,) = struct.unpack_from(">L", body, 0)
+    context_id, control = body[4], body[5]
+    if dimse.message is not None or length + 4 != len(body) or control & 3 != 3 \
+            or context_id not in assoc._accepted_cx \
+            or any(assoc.get_handlers(event) for event in (*_FAST_PATH_UNWATCHED, evt.EVT_DIMSE_RECV)):
+        return False
+    raw = bytes(body[6:])
+    command = _plain_store_command(raw)
+    if command is None or command[4] == 0x0101:  # not a plain C-STORE request, or no data set
+        return False
+    message = C_STORE_RQ()
+    message.encoded_command_set.write(raw)
+    message.context_id = context_id
+    dm: Any = pynetdicom.dimse_messages  # its file factory and File Meta writer, as installed
+    target = dm.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+    message._data_set_file = target
+    message._data_set_path = Path(target.name)
+    target.write(b"\x00" * 128)
+    target.write(b"DICM")
+    dm.write_file_meta_info(target, dm.create_file_meta(
+        sop_class_uid=UID(command[2]), sop_instance_uid=UID(command[3]),
+        transfer_syntax=assoc._accepted_cx[context_id].transfer_syntax[0],
+    ))
+    dimse.message = message
+    return True
+
+
 _pynetdicom_receive_primitive = pynetdicom.dimse.DIMSEServiceProvider.receive_primitive
 _DIMSE_LOGGER = logging.getLogger("pynetdicom.dimse")
 
@@ -448,7 +491,11 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
         context_id = self.message.context_id
         try:
-            d_primitive = _c_store_request(self.message) or self.message.message_to_primitive()
+            d_primitive = _c_store_request(self.message)
+            if d_primitive is None:
+                if not self.message.command_set:  # started by _take_store_command_pdu
+                    self.message.command_set = decode(self.message.encoded_command_set, True, True)
+                d_primitive = self.message.message_to_primitive()
         except Exception as exc:
             _DIMSE_LOGGER.error("Received an invalid DIMSE message")
             _DIMSE_LOGGER.exception(exc)
@@ -478,15 +525,10 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
 _STORE_RQ_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000})
 
 
-def _c_store_request(message: Any) -> C_STORE | None:
-    """``message.message_to_primitive()`` for a plain C-STORE request, read straight from
-    the command's bytes (implicit VR little endian): the same primitive, with the same
-    checks, without converting each element through pydicom and setting it through the
-    primitive's validating setters (a tenth of intake's Python). None for anything
-    else, which pynetdicom converts as before."""
-    if type(message) is not C_STORE_RQ:
-        return None
-    raw = message.encoded_command_set.getvalue()
+def _plain_store_command(raw: bytes) -> tuple[int, int, str, str, int] | None:
+    """(Message ID, Priority, Affected SOP Class UID, Affected SOP Instance UID,
+    Command Data Set Type) of a C-STORE-RQ command set (implicit VR little endian) that
+    has only the usual elements, all well formed; None for anything else."""
     values: dict[int, bytes] = {}
     offset = 0
     while offset + 8 <= len(raw):
@@ -495,14 +537,31 @@ def _c_store_request(message: Any) -> C_STORE | None:
             return None
         values[element] = raw[offset + 8:offset + 8 + length]
         offset += 8 + length
-    if offset != len(raw) or any(len(values.get(e, b"")) != 2 for e in (0x0100, 0x0110, 0x0700)):
+    if offset != len(raw) or any(len(values.get(e, b"")) != 2 for e in (0x0100, 0x0110, 0x0700, 0x0800)):
         return None
-    (command,), (message_id,), (priority,) = (struct.unpack("<H", values[e]) for e in (0x0100, 0x0110, 0x0700))
+    (command,), (message_id,), (priority,), (data_set_type,) = (
+        struct.unpack("<H", values[e]) for e in (0x0100, 0x0110, 0x0700, 0x0800)
+    )
     sop_class = values.get(0x0002, b"").rstrip(b"\x00 ").decode("ascii", "replace")
     sop_instance = values.get(0x1000, b"").rstrip(b"\x00 ").decode("ascii", "replace")
     if command != 0x0001 or priority not in (0, 1, 2) or not is_valid_uid(sop_class) \
             or not is_valid_uid(sop_instance):
+        return None
+    return message_id, priority, sop_class, sop_instance, data_set_type
+
+
+def _c_store_request(message: Any) -> C_STORE | None:
+    """``message.message_to_primitive()`` for a plain C-STORE request, read straight from
+    the command's bytes (implicit VR little endian): the same primitive, with the same
+    checks, without converting each element through pydicom and setting it through the
+    primitive's validating setters (a tenth of intake's Python). None for anything
+    else, which pynetdicom converts as before."""
+    if type(message) is not C_STORE_RQ:
+        return None
+    command = _plain_store_command(message.encoded_command_set.getvalue())
+    if command is None:
         return None  # pynetdicom's conversion says what is wrong
+    message_id, priority, sop_class, sop_instance, _ = command
     primitive = C_STORE()
     primitive._message_id = message_id
     primitive._affected_sop_class_uid = UID(sop_class)
