@@ -61,6 +61,13 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   peer waits for the answer either way, so nothing else arrives meanwhile); any other
   message, or a C-STORE while another request is being served, is queued as before.
 
+- Each association request is decoded UID by UID through ``set_uid``, which validates
+  every UID again with pydicom's regular expressions: a storage SCU proposes hundreds
+  (storescu: 120 contexts, 3 syntaxes each), the same ones on every association. The
+  negotiation's modules (``pdu_items``, ``presentation``) get ``set_uid`` with its
+  results remembered (``_set_uid_remembered``; failures are not, so they raise every
+  time).
+
 And three for correctness on the associations the bridge requests (``bridge.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
 reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
@@ -92,8 +99,11 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
+import pynetdicom.pdu_items
+import pynetdicom.presentation
 import pynetdicom.service_class
 import pynetdicom.transport
+import pynetdicom.utils
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
@@ -616,6 +626,27 @@ def _storage_scp(self: Any, req: C_STORE, context: PresentationContext) -> None:
     self.dimse.send_msg(rsp, cx_id)
 
 
+_pynetdicom_set_uid = pynetdicom.utils.set_uid
+_UIDS: dict[tuple[Any, ...], Any] = {}
+_UIDS_MAX = 4096  # beyond this many distinct UIDs, say from a peer proposing nonsense, no more are kept
+
+
+def _set_uid_remembered(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
+                        validate: bool = True) -> Any:
+    """``pynetdicom.utils.set_uid`` with each text's result kept: the same UID object for
+    the same text (UIDs are immutable), the conformance warning logged once, a failure
+    raised every time."""
+    key = (type(value), value, allow_empty, allow_none, validate)
+    if isinstance(value, str | bytes):
+        found = _UIDS.get(key)
+        if found is not None:
+            return found
+    uid = _pynetdicom_set_uid(value, name, allow_empty, allow_none, validate)
+    if uid is not None and isinstance(value, str | bytes) and len(_UIDS) < _UIDS_MAX:
+        _UIDS[key] = uid
+    return uid
+
+
 def install() -> None:
     """Apply the overrides (idempotent)."""
     pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
@@ -627,6 +658,8 @@ def install() -> None:
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
+    pynetdicom.pdu_items.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
+    pynetdicom.presentation.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
     pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
         sleep=_association_sleep, time=_time.time, monotonic=_time.monotonic, perf_counter=_time.perf_counter
     )

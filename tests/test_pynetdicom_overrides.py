@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import socket
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -239,3 +241,19 @@ def test_store_requests_read_directly_are_what_pynetdicom_makes_of_them(fields: 
     for name in _PRIMITIVE_FIELDS:
         assert getattr(direct, name) == getattr(expected, name), name
     assert type(direct.AffectedSOPInstanceUID) is type(expected.AffectedSOPInstanceUID)
+
+
+def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
+    remembered = pynetdicom_overrides._set_uid_remembered
+    first = remembered("1.2.840.10008.1.2.1", "Transfer Syntax Name")
+    assert first == "1.2.840.10008.1.2.1" and remembered("1.2.840.10008.1.2.1", "Transfer Syntax Name") is first
+    assert remembered(b"1.2.840.10008.1.2", "Transfer Syntax Name") == "1.2.840.10008.1.2"
+    assert remembered(None, "Transfer Syntax Name") is None
+    for _ in range(2):  # not remembered: raises every time
+        with pytest.raises(ValueError):
+            remembered("x" * 65, "Abstract Syntax Name")
+    # once installed (in a process of its own: this one's pynetdicom stays as it is),
+    # the negotiation's modules use it
+    check = ("from bridge import pynetdicom_overrides as o; o.install(); import pynetdicom.pdu_items as i, "
+             "pynetdicom.presentation as p; assert i.set_uid is p.set_uid is o._set_uid_remembered")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
