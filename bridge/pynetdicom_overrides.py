@@ -357,9 +357,9 @@ _ABORT_CHECK = 0.2  # seconds between looks for an abort while a send_*() call w
 
 
 _pynetdicom_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
-# Events whose handlers would see what the fast path skips (the PDU's bytes and objects,
-# the state machine's transition).
-_FAST_PATH_UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+# Events whose handlers would see what the fast paths skip (the PDU's bytes and objects,
+# the state machine's transition, a command set decoded by pydicom).
+_FAST_PATH_UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION, evt.EVT_DIMSE_RECV)
 
 
 def _read_pdu_data(self: Any) -> None:
@@ -396,7 +396,8 @@ def _read_pdu_data(self: Any) -> None:
         )
         self.event_queue.put("Evt17")
         return
-    if pdu_type == 0x04 and (_take_data_set_pdu(self, body) or _take_store_command_pdu(self, body)):
+    if pdu_type == 0x04 and _may_take(self) and (_take_data_set_pdu(self, body) or
+                                                  _take_store_command_pdu(self, body)):
         return
     try:
         pdu, event = self._decode_pdu(head + body)
@@ -409,16 +410,22 @@ def _read_pdu_data(self: Any) -> None:
     self._recv_pdu.put(pdu)
 
 
+def _may_take(dul: Any) -> bool:
+    """Whether the network thread may handle a P-DATA-TF PDU itself: the association is
+    established (Sta6), nothing received before it waits to be handled, and no handler
+    is bound to the events the fast paths skip."""
+    return dul.state_machine.current_state == "Sta6" and not dul.event_queue.queue \
+        and not dul._recv_pdu.queue and not any(dul.assoc.get_handlers(event) for event in _FAST_PATH_UNWATCHED)
+
+
 def _take_data_set_pdu(dul: Any, body: bytearray) -> bool:
     """Write a P-DATA-TF PDU's data set fragments straight to the file of the C-STORE
-    being received, if that is all the PDU holds (an ending fragment last, if any) and
-    nothing queued must be handled first. Returns False, having done nothing, otherwise."""
-    if dul.state_machine.current_state != "Sta6" or dul.event_queue.queue or dul._recv_pdu.queue:
-        return False
+    being received, if that is all the PDU holds (an ending fragment last, if any).
+    Returns False, having done nothing, otherwise."""
     assoc = dul.assoc
     message = assoc.dimse.message
     target = getattr(message, "_data_set_file", None) if message is not None else None
-    if target is None or any(assoc.get_handlers(event) for event in _FAST_PATH_UNWATCHED):
+    if target is None:
         return False
     view = memoryview(body)
     fragments: list[memoryview] = []
@@ -455,16 +462,14 @@ def _take_store_command_pdu(dul: Any, body: bytearray) -> bool:
     and the File Meta written to it, without decoding the command through pydicom
     (``_plain_store_command`` reads it, ``_c_store_request`` makes the primitive of it
     later). Returns False, having done nothing, for anything else."""
-    if len(body) < 6 or dul.state_machine.current_state != "Sta6" or dul.event_queue.queue \
-            or dul._recv_pdu.queue or not _config.STORE_RECV_CHUNKED_DATASET:
+    if len(body) < 6 or not _config.STORE_RECV_CHUNKED_DATASET:
         return False
     assoc = dul.assoc
     dimse = assoc.dimse
     (length,) = struct.unpack_from(">L", body, 0)
     context_id, control = body[4], body[5]
     if dimse.message is not None or length + 4 != len(body) or control & 3 != 3 \
-            or context_id not in assoc._accepted_cx \
-            or any(assoc.get_handlers(event) for event in (*_FAST_PATH_UNWATCHED, evt.EVT_DIMSE_RECV)):
+            or context_id not in assoc._accepted_cx:
         return False
     raw = bytes(body[6:])
     command = _plain_store_command(raw)
