@@ -478,6 +478,7 @@ def _take_store_command_pdu(dul: Any, body: bytearray) -> bool:
     message = C_STORE_RQ()
     message.encoded_command_set.write(raw)
     message.context_id = context_id
+    message._bridge_command = command  # type: ignore[attr-defined]  # for _c_store_request, later
     dm: Any = pynetdicom.dimse_messages  # its file factory and File Meta writer, as installed
     target = dm.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
     message._data_set_file = target
@@ -573,7 +574,8 @@ def _c_store_request(message: Any) -> C_STORE | None:
     else, which pynetdicom converts as before."""
     if type(message) is not C_STORE_RQ:
         return None
-    command = _plain_store_command(message.encoded_command_set.getvalue())
+    command = getattr(message, "_bridge_command", None) or _plain_store_command(
+        message.encoded_command_set.getvalue())
     if command is None:
         return None  # pynetdicom's conversion says what is wrong
     message_id, priority, sop_class, sop_instance, _ = command

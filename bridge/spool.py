@@ -61,8 +61,9 @@ class HashingTempFile:
 
     pynetdicom writes a received C-STORE data set through this object (see
     ``bridge.intake``), so the content hash costs no second read of the file. The
-    chunks written must not change afterwards (pynetdicom's are ``bytes``): they are
-    hashed later, in lots.
+    chunks written must not change afterwards: they are hashed later, in lots
+    (pynetdicom writes ``bytes``; the P-DATA fast path in ``bridge.pynetdicom_overrides``
+    views of received PDU buffers that nothing writes to again).
     """
 
     _open: weakref.WeakValueDictionary[str, HashingTempFile] = weakref.WeakValueDictionary()
