@@ -205,7 +205,7 @@ class DestinationRunner:
             else:
                 LOGGER.info("row %d to %s will be retried: %s", row.id, self.name, getattr(outcome, "reason", ""))
         for path in releasable:
-            self._spool.discard(path)
+            self._spool.recycle(path)
 
     def _close(self, destination: Destination) -> None:
         try:

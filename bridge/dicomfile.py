@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -31,14 +32,19 @@ def read_header(path: Path) -> Dataset:
     """
     try:
         with open(path, "rb") as f:
-            ds = _read_plain_part10(f)
+            head = f.read(_HEAD)
+            end = os.fstat(f.fileno()).st_size
+            ds, stop = _read_from_head(head, end)
             if ds is None:
                 f.seek(0)
-                ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
-            stop = f.tell()  # at the Pixel Data tag, if there is one
+                ds = _read_plain_part10(f)
+                if ds is None:
+                    f.seek(0)
+                    ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
+                stop = f.tell()  # at the Pixel Data tag, if there is one
             # Values are converted lazily, when a rule or the index asks for them:
             # converting all of them here would double the cost of a C-STORE.
-            if not _pixel_data_complete(f, ds, stop):
+            if not _pixel_data_complete(f, ds, stop, end, head):
                 raise IntakeError(0xC000, "data set is truncated in Pixel Data")
     except IntakeError:
         raise
@@ -47,6 +53,28 @@ def read_header(path: Path) -> Dataset:
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean the same here
         raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
     return ds
+
+
+# The header is parsed from the file's first bytes, read at once: pydicom asks the file
+# for its position before every element, and each of those is a system call that lets
+# go of the GIL (one C-STORE's header: sixty of them, each a chance for another thread
+# to take the GIL from intake). A header that does not end within them is read from the
+# file.
+_HEAD = 64 * 1024
+
+
+def _read_from_head(head: bytes, size: int) -> tuple[FileDataset | None, int]:
+    """(the header, where it stopped) parsed from ``head``, the first bytes of a file of
+    ``size`` bytes; (None, 0) unless the header is plain Part 10 and ends within them."""
+    buffer = io.BytesIO(head)
+    try:
+        ds = _read_plain_part10(buffer)
+    except Exception:
+        return None, 0  # the file will say what is wrong
+    stop = buffer.tell()
+    if ds is None or (stop + 12 > len(head) and len(head) < size):
+        return None, 0  # may have stopped at the end of ``head``, not at Pixel Data
+    return ds, stop
 
 
 # VRs whose explicit-VR element header has a 4-byte length (PS3.5 7.1.2).
@@ -194,36 +222,40 @@ def attributes(ds: Dataset) -> dict[str, str]:
     return found
 
 
-def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int) -> bool:
-    """Whether the Pixel Data element (if any) fits in the file: a truncated file fails.
+def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int, end: int, head: bytes = b"") -> bool:
+    """Whether the Pixel Data element (if any) fits in the file of ``end`` bytes: a
+    truncated file fails.
 
-    ``dcmread(stop_before_pixels=True)`` leaves ``f`` at the Pixel Data tag. Only element
-    and item headers are read (seeks, not the pixel bytes), so this costs the same for
-    a 2 GB multi-frame as for a thumbnail. Deflated data sets are not checked here.
+    ``stop`` is where reading the header stopped: at the Pixel Data tag, if there is
+    one. Only element and item headers are read (from ``head``, the file's first bytes,
+    where they are there; else seeks in ``f``, not the pixel bytes), so this costs the
+    same for a 2 GB multi-frame as for a thumbnail. Deflated data sets are not checked.
     """
     ts = ds.file_meta.get("TransferSyntaxUID")
     if ts is None or ts.is_deflated:
         return True
-    end = f.seek(0, os.SEEK_END)
-    f.seek(stop, os.SEEK_SET)
     order = "<" if ts.is_little_endian else ">"
-    head = f.read(8)
-    if len(head) < 8:
+    if stop + 12 <= len(head):
+        head_at = head[stop:stop + 12]
+    else:
+        f.seek(stop, os.SEEK_SET)
+        head_at = f.read(12)
+    if len(head_at) < 8:
         return True  # no Pixel Data: nothing to check
-    group, element = struct.unpack(order + "HH", head[:4])
+    group, element = struct.unpack(order + "HH", head_at[:4])
     if (group, element) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
         return True
     if ts.is_implicit_VR:
-        length = struct.unpack(order + "L", head[4:8])[0]
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
-        rest = f.read(4)
-        if len(rest) < 4:
+        length, value_at = struct.unpack(order + "L", head_at[4:8])[0], stop + 8
+    elif head_at[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+        if len(head_at) < 12:
             return False
-        length = struct.unpack(order + "L", rest)[0]
+        length, value_at = struct.unpack(order + "L", head_at[8:12])[0], stop + 12
     else:
-        length = struct.unpack(order + "H", head[6:8])[0]
+        length, value_at = struct.unpack(order + "H", head_at[6:8])[0], stop + 8
     if length != 0xFFFFFFFF:
-        return f.tell() + length <= end
+        return value_at + length <= end
+    f.seek(value_at, os.SEEK_SET)
     while True:  # encapsulated: walk the items to the sequence delimiter
         item = f.read(8)
         if len(item) < 8:
@@ -234,4 +266,3 @@ def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int) -> bool:
         if (group, element) != (0xFFFE, 0xE000) or f.tell() + item_length > end:
             return False
         f.seek(item_length, os.SEEK_CUR)
-

@@ -145,8 +145,8 @@ class Ingest:
             self.spool.discard(spooled)
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
             return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
-        if not enqueued.row_ids:
-            self.spool.discard(spooled)
+        if not enqueued.row_ids:  # a resend of what is queued or delivered
+            self.spool.recycle(spooled)
         for name, why in enqueued.skipped.items():
             LOGGER.info("%s not queued for %s: %s", sop_instance, name, why)
         label = self.metrics.calling_ae(ctx.calling_ae)

@@ -56,6 +56,12 @@ def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.Complet
     )
 
 
+def spool_data(data_dir: Path) -> list[Path]:
+    """Files in the bridge's spool that hold data (``spool/free/`` keeps empty files for reuse)."""
+    spool = data_dir / "spool"
+    return sorted(p for p in spool.rglob("*") if p.is_file() and p.stat().st_size) if spool.exists() else []
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

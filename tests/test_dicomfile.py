@@ -1,4 +1,5 @@
-"""Intake's header reader gives what pydicom's reader gives, on every file pydicom ships."""
+"""Intake's header reader gives what pydicom's reader gives, on every file pydicom ships,
+and on headers longer than the bytes it reads at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 from pydicom import dcmread
 
 from bridge import dicomfile
+from bridge.errors import IntakeError
+from tests.corpus import ct_series
 
 TEST_FILES = sorted(p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*") if p.is_file())
 
@@ -30,6 +33,62 @@ def test_the_fast_reader_takes_most_of_pydicoms_files() -> None:
             warnings.simplefilter("ignore")
             taken += dicomfile._read_plain_part10(f) is not None
     assert taken > len(TEST_FILES) * 0.8
+
+
+def _same_header(mine: object, ref: object) -> None:
+    assert list(mine.file_meta.keys()) == list(ref.file_meta.keys())  # type: ignore[attr-defined]
+    assert list(mine.keys()) == list(ref.keys())  # type: ignore[attr-defined]
+    for tag in ref.keys():  # type: ignore[attr-defined]
+        try:
+            expected = str(ref[tag].value)  # type: ignore[index]
+        except Exception:
+            continue  # a value pydicom cannot convert either way
+        assert str(mine[tag].value) == expected, f"{tag}"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
+def test_read_header_reads_what_pydicom_reads(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mine = dicomfile.read_header(path)
+        except IntakeError:
+            return  # unreadable or truncated: what intake refuses (tests/test_intake.py)
+        ref, _ = _pydicom(path)
+        assert not isinstance(ref, type), f"pydicom fails ({ref}) where read_header does not"
+        _same_header(mine, ref)
+
+
+@pytest.mark.parametrize("filler", [(100, 1000), (1, 40_000), (3, 30_000)], ids=["many", "one-deferred", "three"])
+def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path: Path, filler: tuple[int, int]) -> None:
+    """Headers of 40 to 100 KB (long private values) against 64 KB read at once; cut
+    anywhere in their Pixel Data, the files are refused."""
+    count, size = filler
+    path = ct_series(tmp_path, 1, size=128)[0]
+    ds = dcmread(path)
+    block = ds.private_block(0x0011, "BRIDGE TEST", create=True)
+    for n in range(count):
+        block.add_new(n, "OB" if size > 1024 else "LT", bytes(size) if size > 1024 else "x" * size)
+    ds.save_as(path, enforce_file_format=True)
+    ref, stop = _pydicom(path)
+    assert stop > 40_000
+    _same_header(dicomfile.read_header(path), ref)
+    whole = path.read_bytes()
+    for cut in (stop + 8, stop + 100, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(IntakeError):
+            dicomfile.read_header(path)
+
+
+def test_a_file_cut_in_pixel_data_within_the_first_read_is_refused(tmp_path: Path) -> None:
+    path = ct_series(tmp_path, 1, size=64)[0]  # 8 KB of pixels: the whole file in one read
+    whole = path.read_bytes()
+    ref, stop = _pydicom(path)
+    _same_header(dicomfile.read_header(path), ref)
+    for cut in (stop + 10, stop + 12, len(whole) - 2):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(IntakeError):
+            dicomfile.read_header(path)
 
 
 @pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)

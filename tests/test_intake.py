@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from corpus import BROKEN, TEST_FILES, ct_series, with_uid, write_ct
-from peers import echoscu, storescu, wait_for
+from peers import echoscu, spool_data, storescu, wait_for
 from pydicom.uid import generate_uid
 
 # storescu proposes one syntax per context with these options (and uncompressed ones
@@ -150,9 +150,7 @@ def test_refused_instances_get_statuses_and_the_daemon_goes_on(tmp_path, series,
     wait_for(lambda: len(dcm_files(out)) == 1, 30, "the good instance")
     assert not list(tmp_path.rglob("evil*"))
     assert storescu(bridge.port, series[7:]).statuses == [0, 0, 0]
-    spool_files = [p for p in (bridge.data_dir / "spool").rglob("*") if p.is_file()]
-    wait_for(lambda: not [p for p in (bridge.data_dir / "spool").rglob("*") if p.is_file()], 30,
-             f"an empty spool, not {spool_files}")
+    wait_for(lambda: not spool_data(bridge.data_dir), 30, "no data left in the spool")
 
 
 def test_broken_pydicom_files_are_refused(tmp_path, bridge_factory, raw_scu):
@@ -212,6 +210,25 @@ def test_generated_series_in_one_association(tmp_path, bridge_factory):
     files = ct_series(tmp_path / "ct", 30)
     assert storescu(bridge.port, files).statuses == [0] * 30
     wait_for(lambda: len(dcm_files(out)) == 30, 30, "30 files in the folder")
+
+
+def test_delivered_instances_leave_no_data_in_the_spool_and_their_files_are_reused(tmp_path, bridge_factory):
+    out = tmp_path / "out"
+    bridge = bridge_factory({"ae_title": "BRIDGE",
+                             "destinations": {"out": {"type": "folder", "path": str(out)}},
+                             "rules": [{"name": "all", "store": ["out"]}]})
+    spool = bridge.data_dir / "spool"
+    first, second = ct_series(tmp_path / "a", 10), ct_series(tmp_path / "b", 10)
+    for sent in (first, second):
+        assert storescu(bridge.port, sent).statuses == [0] * 10
+        wait_for(lambda: bridge.queue_states().get("pending", 0) == 0 and not dcm_files(spool / "incoming")
+                 and not [p for p in spool.glob("[0-9a-f][0-9a-f]/*")], 30, "every instance delivered")
+        assert spool_data(bridge.data_dir) == []
+        assert len(list((spool / "free").iterdir())) <= 10  # the second ten reused the first ten's files
+    delivered = {pydicom.dcmread(p).SOPInstanceUID: p for p in dcm_files(out)}
+    assert len(delivered) == 20
+    for original in first + second:
+        assert_same_instance(delivered[pydicom.dcmread(original).SOPInstanceUID], original)
 
 
 def test_too_many_associations_are_refused_transiently(tmp_path, bridge_factory):

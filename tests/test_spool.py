@@ -1,4 +1,5 @@
-"""The hash intake takes while it receives (bridge.spool.HashingTempFile)."""
+"""The spool: the hash intake takes while it receives (bridge.spool.HashingTempFile), and
+the files it recycles."""
 
 from __future__ import annotations
 
@@ -8,7 +9,74 @@ from pathlib import Path
 
 import pytest
 
-from bridge.spool import HASH_LOT, HashingTempFile
+from bridge.spool import FREE_MAX, HASH_LOT, HashingTempFile, Spool
+
+
+def spooled(spool: Spool, data: bytes) -> Path:
+    """A file received into ``spool`` and taken into it, as intake does."""
+    temp = spool.new_temp()
+    temp.write(data)
+    temp.close()
+    return spool.take(Path(temp.name))
+
+
+def files_with_data(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.stat().st_size]
+
+
+def test_a_recycled_file_keeps_no_data_and_receives_the_next_instance(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    first = spooled(spool, b"first instance" * 1000)
+    inode = first.stat().st_ino
+    spool.recycle(first)
+    assert not first.exists()
+    assert files_with_data(spool.root) == []
+    assert [p.stat().st_size for p in spool.free.iterdir()] == [0]
+
+    second = spooled(spool, b"second")
+    assert second.read_bytes() == b"second"
+    assert second.stat().st_ino == inode  # the same file, not a new one
+    assert list(spool.free.iterdir()) == []
+
+
+def test_a_file_linked_elsewhere_is_unlinked_not_emptied(tmp_path: Path) -> None:
+    """The archive and folder destinations hard-link spool files: recycling one must not
+    empty what they hold."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    path = spooled(spool, b"archived instance")
+    link = tmp_path / "archive.dcm"
+    os.link(path, link)
+    spool.recycle(path)
+    assert not path.exists()
+    assert link.read_bytes() == b"archived instance"
+    assert list(spool.free.iterdir()) == []
+
+
+def test_the_free_files_are_bounded_and_kept_across_restarts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    for path in [spooled(spool, b"x") for _ in range(FREE_MAX + 5)]:
+        spool.recycle(path)
+    assert len(list(spool.free.iterdir())) == FREE_MAX
+    (spool.incoming / "partial.dcm").write_bytes(b"half an instance")
+
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert list(again.incoming.iterdir()) == []
+    assert len(list(again.free.iterdir())) == FREE_MAX
+    assert spooled(again, b"y").read_bytes() == b"y"
+    assert len(list(again.free.iterdir())) == FREE_MAX - 1
+
+
+def test_a_free_file_removed_behind_the_spools_back_is_replaced(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.recycle(spooled(spool, b"x"))
+    for path in spool.free.iterdir():
+        path.unlink()  # an administrator cleaning up
+    assert spooled(spool, b"new").read_bytes() == b"new"
 
 
 @pytest.mark.parametrize("sizes", [[0], [100], [HASH_LOT - 1, 1], [3 << 20, HASH_LOT + 5, 1, HASH_LOT, 7]],

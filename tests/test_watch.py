@@ -20,7 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 from corpus import TEST_FILES, ct_series
-from peers import free_port, wait_for
+from peers import free_port, spool_data, wait_for
 from pydicom.fileset import FileSet
 
 from bridge.config import validate
@@ -172,7 +172,7 @@ def test_files_there_before_start_survive_a_kill_9(tmp_path, orthanc_factory, br
     arrived(orthanc, expected)
     wait_for(lambda: emptied(watched), 60, "the watched folder to be empty")
     wait_for(lambda: restarted.queue_states() == {"done": len(expected)}, 60, "every row done")
-    wait_for(lambda: not files_in(restarted.data_dir / "spool"), 30, "the spool to be empty")
+    wait_for(lambda: not spool_data(restarted.data_dir), 30, "no data left in the spool")
     assert not failed.exists()
     assert left < len(files)  # the kill came while files were being taken (or after all of them)
 
