@@ -104,6 +104,7 @@ import pynetdicom.presentation
 import pynetdicom.service_class
 import pynetdicom.transport
 import pynetdicom.utils
+from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
@@ -475,9 +476,16 @@ def _take_store_command_pdu(dul: Any, body: bytearray) -> bool:
     command = _plain_store_command(raw)
     if command is None or command[4] == 0x0101:  # not a plain C-STORE request, or no data set
         return False
-    message = C_STORE_RQ()
-    message.encoded_command_set.write(raw)
+    # DIMSEMessage.__init__ without its fifteen empty command elements, each set through
+    # pydicom (a tenth of this function): nothing reads the command set of a message
+    # started here (no EVT_DIMSE_RECV handler, see _may_take); _receive_primitive
+    # decodes it when pynetdicom needs it.
+    message = C_STORE_RQ.__new__(C_STORE_RQ)
     message.context_id = context_id
+    message.encoded_command_set = BytesIO(raw)
+    message.encoded_command_set.seek(0, os.SEEK_END)  # as if written
+    message.data_set = BytesIO()
+    message.command_set = Dataset()
     message._bridge_command = command  # type: ignore[attr-defined]  # for _c_store_request, later
     dm: Any = pynetdicom.dimse_messages  # its file factory and File Meta writer, as installed
     target = dm.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
