@@ -94,7 +94,8 @@ class Daemon:
             d for (d, state), n in self.queue.counts().items()
             if d not in self.config.destinations and state in _UNDELIVERED and n
         })
-        self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
+        self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake,
+                             on_finished=self.delivery.flush)
         self.intake.start()
         # Watched files go through the intake's durable path (bridge.ingest), with its rules.
         self.watcher = Watcher(self.config, self.intake.rules, self.intake.ingest, self.metrics)

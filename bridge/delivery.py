@@ -55,6 +55,7 @@ class DestinationRunner:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sending = 0  # workers between a claim and the end of its batch
+        self._flush = False  # the next claim takes what is due, even beside a batch in flight
         self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
         self._publish()
 
@@ -68,6 +69,14 @@ class DestinationRunner:
 
     def wake(self) -> None:
         with self._cond:
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Send what is queued now, beside a batch in flight, instead of after
+        ``SHARE_AFTER`` or that batch: a modality has finished an association, so nothing
+        more of it is coming to make the next batch larger."""
+        with self._cond:
+            self._flush = True
             self._cond.notify_all()
 
     def queued(self) -> None:
@@ -143,10 +152,11 @@ class DestinationRunner:
         with self._cond:
             others = self._sending
             self._sending += 1
+            flush, self._flush = self._flush, False
         rows: list[Row] = []
         try:
             rows = self._queue.claim(self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes,
-                                     partial_after=SHARE_AFTER if others else 0.0)
+                                     partial_after=SHARE_AFTER if others and not flush else 0.0)
         finally:
             if not rows:
                 with self._cond:
@@ -263,6 +273,11 @@ class Delivery:
         for name in names:
             if runner := self.runners.get(name):
                 runner.queued()
+
+    def flush(self) -> None:
+        """An association that stored instances has ended: send what it left now."""
+        for runner in list(self.runners.values()):
+            runner.flush()
 
     def add(self, runners: dict[str, DestinationRunner]) -> None:
         """Start the runners of destinations that a reload added or changed."""

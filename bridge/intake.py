@@ -31,6 +31,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -133,6 +134,7 @@ class Intake:
         queue: Queue,
         metrics: Metrics,
         on_queued: Any = None,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.rules = ruleset(config)
@@ -140,6 +142,7 @@ class Intake:
         self.queue = queue
         self.metrics = metrics
         self.ingest = Ingest(spool, queue, metrics, on_queued)
+        self.on_finished = on_finished or (lambda: None)  # an association that stored something ended
         self._ids = itertools.count(1)
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
@@ -271,6 +274,8 @@ class Intake:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         LOGGER.info("association %s after %.1fs: %d stored, %d refused",
                     how, time.monotonic() - stats.started, stats.stored, stats.failed)
+        if stats.stored:
+            self.on_finished()
 
     # -- DIMSE services ----------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""Delivery workers (bridge.delivery): when a batch that is not full may leave."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from peers import wait_for
+
+from bridge import delivery
+from bridge.config import FolderDestination, Retry
+from bridge.delivery import DestinationRunner
+from bridge.metrics import Metrics
+from bridge.model import Done, Outcome, SpooledInstance
+from bridge.queue import Queue, Route
+from bridge.spool import Spool
+
+
+class HeldDestination:
+    """Records each batch; the first one is held until ``release`` is set."""
+
+    name = "held"
+
+    def __init__(self, sent: list[list[str]], release: threading.Event) -> None:
+        self.sent, self.release = sent, release
+
+    def open(self) -> None:
+        pass
+
+    def send(self, batch: Sequence[SpooledInstance]) -> Sequence[Outcome]:
+        self.sent.append([i.sop_instance_uid for i in batch])
+        if len(self.sent) == 1:
+            self.release.wait(30)
+        return [Done() for _ in batch]
+
+    def close(self) -> None:
+        pass
+
+
+def instance(spool: Spool, uid: str) -> SpooledInstance:
+    temp = spool.new_temp()
+    temp.write(uid.encode())
+    temp.close()
+    path = spool.take(Path(temp.name))
+    return SpooledInstance(spool_path=path, size=len(uid), sha256=uid, sop_class_uid="1.2.3", sop_instance_uid=uid,
+                           study_uid="1.2", series_uid="1.2.1", transfer_syntax="1.2.840.10008.1.2.1",
+                           calling_ae="CT", called_ae="BRIDGE", peer="127.0.0.1", received_at=datetime.now(UTC))
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Rows behind a batch in flight would otherwise be shared after SHARE_AFTER: make
+    # that too long to matter, so only flush() can let them go.
+    monkeypatch.setattr(delivery, "SHARE_AFTER", 60.0)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    queue = Queue(tmp_path / "queue.sqlite")
+    sent: list[list[str]] = []
+    release = threading.Event()
+    settings = FolderDestination.model_validate({"type": "folder", "path": str(tmp_path / "out"), "workers": 2,
+                                                 "batch": {"linger": "0s"}})
+    runner = DestinationRunner("held", lambda: HeldDestination(sent, release), settings, Retry(), queue, spool,
+                               Metrics())
+    runner.start()
+
+    def enqueue(*uids: str) -> None:
+        for uid in uids:
+            queue.enqueue(instance(spool, uid), [Route("held")])
+        runner.queued()
+
+    yield runner, enqueue, sent, release
+    release.set()
+    runner.request_stop()
+    runner.stop(time.monotonic() + 10)
+    queue.close()
+
+
+def test_when_an_association_ends_what_it_left_goes_beside_the_batch_in_flight(runner) -> None:
+    """Otherwise it would wait for that batch (or SHARE_AFTER), to make a larger batch of
+    what arrives meanwhile; after an association ends, nothing more of it is coming."""
+    runner, enqueue, sent, release = runner
+    enqueue("1.1")
+    wait_for(lambda: sent == [["1.1"]], 10, "the first batch to be in flight")
+    enqueue("1.2", "1.3")
+    runner.flush()
+    wait_for(lambda: sent == [["1.1"], ["1.2", "1.3"]], 10, "the rest sent while the first is still held")
+    assert not release.is_set()
