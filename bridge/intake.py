@@ -30,6 +30,7 @@ import itertools
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,15 @@ class _AssocStats:
     rules: RuleSet | None = None
 
 
+def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO: the socket stays blocking for Python (no poll() before
+    each call, as ``settimeout`` would add), but no single call waits longer."""
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+
 class Intake:
     """The listener: associations, C-ECHO and C-STORE."""
 
@@ -214,6 +224,12 @@ class Intake:
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # pynetdicom's timers run between PDUs, in the thread that reads them: a peer
+            # that stopped in the middle of one would hold that thread in recv(), and the
+            # association's slot, for ever. The kernel ends such a wait (or a send to a
+            # peer that reads nothing) after timeouts.network: the call fails and
+            # pynetdicom closes the association.
+            _set_io_timeout(sock, self.config.listen.timeouts.network)
         pynetdicom_overrides.prepare(event.assoc, serve_inline=True)
 
     def _on_requested(self, event: evt.Event) -> None:

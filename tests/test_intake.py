@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -229,6 +232,24 @@ def test_delivered_instances_leave_no_data_in_the_spool_and_their_files_are_reus
     assert len(delivered) == 20
     for original in first + second:
         assert_same_instance(delivered[pydicom.dcmread(original).SOPInstanceUID], original)
+
+
+def test_a_peer_that_stops_in_the_middle_of_a_pdu_is_cut_off(tmp_path, bridge_factory):
+    """Between PDUs pynetdicom's timers end a silent association; within one, nothing would."""
+    bridge = bridge_factory(folder_config(tmp_path / "out", listen={"timeouts": {"network": "1s"}}))
+    stalled = socket.create_connection(("127.0.0.1", bridge.port))
+    try:
+        stalled.sendall(struct.pack(">BBL", 0x01, 0, 1000) + bytes(10))  # an A-ASSOCIATE-RQ's first bytes
+        stalled.settimeout(20)
+        started = time.monotonic()
+        try:
+            assert stalled.recv(100) == b""  # closed by the bridge
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 10
+    finally:
+        stalled.close()
+    assert echoscu(bridge.port, called_ae="BRIDGE").returncode == 0
 
 
 def test_too_many_associations_are_refused_transiently(tmp_path, bridge_factory):
