@@ -121,11 +121,23 @@ class Daemon:
         between the last row's completion and the file's removal."""
         assert self.queue is not None
         needed = self.queue.needed_spool_paths()
-        orphans = [p for p in self.spool.files() if str(p) not in needed]
+        present = self.spool.files()
+        orphans = [p for p in present if str(p) not in needed]
         for path in orphans:
             self.spool.discard(path)
         if orphans:
             LOGGER.info("removed %d spool file(s) that no queue row needs", len(orphans))
+        # Rows whose file is gone: a crash after the queue's commit but before the file's
+        # folder entry reached the disk (intake syncs the two side by side, and answers
+        # only once both are durable), or files removed by hand. Left pending, such a row
+        # would make the modality's resend of that instance look like a harmless
+        # duplicate, acknowledged and then lost; dead, it says what happened.
+        on_disk = {str(p) for p in present}
+        missing = [p for p in needed if p not in on_disk]
+        lost = self.queue.dead_without_file(missing, "its spool file is missing at start-up") if missing else 0
+        if lost:
+            LOGGER.error("%d queued row(s) have lost their spool file and are dead; a resend of those "
+                         "instances is queued anew", lost)
 
     def serve_forever(self) -> int:
         """Run until SIGTERM or SIGINT; returns the exit code."""

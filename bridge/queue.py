@@ -303,6 +303,18 @@ class Queue:
                 [(time.time(), reason, row_id) for row_id in row_ids],
             )
 
+    def dead_without_file(self, spool_paths: Sequence[str], reason: str) -> int:
+        """Pending rows of these (missing) spool files are dead, with ``reason``; returns
+        how many. A dead row does not hold back a resend of the same content."""
+        with self._lock, self._transaction():
+            return sum(
+                self._db.execute(
+                    "UPDATE queue SET state = 'dead', done_at = ?, last_error = ? WHERE spool_path = ?"
+                    " AND state = 'pending'", (time.time(), reason, path),
+                ).rowcount
+                for path in spool_paths
+            )
+
     def release(self, rows: Sequence[Row], not_before: float, reason: str) -> None:
         """Give claimed rows back without charging them (the destination was unavailable)."""
         with self._lock, self._transaction():

@@ -132,3 +132,26 @@ def test_full_spool_answers_a700_and_loses_nothing(tmp_path, tiny_tmpfs, bridge_
     expected = sorted(f"{sop_uid(f)}.dcm" for f in stored)
     wait_for(lambda: delivered(out) == expected, 60, "every acknowledged instance")
     assert bridge.stop() == 0
+
+
+def test_a_row_whose_spool_file_was_lost_does_not_swallow_the_resend(tmp_path, bridge_factory):
+    """The queue's commit reached the disk, the file's folder entry did not (a crash
+    between the two, before the answer): the modality resends, and that resend must be
+    queued, not taken for a duplicate of the row whose file is gone."""
+    config, blocker, out = blocked_folder_config(tmp_path)
+    bridge = bridge_factory(config)
+    files = ct_series(tmp_path / "ct", 3)
+    assert storescu(bridge.port, files).statuses == [0] * 3
+    bridge.kill()
+    lost = next(p for p in (bridge.data_dir / "spool").glob("[0-9a-f][0-9a-f]/*.dcm")
+                if sop_uid(p) == sop_uid(files[1]))
+    lost.unlink()
+
+    bridge.start()
+    wait_for(lambda: "lost their spool file" in bridge.log(), 20, "the lost file noticed at start-up")
+    assert bridge.queue_states() == {"pending": 2, "dead": 1}
+    assert storescu(bridge.port, [files[1]]).statuses == [0]
+    unblock(blocker)
+    wait_for(lambda: len(delivered(out)) == 3, 60, "all three, the resend included")
+    assert delivered(out) == sorted(f"{sop_uid(f)}.dcm" for f in files)
+    wait_for(lambda: bridge.queue_states() == {"done": 3, "dead": 1}, 20, "every row settled")
