@@ -121,6 +121,15 @@ class Daemon:
         between the last row's completion and the file's removal."""
         assert self.queue is not None
         needed = self.queue.needed_spool_paths()
+        root = os.path.join(str(self.spool.root), "")
+        elsewhere = [p for p in needed if not p.startswith(root)]
+        if elsewhere:
+            # The rows name files under another folder: data_dir was moved or renamed. The
+            # files here are not orphans, nor are those rows' files lost; touch nothing.
+            LOGGER.error("%d queued row(s) name spool files outside %s, e.g. %s: was data_dir moved? "
+                         "Nothing is removed from the spool until the daemon runs with the data_dir "
+                         "they were queued in", len(elsewhere), self.spool.root, elsewhere[0])
+            return
         present = self.spool.files()
         orphans = [p for p in present if str(p) not in needed]
         for path in orphans:

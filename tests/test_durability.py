@@ -155,3 +155,22 @@ def test_a_row_whose_spool_file_was_lost_does_not_swallow_the_resend(tmp_path, b
     wait_for(lambda: len(delivered(out)) == 3, 60, "all three, the resend included")
     assert delivered(out) == sorted(f"{sop_uid(f)}.dcm" for f in files)
     wait_for(lambda: bridge.queue_states() == {"done": 3, "dead": 1}, 20, "every row settled")
+
+
+def test_a_moved_data_dir_keeps_its_spool(tmp_path, bridge_factory):
+    """The queue names spool files by their full path: after data_dir is moved, none of
+    them is where the rows say, and none of the files here is named by a row. Neither
+    is to be removed or given up for lost."""
+    config, blocker, out = blocked_folder_config(tmp_path)
+    bridge = bridge_factory(config)
+    assert storescu(bridge.port, ct_series(tmp_path / "ct", 3)).statuses == [0] * 3
+    assert bridge.stop() == 0
+    moved = tmp_path / "moved"
+    bridge.data_dir.rename(moved)
+    bridge.config["data_dir"] = str(moved)
+    bridge.write_config()
+
+    bridge.start()
+    wait_for(lambda: "was data_dir moved?" in bridge.log(), 20, "the move noticed at start-up")
+    assert len(list((moved / "spool").glob("[0-9a-f][0-9a-f]/*.dcm"))) == 3
+    assert bridge.queue_states() == {"pending": 3}
