@@ -167,7 +167,8 @@ class Spool:
             path.unlink(missing_ok=True)
         if leftovers:
             LOGGER.info("removed %d partial file(s) left by interrupted associations", len(leftovers))
-        free = sorted(entry.name for entry in os.scandir(self.free))
+        # Only plain files are reused (never a link, which would be written through).
+        free = sorted(entry.name for entry in os.scandir(self.free) if entry.is_file(follow_symlinks=False))
         for name in free[FREE_MAX:]:
             os.unlink(os.path.join(self._free_dir, name))
         with self._free_lock:

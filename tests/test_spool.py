@@ -89,3 +89,15 @@ def test_the_hash_is_that_of_the_file_however_it_was_written(tmp_path: Path, siz
     path = Path(writer.name)
     assert HashingTempFile.hash_of(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     writer.close()
+
+
+def test_only_plain_files_in_free_are_reused(tmp_path: Path) -> None:
+    """A link put in free/ would be written through: it is left alone."""
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_bytes(b"not the spool's")
+    (tmp_path / "spool" / "free").mkdir(parents=True)
+    (tmp_path / "spool" / "free" / "link.dcm").symlink_to(outside)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    assert spooled(spool, b"instance").read_bytes() == b"instance"
+    assert outside.read_bytes() == b"not the spool's"
