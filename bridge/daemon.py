@@ -117,8 +117,10 @@ class Daemon:
         }
 
     def _sweep_orphans(self) -> None:
-        """Spool files no row needs: a crash between the rename and the queue commit, or
-        between the last row's completion and the file's removal."""
+        """At start: remove spool files no row needs (a crash between the rename and the
+        queue commit, or between the last row's completion and the file's removal), and
+        mark dead the pending rows whose file is gone; neither when the rows name files
+        outside this spool (a moved data_dir)."""
         assert self.queue is not None
         needed = self.queue.needed_spool_paths()
         root = os.path.join(str(self.spool.root), "")
