@@ -203,13 +203,17 @@ class Spool:
             if full or os.stat(path).st_nlink != 1:
                 os.unlink(path)
                 return
-            os.truncate(path, 0)
-            os.rename(path, os.path.join(self._free_dir, name))
+            # Out of the shard first, then emptied: a shard never shows an empty instance,
+            # and a crash between the two leaves bytes in free/ that reuse overwrites.
+            target = os.path.join(self._free_dir, name)
+            os.rename(path, target)
+            os.truncate(target, 0)
         except FileNotFoundError:
             return
         except OSError as exc:
             LOGGER.warning("cannot recycle spool file %s: %s", name, exc.strerror)
             self.discard(path)
+            self.discard(Path(os.path.join(self._free_dir, name)))
             return
         with self._free_lock:
             self._free.append(name)

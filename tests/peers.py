@@ -57,9 +57,10 @@ def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.Complet
 
 
 def spool_data(data_dir: Path) -> list[Path]:
-    """Files in the bridge's spool that hold data (``spool/free/`` keeps empty files for reuse)."""
+    """Files in the bridge's spool that hold instances: its shards and ``incoming/``, not
+    ``spool/free/`` (files kept for reuse, which no row needs)."""
     spool = data_dir / "spool"
-    return sorted(p for p in spool.rglob("*") if p.is_file() and p.stat().st_size) if spool.exists() else []
+    return sorted(p for p in spool.glob("*/*") if p.parent.name != "free" and p.is_file())
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from corpus import ct_series, with_uid, write_ct
-from peers import storescu, wait_for
+from peers import spool_data, storescu, wait_for
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -314,8 +314,10 @@ def test_rules_modify_what_a_folder_and_the_archive_receive_and_nothing_else(tmp
     destination, uid, content_hash, reason = rows[0]
     assert (destination, uid) == ("research", header(bad).SOPInstanceUID)
     assert "StudyID" in reason and "exceeds the maximum length of 16" in reason
-    # its spool file is kept for a retry, and is still what was received
-    spooled_files = [p for p in (bridge.data_dir / "spool").glob("[0-9a-f][0-9a-f]/*.dcm")]
+    # its spool file is kept for a retry, and is still what was received (the others leave
+    # the spool just after their rows are marked done)
+    spooled_files = wait_for(lambda: files if len(files := spool_data(bridge.data_dir)) == 1 else None,
+                             30, "only the dead row's file left in the spool")
     assert [sha256(p) for p in spooled_files] == [content_hash]
 
     for original in sent:
