@@ -508,10 +508,14 @@ _DIMSE_LOGGER = logging.getLogger("pynetdicom.dimse")
 def _receive_primitive(self: Any, primitive: P_DATA) -> None:
     """``DIMSEServiceProvider.receive_primitive`` (pynetdicom 3.0), line for line, except
     that a C-STORE request may be served here, in the network thread (``_serve_inline``),
-    instead of being queued for the association thread."""
+    instead of being queued for the association thread, and that its data set's file,
+    complete, is sealed first (a recycled spool file keeps nothing of its old content)."""
     if self.message is None:
         self.message = DIMSEMessage()
     if self.message.decode_msg(primitive, self.assoc):
+        seal = getattr(self.message._data_set_file, "seal", None)
+        if seal is not None:
+            seal()
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
         context_id = self.message.context_id
         try:

@@ -3,7 +3,8 @@
 Layout under ``<data_dir>/spool``: ``incoming/`` holds files still being received
 (pynetdicom writes C-STORE data sets there, on the same file system, so taking a file
 into the spool is a rename); ``00``..``ff`` hold spooled files named by the daemon,
-never by the dataset; ``free/`` holds empty files kept for reuse (see ``Spool.recycle``).
+never by the dataset; ``free/`` holds delivered files kept for the next instances to be
+written into (see ``Spool.recycle``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A file's data and what reading it back needs (its size, its blocks), without its
+# timestamps: a recycled file overwritten in place to the same length costs no inode
+# write. (macOS has no fdatasync.)
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        _datasync(fd)
     finally:
         os.close(fd)
 
@@ -71,8 +78,10 @@ class HashingTempFile:
     _hashed: futures.Future[None] | None = None
 
     def __init__(self, directory: Path, suffix: str = ".dcm", reuse: str | None = None) -> None:
-        """A new file in ``directory``; or, with ``reuse``, that existing file's path,
-        emptied (a file the spool recycled)."""
+        """A new file in ``directory``; or, with ``reuse``, that existing file's path (a
+        file the spool recycled), written over from its start: ``seal`` cuts what it held
+        beyond the new content."""
+        self._stale = 0  # bytes of the recycled file's old content, until sealed
         if reuse is None:
             self._file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom
                 delete=False, mode="wb", suffix=suffix, dir=directory
@@ -80,8 +89,11 @@ class HashingTempFile:
             self.name = self._file.name
             self.file = self._file.file  # type: ignore[attr-defined]
         else:
-            self._file = self.file = open(reuse, "wb")  # noqa: SIM115 - closed by pynetdicom
+            # Not truncated on opening: its blocks are written over, not freed and
+            # allocated again (see Spool.recycle).
+            self._file = self.file = open(reuse, "r+b")  # noqa: SIM115 - closed by pynetdicom
             self.name = reuse
+            self._stale = os.fstat(self._file.fileno()).st_size
         self._write = self.file.write  # the raw file's, not the wrapper's (one Python call less)
         self.digest = hashlib.sha256()
         self._lot: list[bytes] = []
@@ -118,7 +130,20 @@ class HashingTempFile:
         self._finish()
         return self.digest.hexdigest()
 
+    def seal(self) -> None:
+        """Everything is written: flush, and cut a recycled file's old content beyond it.
+        Intake calls this when a message is complete (``bridge.pynetdicom_overrides``),
+        before anything reads the file; ``close`` calls it too."""
+        if self._stale:
+            self._file.flush()
+            end = self._file.tell()
+            if end < self._stale:
+                os.ftruncate(self._file.fileno(), end)
+            self._stale = 0
+
     def close(self) -> None:
+        if not self._file.closed:
+            self.seal()
         self._file.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -136,13 +161,19 @@ def _update_all(digest: Any, chunks: list[bytes]) -> None:
         digest.update(chunk)
 
 
-# Empty files kept in ``free/`` for new instances, at most. Each instance's file would
+# Delivered files kept in ``free/`` for new instances, at most. Each instance's file would
 # otherwise be created on receipt and removed on delivery: on ext4 without a journal,
 # creating a file scans past every inode freed in the last minutes (measured here: 0.3
 # ms per file in a busy folder, for the bridge and for a PACS writing beside it), and on
 # any file system an inode reused costs less than one freed and allocated again.
 # PostgreSQL recycles its WAL segments for the same reason.
 FREE_MAX = 256
+# Of those, files whose blocks are kept (their old content, never read again, is written
+# over by the next instance): at most this many bytes in all; the others are emptied.
+# Blocks written over cost no allocation on receipt, no freeing (a discard, on a file
+# system mounted with it) on delivery, and their fdatasync no metadata write: measured
+# here, a 512 KB instance's write and sync took 0.3 ms instead of 0.5 to 0.7.
+RETAIN_BYTES = 64 << 20
 
 
 class Spool:
@@ -152,7 +183,9 @@ class Spool:
         self.incoming = root / "incoming"
         self.free = root / "free"
         self._incoming, self._free_dir = str(self.incoming), str(self.free)
-        self._free: list[str] = []  # names in free/ (only the daemon's Spool, after open())
+        # (name, bytes kept) of the files in free/ (only the daemon's Spool, after open())
+        self._free: list[tuple[str, int]] = []
+        self._retained = 0  # the sum of those bytes
         self._free_lock = threading.Lock()
 
     def open(self) -> None:
@@ -168,11 +201,19 @@ class Spool:
         if leftovers:
             LOGGER.info("removed %d partial file(s) left by interrupted associations", len(leftovers))
         # Only plain files are reused (never a link, which would be written through).
-        free = sorted(entry.name for entry in os.scandir(self.free) if entry.is_file(follow_symlinks=False))
-        for name in free[FREE_MAX:]:
+        free = sorted((entry.name, entry.stat(follow_symlinks=False).st_size) for entry in os.scandir(self.free)
+                      if entry.is_file(follow_symlinks=False))
+        for name, _ in free[FREE_MAX:]:
             os.unlink(os.path.join(self._free_dir, name))
+        kept, retained = [], 0
+        for name, size in free[:FREE_MAX]:
+            if retained + size > RETAIN_BYTES:
+                os.truncate(os.path.join(self._free_dir, name), 0)
+                size = 0
+            kept.append((name, size))
+            retained += size
         with self._free_lock:
-            self._free = free[:FREE_MAX]
+            self._free, self._retained = kept, retained
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
@@ -181,7 +222,8 @@ class Spool:
     def new_temp(self) -> HashingTempFile:
         """A file in ``incoming/`` to receive an instance: a recycled one if there is one."""
         with self._free_lock:
-            name = self._free.pop() if self._free else None
+            name, size = self._free.pop() if self._free else (None, 0)
+            self._retained -= size
         if name is not None:
             path = os.path.join(self._incoming, name)
             try:
@@ -193,30 +235,36 @@ class Spool:
         return HashingTempFile(self.incoming)
 
     def recycle(self, path: Path) -> None:
-        """No row needs ``path`` any more: empty it into ``free/`` for a new instance, or
-        remove it when ``free/`` is full. A file with other links (a destination's hard
-        link into its folder) is only unlinked: emptying it would empty the link."""
-        with self._free_lock:
-            full = len(self._free) >= FREE_MAX
+        """No row needs ``path`` any more: move it into ``free/`` for a new instance to
+        be written over, keeping its blocks while ``RETAIN_BYTES`` allows (else emptied),
+        or remove it when ``free/`` is full. A file with other links (a destination's
+        hard link into its folder) is only unlinked: reusing it would change the link."""
         name = os.path.basename(path)
+        retained = 0  # bytes reserved in RETAIN_BYTES for this file
         try:
-            if full or os.stat(path).st_nlink != 1:
+            st = os.stat(path)
+            with self._free_lock:
+                keep = len(self._free) < FREE_MAX and st.st_nlink == 1
+                if keep and self._retained + st.st_size <= RETAIN_BYTES:
+                    retained = st.st_size  # reserved now: two files recycled at once cannot both overrun
+                    self._retained += retained
+            if not keep:
                 os.unlink(path)
                 return
-            # Out of the shard first, then emptied: a shard never shows an empty instance,
-            # and a crash between the two leaves bytes in free/ that reuse overwrites.
             target = os.path.join(self._free_dir, name)
-            os.rename(path, target)
-            os.truncate(target, 0)
-        except FileNotFoundError:
-            return
+            os.rename(path, target)  # out of the shard first: a shard never shows an emptied instance
+            if not retained:
+                os.truncate(target, 0)
         except OSError as exc:
-            LOGGER.warning("cannot recycle spool file %s: %s", name, exc.strerror)
-            self.discard(path)
-            self.discard(Path(os.path.join(self._free_dir, name)))
+            with self._free_lock:
+                self._retained -= retained
+            if not isinstance(exc, FileNotFoundError):
+                LOGGER.warning("cannot recycle spool file %s: %s", name, exc.strerror)
+                self.discard(path)
+                self.discard(Path(os.path.join(self._free_dir, name)))
             return
         with self._free_lock:
-            self._free.append(name)
+            self._free.append((name, retained))
 
     def take(self, path: Path, sync_file: bool = True, sync_folder: bool = True) -> Path:
         """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.

@@ -108,6 +108,14 @@ def write_ct(path: Path, study_uid: str, series_uid: str, number: int, pixels: n
     return path
 
 
+def data_set_bytes(path: Path) -> bytes:
+    """A Part-10 file without its preamble and File Meta (which a receiver writes anew)."""
+    with open(path, "rb") as f:
+        pydicom.filereader.read_preamble(f, False)
+        pydicom.filereader._read_file_meta_info(f)
+        return f.read()
+
+
 def with_uid(source: Path, target: Path, **values: str) -> Path:
     """A copy of ``source`` with the given top-level values set (e.g. a bad SOPInstanceUID)."""
     ds = pydicom.dcmread(source)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from corpus import BROKEN, TEST_FILES, ct_series, with_uid, write_ct
+from corpus import BROKEN, TEST_FILES, ct_series, data_set_bytes, with_uid, write_ct
 from peers import echoscu, spool_data, storescu, wait_for
 from pydicom.uid import generate_uid
 
@@ -215,23 +215,28 @@ def test_generated_series_in_one_association(tmp_path, bridge_factory):
     wait_for(lambda: len(dcm_files(out)) == 30, 30, "30 files in the folder")
 
 
-def test_delivered_instances_leave_no_data_in_the_spool_and_their_files_are_reused(tmp_path, bridge_factory):
+def test_delivered_instances_leave_the_spool_and_their_files_are_reused(tmp_path, bridge_factory):
+    """The second ten are received into the first ten's files, which were larger: each
+    arrives exactly as sent, with nothing of the old content after it. (``ack:
+    delivered``: each is delivered before its C-STORE is answered, so from the file as
+    ingest left it.)"""
     out = tmp_path / "out"
     bridge = bridge_factory({"ae_title": "BRIDGE",
                              "destinations": {"out": {"type": "folder", "path": str(out)}},
-                             "rules": [{"name": "all", "store": ["out"]}]})
+                             "rules": [{"name": "all", "store": ["out"], "ack": "delivered"}]})
     spool = bridge.data_dir / "spool"
-    first, second = ct_series(tmp_path / "a", 10), ct_series(tmp_path / "b", 10)
+    first, second = ct_series(tmp_path / "a", 10, size=128), ct_series(tmp_path / "b", 10, size=64)
     for sent in (first, second):
         assert storescu(bridge.port, sent).statuses == [0] * 10
-        wait_for(lambda: bridge.queue_states().get("pending", 0) == 0 and not dcm_files(spool / "incoming")
-                 and not [p for p in spool.glob("[0-9a-f][0-9a-f]/*")], 30, "every instance delivered")
-        assert spool_data(bridge.data_dir) == []
+        wait_for(lambda: bridge.queue_states().get("pending", 0) == 0 and not spool_data(bridge.data_dir),
+                 30, "every instance delivered")
         assert len(list((spool / "free").iterdir())) <= 10  # the second ten reused the first ten's files
     delivered = {pydicom.dcmread(p).SOPInstanceUID: p for p in dcm_files(out)}
     assert len(delivered) == 20
     for original in first + second:
-        assert_same_instance(delivered[pydicom.dcmread(original).SOPInstanceUID], original)
+        received = delivered[pydicom.dcmread(original).SOPInstanceUID]
+        assert_same_instance(received, original)
+        assert received.read_bytes().endswith(data_set_bytes(original))
 
 
 def test_a_peer_that_stops_in_the_middle_of_a_pdu_is_cut_off(tmp_path, bridge_factory):

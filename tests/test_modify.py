@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from corpus import ct_series, with_uid, write_ct
+from corpus import ct_series, data_set_bytes, with_uid, write_ct
 from peers import spool_data, storescu, wait_for
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
@@ -264,14 +264,6 @@ def test_the_archive_links_originals_and_writes_modified_copies(tmp_path):
         db.close()
     assert names["Renamed^Patient"] == "1.2.3.4"
     assert row == (copy.stat().st_size, sha256(copy), str(copy))
-
-
-def data_set_bytes(path: Path) -> bytes:
-    """A Part-10 file without its preamble and File Meta (which the receiver writes anew)."""
-    with open(path, "rb") as f:
-        pydicom.filereader.read_preamble(f, False)
-        pydicom.filereader._read_file_meta_info(f)
-        return f.read()
 
 
 def test_rules_modify_what_a_folder_and_the_archive_receive_and_nothing_else(tmp_path, bridge_factory):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.spool import FREE_MAX, HASH_LOT, HashingTempFile, Spool
+from bridge.spool import FREE_MAX, HASH_LOT, RETAIN_BYTES, HashingTempFile, Spool
 
 
 def spooled(spool: Spool, data: bytes) -> Path:
@@ -24,20 +24,55 @@ def files_with_data(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.stat().st_size]
 
 
-def test_a_recycled_file_keeps_no_data_and_receives_the_next_instance(tmp_path: Path) -> None:
+def test_a_recycled_file_leaves_the_shards_and_receives_the_next_instance(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.open()
     first = spooled(spool, b"first instance" * 1000)
     inode = first.stat().st_ino
     spool.recycle(first)
     assert not first.exists()
-    assert files_with_data(spool.root) == []
-    assert [p.stat().st_size for p in spool.free.iterdir()] == [0]
+    assert spool.files() == []
+    assert [p.stat().st_ino for p in spool.free.iterdir()] == [inode]
 
     second = spooled(spool, b"second")
-    assert second.read_bytes() == b"second"
+    assert second.read_bytes() == b"second"  # nothing of the longer first after it
     assert second.stat().st_ino == inode  # the same file, not a new one
     assert list(spool.free.iterdir()) == []
+    spool.recycle(second)
+    assert spooled(spool, b"third, longer than the second").read_bytes() == b"third, longer than the second"
+
+
+def test_a_recycled_file_is_sealed_before_it_is_closed(tmp_path: Path) -> None:
+    """Intake reads a received file while it is still open: ``seal`` cuts the old content."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.recycle(spooled(spool, b"an old, long instance"))
+    temp = spool.new_temp()
+    temp.write(b"new")
+    temp.seal()
+    assert Path(temp.name).read_bytes() == b"new"
+    assert HashingTempFile.hash_of(Path(temp.name)) == hashlib.sha256(b"new").hexdigest()
+    temp.close()
+
+
+def test_the_blocks_kept_in_free_are_bounded(tmp_path: Path) -> None:
+    """Delivered files keep their blocks for the next instances up to RETAIN_BYTES in
+    all; beyond it they are emptied, and a restart holds to the same bound."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    size = RETAIN_BYTES // 3 + 1
+    for path in [spooled(spool, bytes(size)) for _ in range(4)]:
+        spool.recycle(path)
+    sizes = sorted(p.stat().st_size for p in spool.free.iterdir())
+    assert sizes == [0, 0, size, size]
+    assert sum(sizes) <= RETAIN_BYTES
+
+    for path in spool.free.iterdir():
+        with open(path, "r+b") as f:  # as if a crash had left them all full
+            f.truncate(size)
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert sorted(p.stat().st_size for p in again.free.iterdir()) == [0, 0, size, size]
 
 
 def test_a_file_linked_elsewhere_is_unlinked_not_emptied(tmp_path: Path) -> None:
