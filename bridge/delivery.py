@@ -19,7 +19,7 @@ from bridge.config import DestinationBase, Retry
 from bridge.errors import DestinationMisconfigured, DestinationUnavailable
 from bridge.metrics import Metrics
 from bridge.model import Destination, Done, Duplicate, Outcome, Permanent, Transient, Warning
-from bridge.queue import Queue, Row, backoff
+from bridge.queue import Batch, Queue, Row, backoff
 from bridge.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class DestinationRunner:
         self._threads: list[threading.Thread] = []
         self._sending = 0  # workers between a claim and the end of its batch
         self._flush = False  # the next claim takes what is due, even beside a batch in flight
+        # Rows a worker waits for (a batch not full, not yet due beside one in flight): while
+        # there are, ``queued`` wakes nobody until they would fill a batch.
+        self._held = 0
         self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
         self._publish()
 
@@ -77,12 +80,21 @@ class DestinationRunner:
         more of it is coming to make the next batch larger."""
         with self._cond:
             self._flush = True
+            self._held = 0
             self._cond.notify_all()
 
     def queued(self) -> None:
         """New rows are due: one idle worker looks (what it leaves, the others would leave
-        too; waking them all would cost a claim query each, for every instance)."""
+        too; waking them all would cost a claim query each, for every instance). While a
+        worker already waits for a batch to be due (``SHARE_AFTER``), nobody is woken
+        until the rows would fill one: each of those wakes was a claim query, under the
+        queue's lock that intake's commits take too, that took nothing."""
         with self._cond:
+            if self._held:
+                self._held += 1
+                if self._held < self.settings.batch.max_instances:
+                    return
+                self._held = 0
             self._cond.notify()
 
     def request_stop(self) -> None:
@@ -120,7 +132,7 @@ class DestinationRunner:
             wait = self._must_wait()
             if not wait and quiet and self.settings.batch.linger:
                 self._stopping.wait(self.settings.batch.linger)
-            rows = [] if wait else self._claim()
+            rows = Batch() if wait else self._claim()
             quiet = len(rows) < self.settings.batch.max_instances
             if not rows:
                 if destination is not None and time.monotonic() - last_work > self.settings.idle_close:
@@ -128,8 +140,9 @@ class DestinationRunner:
                     destination = None
                 with self._cond:
                     if not self._stopping.is_set():
-                        # while others send, look again soon: what waits may be due to share
-                        self._cond.wait(min(wait or POLL, SHARE_AFTER if self._sending else POLL))
+                        # while others send, look again soon (when what waits is due to share)
+                        soon = rows.due_in or (SHARE_AFTER if self._sending else POLL)
+                        self._cond.wait(min(wait or POLL, soon))
                 continue
             try:
                 if destination is None:
@@ -142,7 +155,7 @@ class DestinationRunner:
         if destination is not None:
             self._close(destination)
 
-    def _claim(self) -> list[Row]:
+    def _claim(self) -> Batch:
         """The next batch for this worker. While another worker is sending, only a full
         batch, or instances that have waited ``SHARE_AFTER`` (behind a large upload): a
         trickle of instances goes out as soon as it comes, one request at a time, and
@@ -153,13 +166,14 @@ class DestinationRunner:
             others = self._sending
             self._sending += 1
             flush, self._flush = self._flush, False
-        rows: list[Row] = []
+        rows = Batch()
         try:
             rows = self._queue.claim(self.name, self.settings.batch.max_instances, self.settings.batch.max_bytes,
                                      partial_after=SHARE_AFTER if others and not flush else 0.0)
         finally:
-            if not rows:
-                with self._cond:
+            with self._cond:
+                self._held = rows.waiting
+                if not rows:
                     self._sending -= 1
         return rows
 

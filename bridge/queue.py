@@ -97,6 +97,15 @@ class Row:
     instance: SpooledInstance
 
 
+class Batch(list[Row]):
+    """Rows ``Queue.claim`` took; when it took none because a batch that is not full is
+    not yet due, ``waiting`` says how many rows wait and ``due_in`` in how many seconds
+    they are due (both 0 otherwise)."""
+
+    waiting: int = 0
+    due_in: float = 0.0
+
+
 @dataclass
 class Enqueued:
     """What ``enqueue`` did: rows created, and destinations skipped with the reason."""
@@ -196,12 +205,12 @@ class Queue:
         with self._lock:
             return self._db.execute("UPDATE queue SET state = 'pending' WHERE state = 'in_flight'").rowcount
 
-    def claim(self, destination: str, max_instances: int, max_bytes: int, partial_after: float = 0.0) -> list[Row]:
+    def claim(self, destination: str, max_instances: int, max_bytes: int, partial_after: float = 0.0) -> Batch:
         """Take the next due rows of ``destination`` (at least one, however large).
 
         ``partial_after``: take a batch that is not full (fewer than ``max_instances``,
         and no more than ``max_bytes`` waiting) only once its first row has been due for
-        that many seconds; take nothing before."""
+        that many seconds; take nothing before (the empty ``Batch`` says how long)."""
         now = time.time()
         # Not durable: a claim lost in a crash leaves its rows pending, which is what
         # ``recover`` makes of rows left in flight anyway; so no fsync per batch here
@@ -225,9 +234,11 @@ class Queue:
                 rows.append(r)
                 total += r["size"]
             if not full and rows and partial_after > 0 and now - rows[0]["next_attempt_at"] < partial_after:
-                return []
+                batch = Batch()
+                batch.waiting, batch.due_in = len(rows), partial_after - (now - rows[0]["next_attempt_at"])
+                return batch
             self._db.executemany("UPDATE queue SET state = 'in_flight' WHERE id = ?", [(r["id"],) for r in rows])
-        return [_row(r) for r in rows]
+        return Batch(_row(r) for r in rows)
 
     def record(self, rows: Sequence[Row], outcomes: Sequence[Outcome], retry: Retry) -> list[Path]:
         """Record one outcome per claimed row; returns spool files no row needs any more."""

@@ -59,6 +59,15 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     spool = Spool(tmp_path / "spool")
     spool.open()
     queue = Queue(tmp_path / "queue.sqlite")
+    claims: list[int] = []  # the rows each claim took
+    claim = queue.claim
+
+    def counted_claim(*args, **kwargs):
+        taken = claim(*args, **kwargs)
+        claims.append(len(taken))
+        return taken
+
+    monkeypatch.setattr(queue, "claim", counted_claim)
     sent: list[list[str]] = []
     release = threading.Event()
     settings = FolderDestination.model_validate({"type": "folder", "path": str(tmp_path / "out"), "workers": 2,
@@ -72,7 +81,7 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             queue.enqueue(instance(spool, uid), [Route("held")])
         runner.queued()
 
-    yield runner, enqueue, sent, release
+    yield runner, enqueue, sent, release, claims
     release.set()
     runner.request_stop()
     runner.stop(time.monotonic() + 10)
@@ -82,10 +91,29 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_when_an_association_ends_what_it_left_goes_beside_the_batch_in_flight(runner) -> None:
     """Otherwise it would wait for that batch (or SHARE_AFTER), to make a larger batch of
     what arrives meanwhile; after an association ends, nothing more of it is coming."""
-    runner, enqueue, sent, release = runner
+    runner, enqueue, sent, release, _ = runner
     enqueue("1.1")
     wait_for(lambda: sent == [["1.1"]], 10, "the first batch to be in flight")
     enqueue("1.2", "1.3")
     runner.flush()
     wait_for(lambda: sent == [["1.1"], ["1.2", "1.3"]], 10, "the rest sent while the first is still held")
+    assert not release.is_set()
+
+
+def test_rows_behind_a_batch_in_flight_wait_together_without_a_claim_each(runner, monkeypatch) -> None:
+    """Behind a batch in flight, rows wait SHARE_AFTER to make one batch: meanwhile each
+    new row wakes no worker to look again (a claim query per received instance, under
+    the lock intake's commits take), unless the rows would fill a batch."""
+    runner, enqueue, sent, release, claims = runner
+    monkeypatch.setattr(delivery, "SHARE_AFTER", 1.0)
+    enqueue("1.0")
+    wait_for(lambda: sent == [["1.0"]], 10, "the first batch to be in flight")
+    started, looked = time.monotonic(), len(claims)
+    for n in range(1, 9):
+        enqueue(f"1.{n}")
+    wait_for(lambda: len(sent) == 2, 10, "the rows behind it to go")
+    assert time.monotonic() - started >= 0.9  # they waited to be shared
+    assert sent[1] == [f"1.{n}" for n in range(1, 9)]
+    # before the eight went, one claim found them waiting (not one claim for each)
+    assert claims[looked:].index(8) <= 1
     assert not release.is_set()

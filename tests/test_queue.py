@@ -57,7 +57,9 @@ def test_a_batch_closes_at_max_bytes_but_takes_at_least_one(queue):
 def test_a_partial_batch_waits_for_partial_after_but_a_full_one_goes(queue):
     now = time.time()
     queue.enqueue(instance("1.0", received=now), [Route("d")])
-    assert queue.claim("d", 3, 10**9, partial_after=60) == []  # one of three, just arrived
+    waiting = queue.claim("d", 3, 10**9, partial_after=60)
+    assert waiting == [] and waiting.waiting == 1  # one of three, just arrived
+    assert 59 < waiting.due_in <= 60  # and due in a minute
     for n in (1, 2):
         queue.enqueue(instance(f"1.{n}", received=now), [Route("d")])
     assert len(queue.claim("d", 3, 10**9, partial_after=60)) == 3  # full: goes at once
