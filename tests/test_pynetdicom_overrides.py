@@ -22,6 +22,7 @@ import pynetdicom.presentation
 import pynetdicom.transport
 import pytest
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 
 from bridge import pynetdicom_overrides
 
@@ -96,10 +97,16 @@ def test_store_response_bytes_are_those_pynetdicom_sends():
         (pdata,) = message.encode_msg(1, 16384)
         ((context_id, pdv),) = pdata.presentation_data_value_list
         assert pdv == b"\x03" + pynetdicom_overrides._store_response_command(rsp)
+        # sent directly by a network thread that served the request: the PDU the state
+        # machine's DT-1 would send
+        assert pynetdicom_overrides._p_data_tf(1, pynetdicom_overrides._store_response_command(rsp)) \
+            == P_DATA_TF(pdata).encode()
     rsp.OffendingElement = [0x00100010]  # a field the direct encoder does not write: pynetdicom's way
     assert pynetdicom_overrides._store_response_command(rsp) is None
     source = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.send_msg)
     assert "self.dul.send_pdu(pdata)" in source and "EVT_DIMSE_SENT" in source
+    assert "dul._send(P_DATA_TF(primitive))" in inspect.getsource(pynetdicom.fsm.DT_1)
+    assert 'return "Sta6"' in inspect.getsource(pynetdicom.fsm.DT_1)
 
 
 def test_pynetdicom_still_pauses_its_reactor_the_way_get_msg_guards_against():
