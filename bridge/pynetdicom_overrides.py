@@ -60,6 +60,9 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   the association thread has nothing queued or in hand (``_receive_primitive``; the
   peer waits for the answer either way, so nothing else arrives meanwhile); any other
   message, or a C-STORE while another request is being served, is queued as before.
+  A network thread that served the request sends the response PDU itself, as the state
+  machine's DT-1 would (``_send_msg``, ``_may_send``), instead of queueing it for itself
+  and waking itself through its socket pair to send it.
 
 - Each association request is decoded UID by UID through ``set_uid``, which validates
   every UID again with pydicom's regular expressions: a storage SCU proposes hundreds
