@@ -884,7 +884,11 @@ def _describe(err: Any, raw: Any, prefix: str = "", root: type[BaseModel] | None
         key = str(err["loc"][-1])
         allowed = list(model.model_fields) if model else []
         aliases = [f.alias for f in model.model_fields.values() if f.alias] if model else []
-        return f"{where}: unknown key{_hint(key, allowed + aliases)}"
+        hint = _hint(key, allowed + aliases)
+        if not hint and model:  # nothing close: say what may go there
+            keys = [f.alias or name for name, f in model.model_fields.items()]
+            hint = f" (expected one of: {', '.join(keys)})"
+        return f"{where}: unknown key{hint}"
     if err["type"] == "union_tag_invalid":
         return f"{where}.type: {err['ctx']['tag']!r} is not a known type (expected {err['ctx']['expected_tags']})"
     message = err["msg"].removeprefix("Value error, ")

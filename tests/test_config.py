@@ -53,7 +53,7 @@ def test_every_error_at_once_with_paths_and_hints(tmp_path):
 ae_title: BRIDGE_WITH_A_FAR_TOO_LONG_TITLE
 listn: {port: 104}
 listen: {port: 70000, timeouts: {acse: soon}}
-spool: {min_free: lots}
+spool: {min_free: lots, size: 1GiB}
 destinations:
   out: {type: folder, pth: /srv/out}
   web: {type: stow}
@@ -73,6 +73,7 @@ unrouted: nowhere
         "listen.port:",
         "listen.timeouts.acse: 'soon' is not a duration",
         "spool.min_free: 'lots' is not a size",
+        "spool.size: unknown key (expected one of: min_free)",  # nothing close: what may go there
         "destinations.out.pth: unknown key (did you mean 'path'?)",
         "destinations.out.path: required",
         "destinations.web.type: 'stow' is not a known type",
