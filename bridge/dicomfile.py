@@ -44,7 +44,7 @@ def read_header(path: Path) -> Dataset:
                 stop = f.tell()  # at the Pixel Data tag, if there is one
             # Values are converted lazily, when a rule or the index asks for them:
             # converting all of them here would double the cost of a C-STORE.
-            if not _pixel_data_complete(f, ds, stop, end, head):
+            if not _pixel_data_complete(f, ds, stop, end, head) or (stop >= end and _cut_after_last(ds, end)):
                 raise IntakeError(0xC000, "data set is truncated in Pixel Data")
     except IntakeError:
         raise
@@ -222,6 +222,20 @@ def attributes(ds: Dataset) -> dict[str, str]:
     return found
 
 
+def _cut_after_last(ds: Dataset, end: int) -> bool:
+    """Whether a few bytes follow the data set's last element, too few for another: a
+    file cut within the next element's header (the Pixel Data's), which the reader took
+    for the end of the data set. Unknown (False) after a sequence of undefined length,
+    and in a deflated data set (its offsets are in the inflated stream)."""
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if not ds or ts is None or ts.is_deflated:
+        return False
+    last = ds.get_item(max(ds.keys()))
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF or last.value_tell is None:
+        return False
+    return last.value_tell + last.length < end
+
+
 def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int, end: int, head: bytes = b"") -> bool:
     """Whether the Pixel Data element (if any) fits in the file of ``end`` bytes: a
     truncated file fails.
@@ -245,7 +259,7 @@ def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int, end: int, head: by
     group, element = struct.unpack(order + "HH", head_at[:4])
     if (group, element) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
         return True
-    if ts.is_implicit_VR:
+    if ts.is_implicit_VR or not head_at[4:6].isalpha():  # pydicom reads implicit VR where it finds it
         length, value_at = struct.unpack(order + "L", head_at[4:8])[0], stop + 8
     elif head_at[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ", b"UC", b"UR"):
         if len(head_at) < 12:
