@@ -228,10 +228,11 @@ class Spool:
             path = os.path.join(self._incoming, name)
             try:
                 os.rename(os.path.join(self._free_dir, name), path)
-            except OSError:
-                pass  # removed behind our back: a new file instead
-            else:
                 return HashingTempFile(self.incoming, reuse=path)
+            except OSError as exc:  # removed or made unwritable behind our back: a new file instead
+                if not isinstance(exc, FileNotFoundError):
+                    LOGGER.warning("cannot reuse spool file %s: %s", name, exc.strerror)
+                    self.discard(Path(path))
         return HashingTempFile(self.incoming)
 
     def recycle(self, path: Path) -> None:

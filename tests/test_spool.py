@@ -114,6 +114,16 @@ def test_a_free_file_removed_behind_the_spools_back_is_replaced(tmp_path: Path) 
     assert spooled(spool, b"new").read_bytes() == b"new"
 
 
+def test_a_free_file_that_cannot_be_written_is_replaced(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.recycle(spooled(spool, b"x"))
+    for path in spool.free.iterdir():
+        path.unlink()
+        path.mkdir()  # not a file any more: opening it fails
+    assert spooled(spool, b"new").read_bytes() == b"new"
+
+
 @pytest.mark.parametrize("sizes", [[0], [100], [HASH_LOT - 1, 1], [3 << 20, HASH_LOT + 5, 1, HASH_LOT, 7]],
                          ids=["empty", "small", "one-lot", "lots-handed-over"])
 def test_the_hash_is_that_of_the_file_however_it_was_written(tmp_path: Path, sizes: list[int]) -> None:
