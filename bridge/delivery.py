@@ -59,6 +59,10 @@ class DestinationRunner:
         # Rows a worker waits for (a batch not full, not yet due beside one in flight): while
         # there are, ``queued`` wakes nobody until they would fill a batch.
         self._held = 0
+        # Counts the wake-ups sent (each notify): a worker that claimed nothing waits only
+        # if none came since it started claiming; else one sent meanwhile, while it was
+        # not yet waiting, would be lost and the rows it announced left for POLL.
+        self._signals = 0
         self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
         self._publish()
 
@@ -72,6 +76,7 @@ class DestinationRunner:
 
     def wake(self) -> None:
         with self._cond:
+            self._signals += 1
             self._cond.notify_all()
 
     def flush(self) -> None:
@@ -81,6 +86,7 @@ class DestinationRunner:
         with self._cond:
             self._flush = True
             self._held = 0
+            self._signals += 1
             self._cond.notify_all()
 
     def queued(self) -> None:
@@ -95,6 +101,7 @@ class DestinationRunner:
                 if self._held < self.settings.batch.max_instances:
                     return
                 self._held = 0
+            self._signals += 1
             self._cond.notify()
 
     def request_stop(self) -> None:
@@ -120,6 +127,7 @@ class DestinationRunner:
                 LOGGER.warning("destination %s resumed (was %s: %s)", self.name, self.state, self.reason)
             self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
             self._publish()
+            self._signals += 1
             self._cond.notify_all()
 
     # -- the worker --------------------------------------------------------------------
@@ -129,6 +137,8 @@ class DestinationRunner:
         last_work = time.monotonic()
         quiet = True  # nothing was claimed last time: linger before the next claim
         while not self._stopping.is_set():
+            with self._cond:
+                seen = self._signals
             wait = self._must_wait()
             if not wait and quiet and self.settings.batch.linger:
                 self._stopping.wait(self.settings.batch.linger)
@@ -139,7 +149,7 @@ class DestinationRunner:
                     self._close(destination)
                     destination = None
                 with self._cond:
-                    if not self._stopping.is_set():
+                    if not self._stopping.is_set() and self._signals == seen:
                         # while others send, look again soon (when what waits is due to share)
                         soon = rows.due_in or (SHARE_AFTER if self._sending else POLL)
                         self._cond.wait(min(wait or POLL, soon))

@@ -117,3 +117,36 @@ def test_rows_behind_a_batch_in_flight_wait_together_without_a_claim_each(runner
     # before the eight went, one claim found them waiting (not one claim for each)
     assert claims[looked:].index(8) <= 1
     assert not release.is_set()
+
+
+def test_a_row_queued_while_the_worker_claims_is_not_left_for_the_poll(tmp_path: Path, monkeypatch) -> None:
+    """The wake-up for a row that arrives while the worker is still claiming (it found
+    nothing and is not waiting yet) is not lost: the row would wait for POLL."""
+    monkeypatch.setattr(delivery, "POLL", 30.0)
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    queue = Queue(tmp_path / "queue.sqlite")
+    sent: list[list[str]] = []
+    release = threading.Event()
+    release.set()
+    settings = FolderDestination.model_validate({"type": "folder", "path": str(tmp_path / "out"),
+                                                 "batch": {"linger": "0s"}})
+    runner = DestinationRunner("held", lambda: HeldDestination(sent, release), settings, Retry(), queue, spool,
+                               Metrics())
+    claim = queue.claim
+
+    def racing_claim(*args, **kwargs):
+        taken = claim(*args, **kwargs)
+        if not taken and not sent:  # a row arrives after the query, before the worker waits
+            queue.enqueue(instance(spool, "1.1"), [Route("held")])
+            runner.queued()
+        return taken
+
+    monkeypatch.setattr(queue, "claim", racing_claim)
+    runner.start()
+    try:
+        wait_for(lambda: sent == [["1.1"]], 5, "the row sent at once, not after POLL")
+    finally:
+        runner.request_stop()
+        runner.stop(time.monotonic() + 10)
+        queue.close()

@@ -101,6 +101,8 @@ def test_every_condition_type_routes_the_corpus(tmp_path, files, bridge_factory)
     result = storescu(bridge.port, list(files.values()), calling_ae="CT1", called_ae="BRIDGE")
     assert result.statuses == [0] * len(files), result.output
     wait_for(lambda: len(list((out / "all").glob("*.dcm"))) == len(files), 30, "every file in 'all'")
+    # each rule's destination has its own worker: 'all' may finish before the others
+    wait_for(lambda: not {"pending", "in_flight"} & set(bridge.queue_states()), 30, "every row delivered")
     bridge.stop()
     for i, (when, expected) in enumerate(cases):
         landed = {names[p.stem] for p in (out / f"r{i}").glob("*.dcm")}
