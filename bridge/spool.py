@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import weakref
@@ -197,7 +198,10 @@ class Spool:
         fsync_dir(self.root)
         leftovers = list(self.incoming.iterdir())
         for path in leftovers:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)  # not ours to have made, but in our folder
+            else:
+                path.unlink(missing_ok=True)
         if leftovers:
             LOGGER.info("removed %d partial file(s) left by interrupted associations", len(leftovers))
         # Only plain files are reused (never a link, which would be written through).

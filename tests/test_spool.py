@@ -122,6 +122,9 @@ def test_a_free_file_that_cannot_be_written_is_replaced(tmp_path: Path) -> None:
         path.unlink()
         path.mkdir()  # not a file any more: opening it fails
     assert spooled(spool, b"new").read_bytes() == b"new"
+    again = Spool(tmp_path / "spool")
+    again.open()  # what is left of it in incoming/ does not stop a restart
+    assert list(again.incoming.iterdir()) == []
 
 
 @pytest.mark.parametrize("sizes", [[0], [100], [HASH_LOT - 1, 1], [3 << 20, HASH_LOT + 5, 1, HASH_LOT, 7]],
