@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pynetdicom.acse
@@ -36,6 +38,12 @@ def test_pynetdicom_still_polls_where_the_overrides_expect():
         pynetdicom.dul.DULServiceProvider._process_recv_primitive
     )
     assert "msg_queue" in inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.get_msg)
+    # what wakes a prepared association's reactor (QUIET_WAIT) is all its loop looks at
+    reactor = inspect.getsource(pynetdicom.association.Association._run_reactor)
+    assert "while not self._kill" in reactor and "self.acse.is_release_requested()" in reactor
+    assert "self._kill = True" in inspect.getsource(pynetdicom.association.Association.kill)
+    assert "peek_next_pdu()" in inspect.getsource(pynetdicom.acse.ACSE.is_release_requested)
+    assert "dul.to_user_queue.put(" in inspect.getsource(pynetdicom.fsm)
 
 
 def test_pynetdicom_still_writes_chunked_data_sets_through_named_temporary_file():
@@ -264,3 +272,98 @@ def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
     check = ("from bridge import pynetdicom_overrides as o; o.install(); import pynetdicom.pdu_items as i, "
              "pynetdicom.presentation as p; assert i.set_uid is p.set_uid is o._set_uid_remembered")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
+
+
+# Run in a process of its own, with the overrides installed and the association threads'
+# fallback wait made 30 s: anything the reactor must notice that does not wake it would
+# take that long (or time the association out) instead of milliseconds.
+_QUIET_SCENARIOS = r'''
+import socket, sys, threading, time
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from bridge import pynetdicom_overrides as o
+
+o.install()
+o.QUIET_WAIT = 30.0
+
+def prepared(event):
+    o.prepare(event.assoc, serve_inline=True)
+
+server_ae = AE(ae_title="QUIET")
+server_ae.add_supported_context(Verification)
+server = server_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, prepared)])
+port = server.server_address[1]
+
+def requestor(prepare_it):
+    ae = AE(ae_title="PEER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(Verification)
+    handlers = [(evt.EVT_CONN_OPEN, lambda e: o.prepare(e.assoc, max_queued=8))] if prepare_it else []
+    assoc = ae.associate("127.0.0.1", port, ae_title="QUIET", evt_handlers=handlers)
+    assert assoc.is_established
+    return assoc
+
+def acceptor_gone(deadline=20):
+    end = time.monotonic() + deadline
+    while server.active_associations and time.monotonic() < end:
+        time.sleep(0.005)
+    assert not server.active_associations, "the acceptor's association is still running"
+
+def timed(name, run):
+    started = time.monotonic()
+    run()
+    print(name, round(time.monotonic() - started, 3), flush=True)
+
+def echo_then_release():
+    assoc = requestor(False)
+    assert assoc.send_c_echo().Status == 0  # queued for the association thread: a put wakes it
+    assoc.release()  # the A-RELEASE-RP comes from the acceptor's reactor
+    assert assoc.is_released
+    acceptor_gone()
+
+def peer_aborts():
+    requestor(False).abort()
+    acceptor_gone()
+
+def connection_dropped():
+    assoc = requestor(False)
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    acceptor_gone()
+    assoc.abort()
+
+def prepared_requestor():  # its reactor paused by each send_*(), then released
+    assoc = requestor(True)
+    for _ in range(3):
+        assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert assoc.is_released
+    acceptor_gone()
+
+def local_abort():  # as the daemon's shutdown aborts what is left: from another thread
+    assoc = requestor(False)
+    server.active_associations[0].abort()
+    acceptor_gone()
+    end = time.monotonic() + 20
+    while assoc.is_established and time.monotonic() < end:
+        time.sleep(0.005)
+    assert not assoc.is_established
+
+for name, run in [("echo_then_release", echo_then_release), ("peer_aborts", peer_aborts),
+                  ("connection_dropped", connection_dropped), ("prepared_requestor", prepared_requestor),
+                  ("local_abort", local_abort)]:
+    timed(name, run)
+'''
+
+
+def test_a_quiet_association_thread_is_woken_by_everything_its_reactor_looks_for(tmp_path) -> None:
+    script = tmp_path / "quiet.py"
+    script.write_text(_QUIET_SCENARIOS)
+    repo = str(Path(__file__).resolve().parent.parent)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": repo})
+    assert run.returncode == 0, run.stdout + run.stderr
+    took = dict(line.split() for line in run.stdout.splitlines())
+    assert set(took) == {"echo_then_release", "peer_aborts", "connection_dropped", "prepared_requestor",
+                         "local_abort"}
+    slow = {name: seconds for name, seconds in took.items() if float(seconds) > 5}
+    assert not slow, f"waited for the reactor's fallback wait: {slow}"
