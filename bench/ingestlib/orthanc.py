@@ -8,6 +8,7 @@ HTTP API to local clients, and the benchmark talks to it on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 from pathlib import Path
@@ -33,6 +34,7 @@ class Orthanc:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._http: http.client.HTTPConnection | None = None
 
     @property
     def url(self) -> str:
@@ -70,8 +72,29 @@ class Orthanc:
             return False
 
     def instances(self) -> int:
-        return int(requests.get(f"{self.url}/statistics", timeout=10).json()["CountInstances"])
+        """How many instances Orthanc holds. The benchmark asks every few milliseconds
+        while the bridge forwards, on the same cores: over one kept-alive connection
+        this costs 0.2 ms of CPU per question, against 1.2 ms for a new ``requests``
+        call each time (measured), which the bridge's path alone paid for."""
+        for attempt in (1, 2):
+            if self._http is None:
+                self._http = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+            try:
+                self._http.request("GET", "/statistics")
+                response = self._http.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise BenchError(f"Orthanc /statistics: HTTP {response.status}")
+                return int(json.loads(body)["CountInstances"])
+            except (OSError, http.client.HTTPException):
+                self._http.close()
+                self._http = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
+        if self._http is not None:
+            self._http.close()
         if self.proc is not None:
             stop_process(self.proc, timeout=60)
