@@ -4,18 +4,20 @@ both come through here, so both give the same guarantees.
 
 The steps, in order: parse the header (never Pixel Data) and validate the required
 UIDs; ask the rules for destinations (``unrouted`` when none); check the free-space
-floor; fsync the file and rename it into the spool; insert the queue rows in one
-transaction beside the folder's fsync. Any failure answers a DIMSE status (the one a
-modality sees; a watched file goes to its ``failed`` folder or is retried) and leaves
-nothing in the spool. The file's fsync overlaps the header's parsing, and the folder's
-fsync the queue's commit: two fsyncs cost the time of one each.
+floor; fsync the file, rename it into the spool and fsync the folder; insert the queue
+rows in one transaction. Any failure answers a DIMSE status (the one a modality sees;
+a watched file goes to its ``failed`` folder or is retried) and leaves nothing in the
+spool. All in the calling thread: for a received instance the disk has been writing
+the file since the message was complete (``HashingTempFile.seal``), so its fsync waits
+for what is left, and no hand-off to another thread costs a wake-up each way (before,
+the fsyncs ran in a thread pool beside the parsing and the commit: measured, the same
+time per C-STORE for 0.2 ms more CPU).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ from bridge.metrics import Metrics
 from bridge.model import SpooledInstance
 from bridge.queue import Queue, Route
 from bridge.rules import Context, Decision, RuleSet
-from bridge.spool import HashingTempFile, Spool, fsync_dir, fsync_file, sha256_file
+from bridge.spool import HashingTempFile, Spool, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,10 +59,9 @@ class Ingest:
         self.queue = queue
         self.metrics = metrics
         self.on_queued = on_queued or (lambda names: None)
-        self._fsync = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
 
     def close(self) -> None:
-        self._fsync.shutdown(wait=True)
+        """Nothing to release (kept for the callers' shutdown order)."""
 
     def store(self, path: Path, ctx: Context, config: Config, rules: RuleSet, what: str = "C-STORE",
               check: Callable[[Dataset, str, str], None] | None = None,
@@ -71,9 +72,6 @@ class Ingest:
         ``what`` names the operation in log lines; a refused instance (an error status) is
         logged at ``refusal_level`` (a watched folder logs its own line when a file fails
         for good). The caller removes ``path`` afterwards if it is still there."""
-        # The file's fsync runs while the header is parsed and routed; both are waited
-        # for before the answer.
-        file_synced = self._fsync.submit(fsync_file, path)
         try:
             header = dicomfile.read_header(path)
             sop_class, sop_instance, study, series = dicomfile.required_uids(header)
@@ -84,17 +82,12 @@ class Ingest:
             except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
                 raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
         except IntakeError as exc:
-            futures.wait([file_synced])
             LOGGER.log(refusal_level, "refused %s: %s (0x%04X)", what, exc, exc.status)
             return Stored(exc.status, exc.comment)
-        except BaseException:
-            futures.wait([file_synced])
-            raise
 
         destinations = decision.destinations
         if not destinations:
             if config.unrouted == "reject":
-                futures.wait([file_synced])
                 LOGGER.log(refusal_level, "refused %s of %s: no rule routes it (unrouted: reject)", what,
                            sop_instance)
                 return Stored(0x0124, "no rule routes this instance", sop_instance)
@@ -104,14 +97,12 @@ class Ingest:
         size = path.stat().st_size
         free = self.spool.free_bytes()
         if free - size < config.spool.min_free:
-            futures.wait([file_synced])
             LOGGER.error("refused %s: spool has %d bytes free, below spool.min_free", what, free)
             return Stored(0xA700, "out of resources: spool below its free-space floor", sop_instance)
 
         sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
         try:
-            file_synced.result()
-            spooled = self.spool.take(path, sync_file=False, sync_folder=False)
+            spooled = self.spool.take(path)
         except OSError as exc:
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
             return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
@@ -128,23 +119,12 @@ class Ingest:
             Route(name, prio, config.destinations[name].duplicates, decision.modify.get(name))
             for name, prio in destinations.items()
         ]
-        # The folder's fsync and the queue's commit are both waited for before the
-        # answer; running them side by side costs one fsync's time instead of two.
-        folder_synced = self._fsync.submit(fsync_dir, spooled.parent)
         try:
             enqueued = self.queue.enqueue(instance, routes)
         except Exception as exc:
-            futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
             return Stored(0xA700, "out of resources: queue error", sop_instance)
-        try:
-            folder_synced.result()
-        except OSError as exc:
-            self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
-            self.spool.discard(spooled)
-            LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
         for name, why in enqueued.skipped.items():

@@ -9,11 +9,13 @@ written into (see ``Spool.recycle``).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -46,6 +48,33 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (Linux), which the os module does not offer; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """Have the kernel start writing the file's dirty pages to the disk now, without
+    waiting for them (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no flush, no promise
+    of durability). Intake calls it when an instance is complete: the disk writes it
+    while the header is parsed and hashed, and the fsync that makes it durable then
+    waits for what is left. Only a hint: a no-op where the call is missing or fails."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,8 +84,8 @@ def sha256_file(path: Path) -> str:
 
 
 # SHA-256 of what intake receives. An instance's last (or only) lot is hashed by the
-# thread that takes the file into the spool, beside the file's fsync, which takes longer
-# (bridge.ingest); larger instances hand each full lot of ``HASH_LOT`` bytes to this
+# thread that takes the file into the spool, while the disk writes the file (its
+# writeback started when the message was complete, see HashingTempFile.seal); larger instances hand each full lot of ``HASH_LOT`` bytes to this
 # thread meanwhile, so hashing a 2 GB multi-frame does not hold up its receipt. hashlib
 # releases the GIL on large buffers. (A thread hop per instance, or per P-DATA fragment
 # as at first, cost more than it saved once the machine's cores were busy: measured in
@@ -83,6 +112,7 @@ class HashingTempFile:
         file the spool recycled), written over from its start: ``seal`` cuts what it held
         beyond the new content."""
         self._stale = 0  # bytes of the recycled file's old content, until sealed
+        self._sealed = False
         if reuse is None:
             self._file: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by pynetdicom
                 delete=False, mode="wb", suffix=suffix, dir=directory
@@ -132,15 +162,20 @@ class HashingTempFile:
         return self.digest.hexdigest()
 
     def seal(self) -> None:
-        """Everything is written: flush, and cut a recycled file's old content beyond it.
-        Intake calls this when a message is complete (``bridge.pynetdicom_overrides``),
-        before anything reads the file; ``close`` calls it too."""
+        """Everything is written: flush, cut a recycled file's old content beyond it, and
+        start the disk writing it (``start_writeback``). Intake calls this when a message
+        is complete (``bridge.pynetdicom_overrides``), before anything reads the file;
+        ``close`` calls it too."""
+        if self._sealed:
+            return
+        self._sealed = True
+        self._file.flush()
         if self._stale:
-            self._file.flush()
             end = self._file.tell()
             if end < self._stale:
                 os.ftruncate(self._file.fileno(), end)
             self._stale = 0
+        start_writeback(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
@@ -271,21 +306,16 @@ class Spool:
         with self._free_lock:
             self._free.append((name, retained))
 
-    def take(self, path: Path, sync_file: bool = True, sync_folder: bool = True) -> Path:
+    def take(self, path: Path) -> Path:
         """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.
 
         ``path`` must be on the spool's file system (``incoming/``). Returns the new path.
-        With ``sync_file=False`` the caller has fsynced ``path`` already, with
-        ``sync_folder=False`` it fsyncs ``target.parent`` itself: intake runs both fsyncs
-        beside other work (the header's parsing, the queue's commit) so the waits overlap.
         """
         name = secrets.token_hex(16)
         target = Path(os.path.join(self._root, name[:2], name + ".dcm"))  # pathlib's / is ~10 us each
-        if sync_file:
-            fsync_file(path)
+        fsync_file(path)
         os.rename(path, target)
-        if sync_folder:
-            fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def discard(self, path: Path) -> None:

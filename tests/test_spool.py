@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,20 @@ def test_only_plain_files_in_free_are_reused(tmp_path: Path) -> None:
     spool.open()
     assert spooled(spool, b"instance").read_bytes() == b"instance"
     assert outside.read_bytes() == b"not the spool's"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_started_through_the_real_call_and_changes_nothing(tmp_path: Path) -> None:
+    from bridge.spool import _SYNC_FILE_RANGE, _SYNC_FILE_RANGE_WRITE, start_writeback
+
+    path = tmp_path / "instance.dcm"
+    data = os.urandom(300_000)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        fd = f.fileno()
+        assert _SYNC_FILE_RANGE is not None
+        assert _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0  # the binding is right
+        start_writeback(fd)
+    assert path.read_bytes() == data
+    start_writeback(fd)  # a closed descriptor: only a hint, nothing raised
