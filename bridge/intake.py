@@ -302,10 +302,12 @@ class Intake:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         stats = self._stats.get(id(event.assoc)) or _AssocStats("?")
         path = event.dataset_path
+        status = -1
         try:
             status, comment = self._store(event, path, stats)
         finally:
-            path.unlink(missing_ok=True)  # refused instances: nothing half-written is kept
+            if status != 0x0000:  # refused: nothing half-written is kept (stored: moved into the spool)
+                path.unlink(missing_ok=True)
         self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
         if status == 0x0000:
             stats.stored += 1

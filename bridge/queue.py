@@ -306,6 +306,14 @@ class Queue:
             (attempts, reason, now, row_id),
         )
 
+    def cancel(self, row_ids: Sequence[int], reason: str) -> None:
+        """Cancel rows just created, whose instance was not acknowledged after all."""
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE queue SET state = 'cancelled', done_at = ?, last_error = ? WHERE id = ?",
+                [(time.time(), reason, row_id) for row_id in row_ids],
+            )
+
     def dead_without_file(self, spool_paths: Sequence[str], reason: str) -> int:
         """Pending rows of these (missing) spool files are dead, with ``reason``; returns
         how many. A dead row does not hold back a resend of the same content."""

@@ -85,9 +85,10 @@ def sha256_file(path: Path) -> str:
 
 # SHA-256 of what intake receives. An instance's last (or only) lot is hashed by the
 # thread that takes the file into the spool, while the disk writes the file (its
-# writeback started when the message was complete, see HashingTempFile.seal); larger instances hand each full lot of ``HASH_LOT`` bytes to this
-# thread meanwhile, so hashing a 2 GB multi-frame does not hold up its receipt. hashlib
-# releases the GIL on large buffers. (A thread hop per instance, or per P-DATA fragment
+# writeback started when the message was complete, see HashingTempFile.seal); larger
+# instances hand each full lot of ``HASH_LOT`` bytes to this thread meanwhile, so
+# hashing a 2 GB multi-frame does not hold up its receipt. hashlib releases the GIL on
+# large buffers. (A thread hop per instance, or per P-DATA fragment
 # as at first, cost more than it saved once the machine's cores were busy: measured in
 # bench/forward.)
 _HASHER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
@@ -306,16 +307,19 @@ class Spool:
         with self._free_lock:
             self._free.append((name, retained))
 
-    def take(self, path: Path) -> Path:
+    def take(self, path: Path, sync_folder: bool = True) -> Path:
         """Make a complete file durable in the spool: fsync it, rename it in, fsync the folder.
 
         ``path`` must be on the spool's file system (``incoming/``). Returns the new path.
+        With ``sync_folder=False`` the caller fsyncs ``target.parent`` itself: intake runs
+        that fsync beside the queue's commit.
         """
         name = secrets.token_hex(16)
         target = Path(os.path.join(self._root, name[:2], name + ".dcm"))  # pathlib's / is ~10 us each
         fsync_file(path)
         os.rename(path, target)
-        fsync_dir(target.parent)
+        if sync_folder:
+            fsync_dir(target.parent)
         return target
 
     def discard(self, path: Path) -> None:
