@@ -240,11 +240,22 @@ class Spool:
                 path.unlink(missing_ok=True)
         if leftovers:
             LOGGER.info("removed %d partial file(s) left by interrupted associations", len(leftovers))
-        # Only plain files are reused (never a link, which would be written through).
-        free = sorted((entry.name, entry.stat(follow_symlinks=False).st_size) for entry in os.scandir(self.free)
-                      if entry.is_file(follow_symlinks=False))
-        for name, _ in free[FREE_MAX:]:
+        # Only plain files with no other name are reused: never a symbolic link, which
+        # would be written through, nor a file another name links to. A crash between the
+        # renames that move a file out of free/ and into a shard can leave its old name
+        # in free/ beside its new one (on a file system without a journal, once fsck has
+        # counted the links), and writing into it would overwrite a spooled instance.
+        free, linked = [], []
+        for entry in os.scandir(self.free):
+            if entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                (free if st.st_nlink == 1 else linked).append((entry.name, st.st_size))
+        free.sort()
+        for name, _ in linked + free[FREE_MAX:]:
             os.unlink(os.path.join(self._free_dir, name))
+        if linked:
+            LOGGER.warning("spool/free: %d file(s) had another name as well (left by a crash); their names in "
+                           "free/ were removed, the files kept", len(linked))
         kept, retained = [], 0
         for name, size in free[:FREE_MAX]:
             if retained + size > RETAIN_BYTES:

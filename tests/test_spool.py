@@ -167,3 +167,17 @@ def test_writeback_is_started_through_the_real_call_and_changes_nothing(tmp_path
         start_writeback(fd)
     assert path.read_bytes() == data
     start_writeback(fd)  # a closed descriptor: only a hint, nothing raised
+
+
+def test_a_free_name_left_beside_a_spooled_file_is_not_written_into(tmp_path: Path) -> None:
+    """After a crash, a file moved out of free/ into a shard can still be named in free/
+    as well: a restart must not write the next instance into the spooled one."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    kept = spooled(spool, b"acknowledged instance")
+    os.link(kept, spool.free / kept.name)  # its old name, left by the crash
+    again = Spool(tmp_path / "spool")
+    again.open()
+    assert list(again.free.iterdir()) == []
+    assert spooled(again, b"the next instance").read_bytes() == b"the next instance"
+    assert kept.read_bytes() == b"acknowledged instance"
