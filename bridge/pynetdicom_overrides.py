@@ -191,8 +191,10 @@ def _association_sleep(seconds: float) -> None:
     if messages is None or seconds > 0.01:
         _real_sleep(seconds)
         return
-    if seconds <= 0.001 and getattr(thread, "_bridge_quiet", False):
-        seconds = QUIET_WAIT  # the reactor's turn (kill() sleeps 10 ms between its own looks)
+    if seconds == 0.001 and getattr(thread, "_bridge_quiet", False):
+        # The reactor's turn, exactly (a send_*() call's wait for the pause sleeps 0.1 ms,
+        # kill() 10 ms between their own looks: both as pynetdicom asks).
+        seconds = QUIET_WAIT
     with messages.not_empty:
         if not messages.queue:
             messages.not_empty.wait(seconds)

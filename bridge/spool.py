@@ -88,9 +88,8 @@ def sha256_file(path: Path) -> str:
 # writeback started when the message was complete, see HashingTempFile.seal); larger
 # instances hand each full lot of ``HASH_LOT`` bytes to this thread meanwhile, so
 # hashing a 2 GB multi-frame does not hold up its receipt. hashlib releases the GIL on
-# large buffers. (A thread hop per instance, or per P-DATA fragment
-# as at first, cost more than it saved once the machine's cores were busy: measured in
-# bench/forward.)
+# large buffers. (A thread hop per instance, or per P-DATA fragment as at first, cost
+# more than it saved once the machine's cores were busy: measured in bench/forward.)
 _HASHER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 HASH_LOT = 8 << 20
 
