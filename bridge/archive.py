@@ -68,9 +68,13 @@ class ArchiveIndex:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._db.close()  # e.g. a full disk: the destination opens it again later
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -86,7 +90,8 @@ class ArchiveIndex:
                     self._add(instance, path, now)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _add(self, i: SpooledInstance, path: Path, now: float) -> None:

@@ -16,6 +16,7 @@ queue's commit: the two waits overlap.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from concurrent import futures
@@ -74,6 +75,10 @@ class Ingest:
         ``what`` names the operation in log lines; a refused instance (an error status) is
         logged at ``refusal_level`` (a watched folder logs its own line when a file fails
         for good). The caller removes ``path`` afterwards if it is still there."""
+        failed = HashingTempFile.write_error(path)
+        if failed is not None:  # the file is incomplete: say why, not what is missing from it
+            LOGGER.error("refused %s: cannot write to the spool: %s", what, failed.strerror or failed)
+            return Stored(0xA700, out_of_resources(failed))
         try:
             header = dicomfile.read_header(path)
             sop_class, sop_instance, study, series = dicomfile.required_uids(header)
@@ -107,7 +112,7 @@ class Ingest:
             spooled = self.spool.take(path, sync_folder=False)
         except OSError as exc:
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
+            return Stored(0xA700, out_of_resources(exc), sop_instance)
         instance = SpooledInstance(
             spool_path=spooled, size=size, sha256=sha256, sop_class_uid=sop_class,
             sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
@@ -130,14 +135,14 @@ class Ingest:
             futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
-            return Stored(0xA700, "out of resources: queue error", sop_instance)
+            return Stored(0xA700, out_of_resources(exc), sop_instance)
         try:
             folder_synced.result()
         except OSError as exc:
             self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
             self.spool.discard(spooled)
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
+            return Stored(0xA700, out_of_resources(exc), sop_instance)
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
         for name, why in enqueued.skipped.items():
@@ -148,3 +153,23 @@ class Ingest:
         LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
         self.on_queued(list(destinations))
         return Stored(0x0000, "", sop_instance, sha256, decision, len(enqueued.row_ids))
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_resources(exc: BaseException) -> str:
+    """The ErrorComment of a 0xA700 for a failed write to the spool (an ``OSError``) or
+    to the queue (an ``sqlite3.Error``; SQLite's own, or the failed rollback after it)."""
+    chain: BaseException | None = exc
+    for _ in range(4):
+        if chain is None:
+            break
+        if isinstance(chain, OSError):
+            if chain.errno in _NO_SPACE:
+                return "out of resources: out of space on the spool"
+            return f"out of resources: cannot write to the spool: {chain.strerror or chain}"
+        if getattr(chain, "sqlite_errorname", "") == "SQLITE_FULL":
+            return "out of resources: out of space for the queue database"
+        chain = chain.__context__
+    return "out of resources: queue error"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -102,10 +103,18 @@ class HashingTempFile:
     chunks written must not change afterwards: they are hashed later, in lots
     (pynetdicom writes ``bytes``; the P-DATA fast path in ``bridge.pynetdicom_overrides``
     views of received PDU buffers that nothing writes to again).
+
+    Writing never raises: a write that fails (a full disk, an I/O error) is remembered
+    (``write_error``), and the file written no further and emptied at once, giving back
+    its space. pynetdicom goes on receiving the message into it, so the association
+    stays in step, and intake answers the complete C-STORE with 0xA700 and removes the
+    file (an exception would reach pynetdicom's network thread, which aborts the
+    association). pynetdicom flushes through ``.file``, which is this object for that.
     """
 
     _open: weakref.WeakValueDictionary[str, HashingTempFile] = weakref.WeakValueDictionary()
     _hashed: futures.Future[None] | None = None
+    error: OSError | None = None  # the first write that failed
 
     def __init__(self, directory: Path, suffix: str = ".dcm", reuse: str | None = None) -> None:
         """A new file in ``directory``; or, with ``reuse``, that existing file's path (a
@@ -118,14 +127,15 @@ class HashingTempFile:
                 delete=False, mode="wb", suffix=suffix, dir=directory
             )
             self.name = self._file.name
-            self.file = self._file.file  # type: ignore[attr-defined]
+            buffered = self._file.file  # type: ignore[attr-defined]
         else:
             # Not truncated on opening: its blocks are written over, not freed and
             # allocated again (see Spool.recycle).
-            self._file = self.file = open(reuse, "r+b")  # noqa: SIM115 - closed by pynetdicom
+            self._file = buffered = open(reuse, "r+b")  # noqa: SIM115 - closed by pynetdicom
             self.name = reuse
             self._stale = os.fstat(self._file.fileno()).st_size
-        self._write = self.file.write  # the raw file's, not the wrapper's (one Python call less)
+        self._write = buffered.write  # the raw file's, not the wrapper's (one Python call less)
+        self._flush = buffered.flush
         self.digest = hashlib.sha256()
         self._lot: list[bytes] = []
         self._lot_bytes = 0
@@ -136,7 +146,58 @@ class HashingTempFile:
         self._lot_bytes += len(data)
         if self._lot_bytes >= HASH_LOT:
             self._hand_over()
-        return self._write(data)
+        try:
+            return self._write(data)
+        except OSError as exc:
+            self._failed(exc)
+            return len(data)
+
+    @property
+    def file(self) -> HashingTempFile:
+        """pynetdicom flushes through ``file.flush()``: through ``flush``, which catches
+        errors. (A property: an attribute would make a cycle, freed only by the collector.)"""
+        return self
+
+    def flush(self) -> None:
+        try:
+            self._flush()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """A write failed: remember why, write and hash nothing more, and empty the file
+        so that what it held is free for other instances now, not when the message ends."""
+        if self.error is None:
+            self.error = exc
+        self.write = len  # type: ignore[method-assign,assignment]  # "written", and dropped
+        self.flush = _nothing  # type: ignore[method-assign]
+        self._lot, self._lot_bytes, self._stale = [], 0, 0
+        try:
+            os.ftruncate(self._file.fileno(), 0)
+        except (OSError, ValueError):
+            pass  # closed already, or cannot be cut: intake removes it all the same
+
+    @classmethod
+    def write_error(cls, path: Path) -> OSError | None:
+        """Why writing to ``path`` through this class failed, if it did (a dict look-up)."""
+        writer = cls._open.get(str(path))
+        return writer.error if writer else None
+
+    @classmethod
+    def unwritable(cls, path: str, exc: OSError) -> HashingTempFile:
+        """A file that could not even be created (``exc``): everything written to it is
+        dropped and ``write_error(path)`` says why, so the C-STORE that would have been
+        received into it is answered like one whose write failed."""
+        self = cls.__new__(cls)
+        self._file = io.BytesIO()
+        self.name = path
+        self._stale, self._sealed, self._lot, self._lot_bytes = 0, True, [], 0
+        self.digest = hashlib.sha256()
+        self.error = exc
+        self.write = len  # type: ignore[method-assign,assignment]
+        self.flush = _nothing  # type: ignore[method-assign]
+        HashingTempFile._open[path] = self
+        return self
 
     def _hand_over(self) -> None:
         if self._lot:
@@ -169,18 +230,28 @@ class HashingTempFile:
         if self._sealed:
             return
         self._sealed = True
-        self._file.flush()
+        self.flush()
+        if self.error is not None:
+            return
         if self._stale:
             end = self._file.tell()
             if end < self._stale:
-                os.ftruncate(self._file.fileno(), end)
+                try:
+                    os.ftruncate(self._file.fileno(), end)
+                except OSError as exc:
+                    self._failed(exc)
+                    return
             self._stale = 0
         start_writeback(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
             self.seal()
-        self._file.close()
+        try:
+            self._file.close()  # closed even when its last flush fails
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
@@ -190,6 +261,10 @@ class HashingTempFile:
         """The hash of what has been written to ``path`` through this class, if it was."""
         writer = cls._open.get(str(path))
         return writer.hexdigest() if writer else None
+
+
+def _nothing() -> None:
+    pass
 
 
 def _update_all(digest: Any, chunks: list[bytes]) -> None:
@@ -244,7 +319,8 @@ class Spool:
         # renames that move a file out of free/ and into a shard can leave its old name
         # in free/ beside its new one (on a file system without a journal, once fsck has
         # counted the links), and writing into it would overwrite a spooled instance.
-        free, linked = [], []
+        free: list[tuple[str, int]] = []
+        linked: list[tuple[str, int]] = []
         for entry in os.scandir(self.free):
             if entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
@@ -283,7 +359,11 @@ class Spool:
                 if not isinstance(exc, FileNotFoundError):
                     LOGGER.warning("cannot reuse spool file %s: %s", name, exc.strerror)
                     self.discard(Path(path))
-        return HashingTempFile(self.incoming)
+        try:
+            return HashingTempFile(self.incoming)
+        except OSError as exc:  # no inode, no room in the folder, no file descriptor
+            return HashingTempFile.unwritable(os.path.join(self._incoming, f"unwritable-{secrets.token_hex(8)}.dcm"),
+                                              exc)
 
     def recycle(self, path: Path) -> None:
         """No row needs ``path`` any more: move it into ``free/`` for a new instance to

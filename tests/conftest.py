@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,25 @@ def raw_scu():
     yield ae
     ae.shutdown()
     _config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+@pytest.fixture
+def tmpfs_factory(tmp_path):
+    """Mount small tmpfs file systems (really full disks for the tests); unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "6m") -> Path:
+        mountpoint = tmp_path / name
+        mountpoint.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root; this machine runs the tests as another user")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"this machine forbids mounting a tmpfs: {result.stderr.strip()}")
+        mounted.append(mountpoint)
+        return mountpoint
+
+    yield mount
+    for mountpoint in reversed(mounted):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

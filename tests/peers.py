@@ -75,6 +75,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def fill(disk: Path, leave: int) -> Path:
+    """Write a filler file on ``disk`` until only about ``leave`` bytes are free."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    with open(filler, "ab") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
 @dataclass
 class StoreResult:
     returncode: int

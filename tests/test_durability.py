@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import re
+import sqlite3
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
 import pytest
 from corpus import ct_series
-from peers import dcmtk, dcmtk_env, storescu, wait_for
+from peers import dcmtk, dcmtk_env, fill, spool_data, storescu, wait_for
+
+from bridge.config import ArchiveDestination as ArchiveConfig
+from bridge.config import validate
+from bridge.destinations.archive import ArchiveDestination
+from bridge.dicomfile import attributes
+from bridge.errors import DestinationUnavailable
+from bridge.ingest import Ingest
+from bridge.intake import ruleset
+from bridge.metrics import Metrics
+from bridge.model import Done, SpooledInstance
+from bridge.queue import Queue
+from bridge.rules import Context
+from bridge.spool import Spool, sha256_file
 
 FAST_RETRY = {"initial": "200ms", "max": "1s", "max_attempts": 50}
 
@@ -100,17 +114,8 @@ def test_kill_9_in_the_middle_of_an_association(tmp_path, bridge_factory):
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; this machine runs the tests as another user")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mountpoint)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"this machine forbids mounting a tmpfs: {result.stderr.strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+def tiny_tmpfs(tmpfs_factory):
+    return tmpfs_factory("tmpfs")
 
 
 def test_full_spool_answers_a700_and_loses_nothing(tmp_path, tiny_tmpfs, bridge_factory):
@@ -174,3 +179,145 @@ def test_a_moved_data_dir_keeps_its_spool(tmp_path, bridge_factory):
     wait_for(lambda: "was data_dir moved?" in bridge.log(), 20, "the move noticed at start-up")
     assert len(list((moved / "spool").glob("[0-9a-f][0-9a-f]/*.dcm"))) == 3
     assert bridge.queue_states() == {"pending": 3}
+
+
+def test_disk_full_while_receiving_answers_a700_and_recovers(tmp_path, tiny_tmpfs, bridge_factory):
+    """A real ENOSPC in the middle of a C-STORE's data set (the free-space floor at 0, so
+    it does not answer first): 0xA700 with a reason, the partial file gone at once, the
+    association and the daemon still serving; the same instance is taken once space is back."""
+    out = tmp_path / "out"  # another file system: unaffected by the full one
+    config = {
+        "data_dir": str(tiny_tmpfs / "data"),
+        "spool": {"min_free": "0"},
+        "destinations": {"archive": {"type": "archive"},
+                         "out": {"type": "folder", "path": f"{out}/{{SeriesInstanceUID}}"}},
+        "rules": [{"name": "all", "store": ["archive", "out"]}],
+        "retry": FAST_RETRY,
+    }
+    bridge = bridge_factory(config)
+    big = ct_series(tmp_path / "big", 1, size=1100)  # ~2.4 MB
+    small = ct_series(tmp_path / "small", 2)
+    filler = fill(tiny_tmpfs, 1 << 20)
+
+    # big, then small on the same association: the refusal leaves it in step
+    result = storescu(bridge.port, [big[0], small[0]], extra=["-d"])  # -d: the responses in full
+    statuses = [int(s, 16) for s in re.findall(r"DIMSE Status\s*: 0x([0-9a-fA-F]{4})", result.output)]
+    assert statuses == [0xA700, 0x0000], result.output[-3000:]
+    assert re.search(r"\(0000,0902\) LO \[out of resources: out of space on the spool\]", result.output)
+    assert not list((tiny_tmpfs / "data" / "spool" / "incoming").iterdir())  # removed at once
+    assert storescu(bridge.port, [small[1]]).statuses == [0x0000]  # another association
+    wait_for(lambda: delivered(out) == sorted(f"{sop_uid(f)}.dcm" for f in small), 30, "the small ones")
+
+    filler.unlink()
+    assert storescu(bridge.port, big).statuses == [0x0000]
+    expected = sorted(f"{sop_uid(f)}.dcm" for f in big + small)
+    wait_for(lambda: delivered(out) == expected, 30, "every acknowledged instance in the folder")
+    wait_for(lambda: delivered(tiny_tmpfs / "data" / "archive") == expected, 30, "and in the archive")
+    assert bridge.stop() == 0
+
+
+def test_a_full_archive_disk_backs_the_archive_off_and_it_catches_up(tmp_path, tmpfs_factory, bridge_factory):
+    """The archive's own disk full (files and index.sqlite): the archive backs off without
+    charging its rows, the folder destination delivers meanwhile, and the archive takes
+    everything once space is back."""
+    disk = tmpfs_factory("archive-disk")
+    archive, out = disk / "archive", tmp_path / "out"
+    config = {
+        "destinations": {"archive": {"type": "archive", "path": str(archive)},
+                         "out": {"type": "folder", "path": f"{out}/{{SeriesInstanceUID}}"}},
+        "rules": [{"name": "all", "store": ["archive", "out"]}],
+        "retry": FAST_RETRY,
+    }
+    bridge = bridge_factory(config)
+    filler = fill(disk, 0)
+    files = ct_series(tmp_path / "ct", 3)
+    assert storescu(bridge.port, files).statuses == [0] * 3
+    expected = sorted(f"{sop_uid(f)}.dcm" for f in files)
+    wait_for(lambda: delivered(out) == expected, 30, "the folder destination, unaffected")
+    wait_for(lambda: bridge.destination_state("archive")[0] == "backing_off", 30, "the archive to back off")
+    assert "space" in bridge.destination_state("archive")[1]
+    assert all(r["state"] == "pending" and r["attempts"] == 0 for r in bridge.queue_rows("archive"))
+
+    filler.unlink()
+    wait_for(lambda: bridge.queue_states() == {"done": 6}, 30, "the archive to catch up")
+    assert delivered(archive) == expected
+    index = sqlite3.connect(archive / "index.sqlite")
+    try:
+        assert index.execute("SELECT count(*) FROM instances").fetchone()[0] == 3
+    finally:
+        index.close()
+    assert bridge.stop() == 0
+
+
+def spooled(path: Path) -> SpooledInstance:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return SpooledInstance(
+        spool_path=path, size=path.stat().st_size, sha256=sha256_file(path), sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+        transfer_syntax=ds.file_meta.TransferSyntaxUID, calling_ae="CT1", called_ae="BRIDGE", peer="127.0.0.1",
+        received_at=datetime.now(UTC), patient_id=str(ds.PatientID), attributes=attributes(ds),
+    )
+
+
+def test_a_keep_first_archive_whose_index_is_full_places_the_batch_again_and_indexes_it(tmp_path, tmpfs_factory):
+    """The index cannot be written (a full disk) after the batch's files were linked: the
+    batch fails as a whole, and its retry must index those instances, not take the
+    files it left for duplicates (keep-first)."""
+    disk = tmpfs_factory("disk")
+    files = ct_series(disk / "spool", 3)
+    archive = ArchiveDestination("archive", ArchiveConfig(type="archive", duplicates="keep-first"), disk / "archive")
+    try:
+        archive.open()
+        assert archive.send([spooled(files[0])]) == [Done()]
+        filler = fill(disk, 0)
+        with pytest.raises(DestinationUnavailable, match="space"):
+            archive.send([spooled(f) for f in files[1:]])
+        archive.close()
+        filler.unlink()
+        archive.open()
+        assert archive.send([spooled(f) for f in files[1:]]) == [Done(), Done()]
+    finally:
+        archive.close()
+    index = sqlite3.connect(disk / "archive" / "index.sqlite")
+    try:
+        indexed = {r[0] for r in index.execute("SELECT sop_instance_uid FROM instances")}
+    finally:
+        index.close()
+    assert indexed == {sop_uid(f) for f in files}
+
+
+def test_a_full_disk_at_the_queue_commit_answers_a700_and_keeps_nothing(tmp_path, tmpfs_factory):
+    """The instance's file is complete and durable, but the queue's commit finds the disk
+    full (SQLITE_FULL): 0xA700 saying so, the spool file removed, and the same instance
+    queued once space is back (the queue's connection was not left in a transaction)."""
+    disk = tmpfs_factory("disk", "4m")
+    config = validate({"data_dir": str(disk), "spool": {"min_free": "0"},
+                       "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                       "rules": [{"name": "all", "store": ["out"]}]}, base=tmp_path)
+    spool = Spool(disk / "spool")
+    spool.open()
+    queue = Queue(disk / "queue.sqlite")
+    ingest = Ingest(spool, queue, Metrics())
+    (source,) = ct_series(tmp_path / "ct", 1)
+
+    def received() -> Path:
+        temp = spool.new_temp()
+        temp.write(source.read_bytes())
+        temp.close()
+        return Path(temp.name)
+
+    try:
+        path = received()
+        # room for nothing but what the free-space check counts (the file's size again)
+        filler = fill(disk, source.stat().st_size + 4096)
+        stored = ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), config, ruleset(config))
+        assert (stored.status, stored.comment) == (0xA700, "out of resources: out of space for the queue database")
+        path.unlink(missing_ok=True)  # as intake does
+        assert spool_data(disk) == []
+
+        filler.unlink()
+        stored = ingest.store(received(), Context("CT1", "BRIDGE", "127.0.0.1"), config, ruleset(config))
+        assert stored.status == 0x0000 and stored.rows == 1
+    finally:
+        ingest.close()
+        queue.close()

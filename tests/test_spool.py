@@ -3,12 +3,15 @@ the files it recycles."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from peers import fill
 
 from bridge.spool import FREE_MAX, HASH_LOT, RETAIN_BYTES, HashingTempFile, Spool
 
@@ -181,3 +184,60 @@ def test_a_free_name_left_beside_a_spooled_file_is_not_written_into(tmp_path: Pa
     assert list(again.free.iterdir()) == []
     assert spooled(again, b"the next instance").read_bytes() == b"the next instance"
     assert kept.read_bytes() == b"acknowledged instance"
+
+
+@pytest.mark.parametrize("recycled", [False, True], ids=["new-file", "recycled-file"])
+def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs_factory, monkeypatch,
+                                                            recycled: bool) -> None:
+    """A C-STORE data set written by pynetdicom's ``decode_msg`` (the path beside the bridge's
+    fast path) onto a really full disk: no exception reaches pynetdicom, the message is
+    still decoded to its end, the error is known, the file is emptied at once; the next
+    instance is written whole once space is back."""
+    import pynetdicom.dimse_messages as dm
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+    from pynetdicom import _config
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from bridge import pynetdicom_overrides
+
+    disk = tmpfs_factory("disk", "2m")
+    spool = Spool(disk / "spool")
+    spool.open()
+    if recycled:
+        spool.recycle(spooled(spool, b"\1" * 4096))
+    monkeypatch.setattr(dm, "NamedTemporaryFile", lambda *_, **__: spool.new_temp())
+    monkeypatch.setattr(dm, "create_file_meta", pynetdicom_overrides._create_file_meta)
+    monkeypatch.setattr(dm, "write_file_meta_info", pynetdicom_overrides._write_file_meta_info)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    accepted = type("Context", (), {"transfer_syntax": [ImplicitVRLittleEndian]})()
+    assoc = type("Association", (), {"_accepted_cx": {1: accepted}})()
+
+    def receive(size: int) -> tuple[Path, HashingTempFile]:
+        request = C_STORE()
+        request.MessageID = 1
+        request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        request.AffectedSOPInstanceUID = generate_uid()
+        request.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00" + b"\0" * size)
+        message = dm.C_STORE_RQ()
+        message.primitive_to_message(request)
+        received = dm.DIMSEMessage()
+        ends = [received.decode_msg(p, assoc) for p in message.encode_msg(1, 16384)]
+        assert ends[-1] and not any(ends[:-1])  # decoded to its end: the association stays in step
+        (path,) = spool.incoming.iterdir()
+        file = received._data_set_file  # as pynetdicom hands it to the C-STORE handler
+        file.seal()
+        return path, file
+
+    filler = fill(disk, 256 << 10)
+    path, file = receive(1 << 20)
+    error = HashingTempFile.write_error(path)
+    assert error is not None and error.errno == errno.ENOSPC
+    assert path.stat().st_size == 0  # its space given back before the message ended
+    file.close()  # no exception either
+    path.unlink()
+
+    filler.unlink()
+    path, file = receive(1 << 20)
+    file.close()
+    assert HashingTempFile.write_error(path) is None
+    assert path.stat().st_size > 1 << 20

@@ -79,22 +79,30 @@ class FileDestination:
         dirty: set[Path] = set()
         outcomes: list[Outcome] = []
         written: list[tuple[SpooledInstance, Path]] = []
-        for instance in batch:
-            try:
-                outcome, target, kept = self._write(instance, dirty)
-            except _SourceMissing as exc:
-                outcomes.append(Permanent(str(exc)))
-                continue
-            outcomes.append(outcome)
-            if target is not None:
-                written.append((kept, target))
         try:
-            for folder in dirty:
-                fsync_dir(folder)
-        except OSError as exc:
-            raise DestinationUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
-        self.after_batch(written)
+            for instance in batch:
+                try:
+                    outcome, target, kept = self._write(instance, dirty)
+                except _SourceMissing as exc:
+                    outcomes.append(Permanent(str(exc)))
+                    continue
+                outcomes.append(outcome)
+                if target is not None:
+                    written.append((kept, target))
+            try:
+                for folder in dirty:
+                    fsync_dir(folder)
+            except OSError as exc:
+                raise DestinationUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
+            self.after_batch(written)
+        except BaseException:
+            self.abandon(written)
+            raise
         return outcomes
+
+    def abandon(self, written: list[tuple[SpooledInstance, Path]]) -> None:
+        """Hook for subclasses: the batch failed as a whole (its rows are sent again
+        later), after ``written`` were placed."""
 
     def after_batch(self, written: list[tuple[SpooledInstance, Path]]) -> None:
         """Hook for subclasses: the files are durable. Each instance is as written: a
