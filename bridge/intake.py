@@ -283,6 +283,12 @@ class Intake:
                     accepted)
 
     def _on_closed(self, event: evt.Event) -> None:
+        # A message cut off by the end of the association (an abort, the peer gone, a
+        # timeout): its half-received file goes now, not at the next start. (pynetdicom
+        # keeps the message being received on its DIMSE provider; a complete one has left.)
+        partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
+        if partial is not None:
+            self.spool.discard(Path(partial))
         stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return

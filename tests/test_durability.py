@@ -6,11 +6,12 @@ import re
 import sqlite3
 import subprocess
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from corpus import ct_series
+from corpus import ct_series, data_set_bytes
 from peers import dcmtk, dcmtk_env, fill, spool_data, storescu, wait_for
 
 from bridge.config import ArchiveDestination as ArchiveConfig
@@ -321,3 +322,40 @@ def test_a_full_disk_at_the_queue_commit_answers_a700_and_keeps_nothing(tmp_path
     finally:
         ingest.close()
         queue.close()
+
+
+@pytest.mark.parametrize("how", ["abort", "close"])
+def test_an_association_ended_in_the_middle_of_a_data_set_leaves_no_partial_file(tmp_path, bridge_factory,
+                                                                                   raw_scu, how):
+    """A peer that aborts, or drops its connection, half-way through a C-STORE's data set:
+    the half-received file is removed when the association ends, not at the next start
+    (on a bridge that runs for months, those would fill the disk)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    config, _, _ = blocked_folder_config(tmp_path)
+    bridge = bridge_factory(config)
+    (source,) = ct_series(tmp_path / "ct", 1, size=512)
+    incoming = bridge.data_dir / "spool" / "incoming"
+    raw_scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian])
+    assoc = raw_scu.associate("127.0.0.1", bridge.port, ae_title="BRIDGE")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = sop_uid(source)
+    request.DataSet = BytesIO(data_set_bytes(source))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id
+    fragments = list(message.encode_msg(context_id, 16384))
+    for primitive in fragments[:len(fragments) // 2]:
+        assoc.dul.send_pdu(primitive)
+    wait_for(lambda: any(p.stat().st_size > 64 << 10 for p in incoming.iterdir()), 20, "half a data set received")
+    if how == "abort":
+        assoc.abort()
+    else:
+        assoc.dul.socket.socket.close()
+    wait_for(lambda: not list(incoming.iterdir()), 20, "the partial file removed")
+    assert storescu(bridge.port, [source]).statuses == [0x0000]  # and the resend is taken
