@@ -66,6 +66,14 @@ class Ingest:
     def close(self) -> None:
         self._fsync.shutdown(wait=True)
 
+    def _out_of_resources(self, exc: BaseException) -> str:
+        """``out_of_resources(exc)``; when the disk is full, the spool's kept blocks
+        (``spool/free``) are given back first, for the next instances."""
+        comment = out_of_resources(exc)
+        if comment in (SPOOL_FULL, QUEUE_FULL):
+            self.spool.give_back()
+        return comment
+
     def store(self, path: Path, ctx: Context, config: Config, rules: RuleSet, what: str = "C-STORE",
               check: Callable[[Dataset, str, str], None] | None = None,
               refusal_level: int = logging.WARNING) -> Stored:
@@ -78,7 +86,7 @@ class Ingest:
         failed = HashingTempFile.write_error(path)
         if failed is not None:  # the file is incomplete: say why, not what is missing from it
             LOGGER.error("refused %s: cannot write to the spool: %s", what, failed.strerror or failed)
-            return Stored(0xA700, out_of_resources(failed))
+            return Stored(0xA700, self._out_of_resources(failed))
         try:
             header = dicomfile.read_header(path)
             sop_class, sop_instance, study, series = dicomfile.required_uids(header)
@@ -105,6 +113,7 @@ class Ingest:
         free = self.spool.free_bytes()
         if free - size < config.spool.min_free:
             LOGGER.error("refused %s: spool has %d bytes free, below spool.min_free", what, free)
+            self.spool.give_back()
             return Stored(0xA700, "out of resources: spool below its free-space floor", sop_instance)
 
         sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
@@ -112,7 +121,7 @@ class Ingest:
             spooled = self.spool.take(path, sync_folder=False)
         except OSError as exc:
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, out_of_resources(exc), sop_instance)
+            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
         instance = SpooledInstance(
             spool_path=spooled, size=size, sha256=sha256, sop_class_uid=sop_class,
             sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
@@ -135,7 +144,7 @@ class Ingest:
             futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
-            return Stored(0xA700, out_of_resources(exc), sop_instance)
+            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
         try:
             folder_synced.result()
         except OSError as exc:
@@ -156,6 +165,8 @@ class Ingest:
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SPOOL_FULL = "out of resources: out of space on the spool"
+QUEUE_FULL = "out of resources: out of space for the queue database"
 
 
 def out_of_resources(exc: BaseException) -> str:
@@ -167,9 +178,9 @@ def out_of_resources(exc: BaseException) -> str:
             break
         if isinstance(chain, OSError):
             if chain.errno in _NO_SPACE:
-                return "out of resources: out of space on the spool"
+                return SPOOL_FULL
             return f"out of resources: cannot write to the spool: {chain.strerror or chain}"
         if getattr(chain, "sqlite_errorname", "") == "SQLITE_FULL":
-            return "out of resources: out of space for the queue database"
+            return QUEUE_FULL
         chain = chain.__context__
     return "out of resources: queue error"

@@ -365,6 +365,24 @@ class Spool:
             return HashingTempFile.unwritable(os.path.join(self._incoming, f"unwritable-{secrets.token_hex(8)}.dcm"),
                                               exc)
 
+    def give_back(self) -> int:
+        """The disk is full: empty the files kept in ``free/`` with their blocks, so the
+        space they hold goes to new instances. Returns the bytes given back."""
+        given = 0
+        with self._free_lock:
+            for n, (name, size) in enumerate(self._free):
+                if size:
+                    try:
+                        os.truncate(os.path.join(self._free_dir, name), 0)
+                    except OSError:
+                        continue
+                    self._free[n] = (name, 0)
+                    self._retained -= size
+                    given += size
+        if given:
+            LOGGER.warning("spool full: gave back %d bytes kept in spool/free for reuse", given)
+        return given
+
     def recycle(self, path: Path) -> None:
         """No row needs ``path`` any more: move it into ``free/`` for a new instance to
         be written over, keeping its blocks while ``RETAIN_BYTES`` allows (else emptied),

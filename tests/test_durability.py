@@ -19,7 +19,7 @@ from bridge.config import validate
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dicomfile import attributes
 from bridge.errors import DestinationUnavailable
-from bridge.ingest import Ingest
+from bridge.ingest import Ingest, Stored
 from bridge.intake import ruleset
 from bridge.metrics import Metrics
 from bridge.model import Done, SpooledInstance
@@ -287,41 +287,84 @@ def test_a_keep_first_archive_whose_index_is_full_places_the_batch_again_and_ind
     assert indexed == {sop_uid(f) for f in files}
 
 
-def test_a_full_disk_at_the_queue_commit_answers_a700_and_keeps_nothing(tmp_path, tmpfs_factory):
-    """The instance's file is complete and durable, but the queue's commit finds the disk
-    full (SQLITE_FULL): 0xA700 saying so, the spool file removed, and the same instance
-    queued once space is back (the queue's connection was not left in a transaction)."""
-    disk = tmpfs_factory("disk", "4m")
-    config = validate({"data_dir": str(disk), "spool": {"min_free": "0"},
-                       "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
-                       "rules": [{"name": "all", "store": ["out"]}]}, base=tmp_path)
-    spool = Spool(disk / "spool")
-    spool.open()
-    queue = Queue(disk / "queue.sqlite")
-    ingest = Ingest(spool, queue, Metrics())
-    (source,) = ct_series(tmp_path / "ct", 1)
+class Intake:
+    """The durable path of a C-STORE (``bridge.ingest``) on its own, over a spool and a
+    queue in ``data_dir``: what intake does once pynetdicom has received a data set."""
 
-    def received() -> Path:
-        temp = spool.new_temp()
+    def __init__(self, data_dir: Path, out: Path) -> None:
+        self.config = validate({"data_dir": str(data_dir), "spool": {"min_free": "0"},
+                                "destinations": {"out": {"type": "folder", "path": str(out)}},
+                                "rules": [{"name": "all", "store": ["out"]}]}, base=out.parent)
+        self.spool = Spool(data_dir / "spool")
+        self.spool.open()
+        self.queue = Queue(data_dir / "queue.sqlite")
+        self.ingest = Ingest(self.spool, self.queue, Metrics())
+
+    def receive(self, source: Path) -> Path:
+        """``source``'s bytes written into the spool's incoming/, as pynetdicom writes them."""
+        temp = self.spool.new_temp()
         temp.write(source.read_bytes())
         temp.close()
         return Path(temp.name)
 
-    try:
-        path = received()
-        # room for nothing but what the free-space check counts (the file's size again)
-        filler = fill(disk, source.stat().st_size + 4096)
-        stored = ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), config, ruleset(config))
-        assert (stored.status, stored.comment) == (0xA700, "out of resources: out of space for the queue database")
-        path.unlink(missing_ok=True)  # as intake does
-        assert spool_data(disk) == []
+    def store(self, path: Path) -> Stored:
+        try:
+            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), self.config, ruleset(self.config))
+        finally:
+            path.unlink(missing_ok=True)  # as intake does
 
-        filler.unlink()
-        stored = ingest.store(received(), Context("CT1", "BRIDGE", "127.0.0.1"), config, ruleset(config))
-        assert stored.status == 0x0000 and stored.rows == 1
-    finally:
-        ingest.close()
-        queue.close()
+    def close(self) -> None:
+        self.ingest.close()
+        self.queue.close()
+
+
+@pytest.fixture
+def intake_on(tmp_path):
+    made: list[Intake] = []
+
+    def make(data_dir: Path) -> Intake:
+        made.append(Intake(data_dir, tmp_path / "out"))
+        return made[-1]
+
+    yield make
+    for intake in made:
+        intake.close()
+
+
+def test_a_full_disk_at_the_queue_commit_answers_a700_and_keeps_nothing(tmp_path, tmpfs_factory, intake_on):
+    """The instance's file is complete and durable, but the queue's commit finds the disk
+    full (SQLITE_FULL): 0xA700 saying so, the spool file removed, and the same instance
+    queued once space is back (the queue's connection was not left in a transaction)."""
+    disk = tmpfs_factory("disk", "4m")
+    intake = intake_on(disk)
+    (source,) = ct_series(tmp_path / "ct", 1)
+    path = intake.receive(source)
+    # room for nothing but what the free-space check counts (the file's size again)
+    filler = fill(disk, source.stat().st_size + 4096)
+    stored = intake.store(path)
+    assert (stored.status, stored.comment) == (0xA700, "out of resources: out of space for the queue database")
+    assert spool_data(disk) == []
+
+    filler.unlink()
+    stored = intake.store(intake.receive(source))
+    assert stored.status == 0x0000 and stored.rows == 1
+
+
+def test_a_full_spool_gives_back_the_blocks_it_keeps_for_reuse(tmp_path, tmpfs_factory, intake_on):
+    """Delivered files kept in spool/free keep their blocks for the next instances; when
+    the disk is full, that space goes to the instances instead."""
+    disk = tmpfs_factory("disk", "8m")
+    intake = intake_on(disk)
+    received = [intake.receive(f) for f in ct_series(tmp_path / "kept", 2, size=724)]  # ~1 MiB each
+    for path in received:  # delivered
+        intake.spool.recycle(intake.spool.take(path))
+    (big,) = ct_series(tmp_path / "big", 1, size=1024)
+    fill(disk, 256 << 10)
+    stored = intake.store(intake.receive(big))
+    assert (stored.status, stored.comment) == (0xA700, "out of resources: out of space on the spool")
+    assert intake.spool.free_bytes() > 2 << 20  # the failed file's blocks, and the other kept file's
+    (next_one,) = ct_series(tmp_path / "next", 1, size=724)
+    assert intake.store(intake.receive(next_one)).status == 0x0000
 
 
 @pytest.mark.parametrize("how", ["abort", "close"])
