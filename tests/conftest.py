@@ -71,7 +71,8 @@ def raw_scu():
 
 @pytest.fixture
 def tmpfs_factory(tmp_path):
-    """Mount small tmpfs file systems (really full disks for the tests); unmounted at the end."""
+    """Mount small tmpfs file systems (really full disks for the tests); unmounted at the
+    end. ``size`` is tmpfs's option, other options may follow it (``"4m,nr_inodes=320"``)."""
     mounted: list[Path] = []
 
     def mount(name: str, size: str = "6m") -> Path:

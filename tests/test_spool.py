@@ -241,3 +241,32 @@ def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs
     file.close()
     assert HashingTempFile.write_error(path) is None
     assert path.stat().st_size > 1 << 20
+
+
+def test_a_file_that_cannot_be_created_takes_the_message_and_says_why(tmp_path: Path, tmpfs_factory) -> None:
+    """No inode left for the incoming file (a full disk too): receiving into it raises
+    nothing, and the error is known when the message is complete."""
+    disk = tmpfs_factory("disk", "4m,nr_inodes=320")
+    spool = Spool(disk / "spool")
+    spool.open()
+    n = 0
+    with pytest.raises(OSError) as full:
+        while n < 1000:
+            (disk / f"inode{n}").touch()
+            n += 1
+    assert full.value.errno == errno.ENOSPC
+    temp = spool.new_temp()
+    temp.write(b"\0" * 132)
+    temp.file.flush()
+    temp.seal()
+    temp.close()
+    path = Path(temp.name)
+    error = HashingTempFile.write_error(path)
+    assert error is not None and error.errno == errno.ENOSPC
+    assert not path.exists() and path.parent == spool.incoming
+    (disk / "inode0").unlink()
+    temp = spool.new_temp()
+    temp.write(b"\1" * 132)
+    temp.close()
+    assert HashingTempFile.write_error(Path(temp.name)) is None
+    assert Path(temp.name).read_bytes() == b"\1" * 132
