@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,10 +108,13 @@ class Batch(list[Row]):
 
 @dataclass
 class Enqueued:
-    """What ``enqueue`` did: rows created, and destinations skipped with the reason."""
+    """What ``enqueue`` did: rows created, destinations skipped with the reason, and the
+    spool files of superseded rows that no row needs any more (the caller recycles them
+    once its own instance is durable)."""
 
     row_ids: list[int]
     skipped: dict[str, str]
+    released: list[Path] = field(default_factory=list)
 
 
 def backoff(attempts: int, retry: Retry) -> float:
@@ -120,14 +123,21 @@ def backoff(attempts: int, retry: Retry) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
+BUSY_TIMEOUT = 30.0  # seconds a statement waits for another connection's write lock
+
+
 class Queue:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        """``busy_timeout``: how long a statement waits for the write lock another
+        connection holds (``dicom-bridge queue``, a backup tool) before it fails with
+        "database is locked": intake then answers 0xA700, a worker tries again later."""
         self.path = path
         self._lock = threading.RLock()
         # Outcomes recorded so far, for those who wait for a delivery (``ack: delivered``).
         self._recorded = threading.Condition()
         self._generation = 0
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous=FULL: a commit is on disk when it returns, which is what
         # lets intake answer 0x0000 right after it.
@@ -160,6 +170,7 @@ class Queue:
         now = time.time()
         created: list[int] = []
         skipped: dict[str, str] = {}
+        superseded: list[Path] = []
         with self._lock, self._transaction():
             for route in routes:
                 existing = self._db.execute(
@@ -174,13 +185,14 @@ class Queue:
                     skipped[route.destination] = "different content for a known SOP Instance UID (keep-first)"
                     continue
                 if existing and route.duplicates == "supersede":
-                    self._db.execute(
+                    superseded += [Path(r["spool_path"]) for r in self._db.execute(
                         "UPDATE queue SET state = 'cancelled', done_at = ?, last_error = 'superseded by newer content'"
-                        " WHERE destination = ? AND sop_instance_uid = ? AND state = 'pending'",
+                        " WHERE destination = ? AND sop_instance_uid = ? AND state = 'pending' RETURNING spool_path",
                         (now, route.destination, instance.sop_instance_uid),
-                    )
+                    )]
                 created.append(self._insert(instance, route, now))
-        return Enqueued(created, skipped)
+            released = self._releasable(superseded) if superseded else []
+        return Enqueued(created, skipped, released)
 
     def _insert(self, i: SpooledInstance, route: Route, now: float) -> int:
         cursor = self._db.execute(
@@ -330,7 +342,8 @@ class Queue:
         """Give claimed rows back without charging them (the destination was unavailable)."""
         with self._lock, self._transaction():
             self._db.executemany(
-                "UPDATE queue SET state = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE queue SET state = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?"
+                " AND state = 'in_flight'",  # never a row already recorded (Delivery settles twice rather than never)
                 [(not_before, reason, r.id) for r in rows],
             )
 
@@ -601,14 +614,35 @@ class _Transaction:
     def __enter__(self) -> None:
         if not self._durable:
             self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # "database is locked", an I/O error: no __exit__ follows, so the connection
+            # must be made durable again here, or every later commit (intake's, which
+            # must reach the disk before its C-STORE response) would skip its fsync.
+            self._durable_again()
+            raise
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type:
+                if self._db.in_transaction:  # SQLite rolls back by itself after some errors
+                    self._db.execute("ROLLBACK")
+            else:
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # SQLITE_FULL, an I/O error: a transaction left open would make every
+                    # later BEGIN fail ("cannot start a transaction within a transaction").
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
         finally:
-            if not self._durable:
-                self._db.execute("PRAGMA synchronous=FULL")
+            self._durable_again()
+
+    def _durable_again(self) -> None:
+        if not self._durable:
+            self._db.execute("PRAGMA synchronous=FULL")
 
 
 # json.dumps with any non-default option builds a new encoder per call.
