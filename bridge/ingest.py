@@ -140,6 +140,8 @@ class Ingest:
             return Stored(0xA700, f"out of resources: {exc.strerror}", sop_instance)
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
+        for superseded in enqueued.released:  # older content that no row needs any more
+            self.spool.recycle(superseded)
         for name, why in enqueued.skipped.items():
             LOGGER.info("%s not queued for %s: %s", sop_instance, name, why)
         label = self.metrics.calling_ae(ctx.calling_ae)
