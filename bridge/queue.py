@@ -486,6 +486,14 @@ class Queue:
             ).fetchall()
         return [_row(r) for r in found]
 
+    def by_id(self, ids: Sequence[int]) -> list[Row]:
+        """The rows of these ids that exist, in arrival order."""
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT * FROM queue WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", list(ids)
+            ).fetchall()
+        return [_row(r) for r in found]
+
     def count_matching(self, where: RowFilter) -> dict[tuple[str, str], int]:
         """The rows ``where`` matches, by (destination, state), however many ``select`` shows."""
         sql, params = where.sql(time.time())

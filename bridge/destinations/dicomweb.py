@@ -32,6 +32,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -397,9 +398,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(exc: Exception) -> str:
-    """A requests error in one short line, without the noise of urllib3's nesting."""
+    """A requests error in one line, without the noise of urllib3's nesting: the reason
+    urllib3 gives (``Caused by NewConnectionError("...: Connection refused")``) unquoted,
+    without the connection object's repr in front of it."""
     text = str(exc)
     for marker in ("Caused by ", "(Caused by "):
         if marker in text:
             text = text.split(marker, 1)[1].rstrip(")")
-    return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
+    if quoted := re.fullmatch(r"\w+\(([\"'])(.*)\1\)?", text, re.DOTALL):
+        text = quoted.group(2)
+    text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
+    return f"{type(exc).__name__}: {' '.join(text.split())}"
