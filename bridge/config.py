@@ -148,6 +148,8 @@ class QueueSettings(Model):
     """The delivery queue."""
 
     retention: Duration = Field(30 * 86400.0, description="how long done and cancelled rows are kept")
+    busy_timeout: Duration = Field(30.0, gt=0, description="how long a queue write waits for the lock another "
+                                   "connection holds (read at start)")
 
 
 class Batch(Model):

@@ -130,6 +130,7 @@ class Ingest:
             futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
+            self.metrics.queue_errors.labels("intake").inc()
             return Stored(0xA700, "out of resources: queue error", sop_instance)
         try:
             folder_synced.result()

@@ -3,11 +3,14 @@ locked under the workers, destinations that come back."""
 
 from __future__ import annotations
 
+import sqlite3
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from corpus import ct_series, with_uid
-from peers import spool_data, storescu, wait_for
+from peers import free_port, spool_data, storescu, wait_for
 
 
 def blocked_folder(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], Path]:
@@ -17,6 +20,14 @@ def blocked_folder(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], Pat
     blocker.write_text("not a directory")
     destination = {"type": "folder", "path": f"{blocker}/out/{{SeriesInstanceUID}}", **settings}
     return {"destinations": {"out": destination}, "rules": [{"name": "all", "store": ["out"]}]}, blocker
+
+
+def delivered(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*.dcm")) if out.exists() else []
+
+
+def sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def test_a_superseded_row_frees_its_spool_file_at_once(tmp_path, bridge_factory):
@@ -33,3 +44,46 @@ def test_a_superseded_row_frees_its_spool_file_at_once(tmp_path, bridge_factory)
     assert [r["state"] for r in bridge.queue_rows("out")] == ["cancelled", "pending"]
     [now] = spool_data(bridge.data_dir)
     assert now != kept and b"Corrected^Name" in now.read_bytes()
+
+
+def metric(port: int, name: str) -> float:
+    """The sum of a metric's samples (every label set) on the daemon's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_delivery_goes_on_by_itself_after_the_queue_was_locked(tmp_path, bridge_factory):
+    """Another connection holds the queue's write lock for longer than the busy timeout
+    while images arrive: intake answers 0xA700 meanwhile (not acknowledged), the delivery
+    workers meet "database is locked" and do not end; once the lock is gone every
+    acknowledged image reaches the destination, with no restart and no administrator."""
+    out = tmp_path / "out"
+    metrics_port = free_port()
+    bridge = bridge_factory({
+        "destinations": {"out": {"type": "folder", "path": f"{out}/{{SeriesInstanceUID}}"}},
+        "rules": [{"name": "all", "store": ["out"]}],
+        "queue": {"busy_timeout": "500ms"},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+    })
+    files = ct_series(tmp_path / "ct", 12)
+    before = storescu(bridge.port, files[:5])
+    locker = sqlite3.connect(bridge.data_dir / "queue.sqlite", isolation_level=None, timeout=30)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        wait_for(lambda: metric(metrics_port, "dicom_bridge_queue_errors_total") >= 2, 30,
+                 "the workers to meet the lock")
+        during = storescu(bridge.port, files[5:8])
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    after = storescu(bridge.port, files[8:])
+    statuses = before.statuses + during.statuses + after.statuses
+    assert set(during.statuses) <= {0x0000, 0xA700}, during.output
+    assert before.statuses == [0] * 5 and after.statuses == [0] * 4, statuses
+    acknowledged = sorted(f"{sop_uid(f)}.dcm" for f, status in zip(files, statuses, strict=True) if status == 0)
+    wait_for(lambda: delivered(out) == acknowledged, 30, "every acknowledged image in the folder")
+    wait_for(lambda: bridge.queue_states() == {"done": len(acknowledged)}, 15, "every row done")
+    assert "queue error" in bridge.log() and "the queue answers again" in bridge.log()
+    assert bridge.proc.poll() is None
+    assert bridge.stop() == 0
