@@ -232,8 +232,10 @@ def _summary(shown: int, counts: dict[tuple[str, str], int], states: dict[str, d
 
 def _health(name: str, states: dict[str, dict[str, Any]], known: set[str]) -> str:
     state = states.get(name)
-    if name not in known or state is None or state["state"] == "up":
+    if name not in known or state is None:
         return ""
+    if state["state"] == "up":  # a note, e.g. that a delivery worker was restarted
+        return f"; {state['reason']}" if state["reason"] else ""
     detail = f"; destination {state['state']}"
     if state["until"] and state["until"] > time.time():
         detail += f" for {_age(state['until'] - time.time())} more"
