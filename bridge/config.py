@@ -177,6 +177,8 @@ class DestinationBase(Model):
     batch: Batch = Field(default_factory=Batch)
     retry: RetryOverride = Field(default_factory=RetryOverride)
     idle_close: Duration = Field(60.0, description="close connections after this long without work")
+    probe_every: Duration = Field(5.0, ge=0, description="while backing off, ask the destination this often "
+                                  "whether it answers again (C-ECHO, HTTP OPTIONS, a file written); 0: never")
 
 
 class FolderDestination(DestinationBase):

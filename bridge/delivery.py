@@ -12,7 +12,7 @@ full disk, an I/O error): the error is logged and counted, the worker tries agai
 backoff, and an outcome the queue could not take is kept and recorded once it answers
 (never dropped, so a batch is not sent twice for it). A worker that ends anyway is
 restarted by ``supervise`` (the daemon's housekeeping). While a destination backs off,
-one worker probes it (``Probing``) every ``PROBE_EVERY`` seconds and ends the back-off
+one worker probes it (``Probing``) every ``probe_every`` seconds and ends the back-off
 as soon as it answers.
 """
 
@@ -41,7 +41,6 @@ POLL = 1.0  # seconds between looks at the queue when nothing wakes a worker
 # While another worker of the destination is sending, a worker takes a batch that is not
 # full only once its first instance has waited this long (see DestinationRunner._claim).
 SHARE_AFTER = 0.05
-PROBE_EVERY = 5.0  # seconds between probes of a backing-off destination
 # Seconds between a worker's tries while the queue database fails: doubling, capped.
 # Each try may itself wait for the queue's busy timeout.
 QUEUE_RETRY_FIRST, QUEUE_RETRY_MAX = 0.5, 5.0
@@ -88,6 +87,7 @@ class DestinationRunner:
         self._can_probe = True
         self._probing = False
         self._next_probe = 0.0
+        self._unreachable = False  # a probe of this back-off found the destination not answering
         self._ended = ""  # why the last worker that ended unexpectedly ended
         self._publish()
 
@@ -301,27 +301,35 @@ class DestinationRunner:
             self._settling.release()
 
     def _probe(self) -> None:
-        """While backing off, ask the destination (one worker, every ``PROBE_EVERY``)
-        whether it answers again; if it does, its rows are due and it is up now. The
-        back-off count is kept: a delivery that fails again backs off longer."""
+        """While backing off, ask the destination (one worker, every ``probe_every``)
+        whether it answers again; once a probe that found it unreachable is followed by
+        one that finds it answering, its rows are due and it is up now. A destination
+        that answers probes all along fails in a way probes cannot see (a full disk for
+        large files, a STOW-RS that fails where OPTIONS works): it keeps its back-off,
+        whose count a resumption keeps too, so deliveries are not retried every probe."""
         with self._cond:
             now = time.monotonic()
-            if self.state != BACKING_OFF or not self._can_probe or self._probing or now < self._next_probe:
+            every = self.settings.probe_every
+            if self.state != BACKING_OFF or not every or not self._can_probe or self._probing \
+                    or now < self._next_probe:
                 return
-            self._probing, self._next_probe = True, now + PROBE_EVERY
+            self._probing, self._next_probe = True, now + every
         try:
             answers = self._answers()
         finally:
             with self._cond:
                 self._probing = False
         if not answers:
+            self._unreachable = True
+            return
+        if not self._unreachable:
             return
         self._queue.due_now(self.name)  # rows given back at the back-off wait for its end
         with self._cond:
             if self.state != BACKING_OFF:
                 return
             LOGGER.warning("destination %s answers again (probe): delivering now", self.name)
-            self.state, self.reason, self.until = UP, "", 0.0
+            self.state, self.reason, self.until, self._unreachable = UP, "", 0.0, False
             self._publish()
             self._signals += 1
             self._cond.notify_all()
@@ -449,6 +457,7 @@ class DestinationRunner:
             if self.state == BACKING_OFF and self.until > time.time():
                 return self.until  # another worker already backed off
             self._failures += 1
+            self._unreachable, self._next_probe = False, 0.0  # probe at once: is it unreachable?
             delay = max(backoff(self._failures, self.retry), retry_after or 0.0)
             self.state, self.reason, self.until = BACKING_OFF, reason, time.time() + delay
             LOGGER.warning("destination %s unavailable (%s); next try in %.1fs", self.name, reason, delay)

@@ -114,7 +114,8 @@ def test_a_running_daemon_delivers_retried_rows_once_the_cause_is_fixed(tmp_path
 
 def test_resume_ends_a_long_back_off_now(tmp_path, bridge_factory):
     blocker = in_the_way(tmp_path)
-    bridge = bridge_factory(config({"out": folder(blocker, retry={"initial": "1h", "max": "1h"})}))
+    # no probes: the fixed folder would otherwise end the back-off by itself, before the resume
+    bridge = bridge_factory(config({"out": folder(blocker, retry={"initial": "1h", "max": "1h"}, probe_every="0s")}))
     assert storescu(bridge.port, ct_series(tmp_path / "ct", 2)).statuses == [0, 0]
     wait_for(lambda: listing(bridge)["destinations"]["out"]["state"] == "backing_off", 15, "the back-off")
     shown = queue_cli(bridge, "list").stdout

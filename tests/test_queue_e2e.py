@@ -87,3 +87,42 @@ def test_delivery_goes_on_by_itself_after_the_queue_was_locked(tmp_path, bridge_
     assert "queue error" in bridge.log() and "the queue answers again" in bridge.log()
     assert bridge.proc.poll() is None
     assert bridge.stop() == 0
+
+
+def test_a_destination_that_comes_back_is_probed_and_delivered_to_within_seconds(tmp_path, orthanc_factory,
+                                                                                 bridge_factory):
+    """Orthanc is down while images arrive: its DICOMweb and DIMSE destinations back off
+    for a minute. Probed every few seconds (OPTIONS, C-ECHO), both deliver within seconds
+    of Orthanc's return, not when the back-off ends."""
+    orthanc = orthanc_factory(aet="PACS")
+    orthanc.stop()
+    bridge = bridge_factory({
+        "nodes": {"PACS": {"host": "127.0.0.1", "port": orthanc.dicom_port}},
+        "destinations": {"web": {"type": "dicomweb", "url": orthanc.dicomweb},
+                         "pacs": {"type": "dimse", "node": "PACS"}},
+        "rules": [{"name": "all", "store": ["web", "pacs"]}],
+        "retry": {"initial": "60s", "max": "60s"},
+    })
+    files = ct_series(tmp_path / "ct", 5)
+    assert storescu(bridge.port, files).statuses == [0] * 5
+    for name in ("web", "pacs"):
+        wait_for(lambda n=name: bridge.destination_state(n)[0] == "backing_off", 30, f"{name} to back off")
+    orthanc.start()
+    wait_for(lambda: bridge.queue_states() == {"done": 10}, 15, "every row done soon after Orthanc's return")
+    assert orthanc.count() == 5
+    assert "web answers again (probe)" in bridge.log() and "pacs answers again (probe)" in bridge.log()
+
+
+def test_a_folder_that_can_be_written_again_is_delivered_to_within_seconds(tmp_path, bridge_factory):
+    """The folder probe writes a small file where the destination writes: once the file in
+    the way is gone, delivery resumes within seconds, not after the hour of back-off."""
+    config, blocker = blocked_folder(tmp_path, retry={"initial": "1h", "max": "1h"})
+    bridge = bridge_factory(config)
+    files = ct_series(tmp_path / "ct", 3)
+    assert storescu(bridge.port, files).statuses == [0] * 3
+    wait_for(lambda: bridge.destination_state("out")[0] == "backing_off", 15, "the destination to back off")
+    blocker.unlink()
+    blocker.mkdir()
+    wait_for(lambda: delivered(blocker / "out") == sorted(f"{sop_uid(f)}.dcm" for f in files), 12,
+             "the files delivered soon after the folder can be written")
+    assert not [p for p in (blocker / "out").iterdir() if p.name.startswith(".probe-")]

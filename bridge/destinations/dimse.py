@@ -87,6 +87,23 @@ class DimseDestination:
             scu.release(self._assoc)
         self._forget()
 
+    def probe(self) -> bool:
+        """Whether the node answers again: an association proposing Verification alone,
+        and a C-ECHO on it (PS3.7 9.1.5). Any answer but a transient rejection counts; a
+        permanent rejection, or Verification refused, is for a delivery to find and
+        report (it suspends the destination)."""
+        try:
+            assoc = self.peer.associate([build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])])
+        except DestinationUnavailable:
+            return False
+        except DestinationMisconfigured:
+            return True
+        try:
+            assoc.send_c_echo()
+        finally:
+            scu.release(assoc)
+        return True
+
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         refusals: list[int] = []
