@@ -71,8 +71,8 @@ class Metrics:
         )
         self.queue_errors = Counter(
             "dicom_bridge_queue_errors", "Queue database errors (locked past the busy timeout, disk full, I/O) "
-            "that a worker met and retries, by worker (deliver-<destination>, intake, housekeeping, requests, "
-            "reload)", ["worker"], registry=r,
+            "that a worker met and retries, by worker (deliver-<destination>; intake: C-STORE and watched "
+            "folders; housekeeping, requests, reload)", ["worker"], registry=r,
         )
         self.worker_restarts = Counter(
             "dicom_bridge_worker_restarts", "Delivery workers that ended unexpectedly and were restarted, "

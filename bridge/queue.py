@@ -13,7 +13,8 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +133,7 @@ class Queue:
         connection holds (``dicom-bridge queue``, a backup tool) before it fails with
         "database is locked": intake then answers 0xA700, a worker tries again later."""
         self.path = path
+        self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         # Outcomes recorded so far, for those who wait for a delivery (``ack: delivered``).
         self._recorded = threading.Condition()
@@ -171,7 +173,7 @@ class Queue:
         created: list[int] = []
         skipped: dict[str, str] = {}
         superseded: list[Path] = []
-        with self._lock, self._transaction():
+        with self._intake_lock(), self._transaction():
             for route in routes:
                 existing = self._db.execute(
                     "SELECT id, state, content_hash FROM queue WHERE destination = ? AND sop_instance_uid = ?"
@@ -193,6 +195,18 @@ class Queue:
                 created.append(self._insert(instance, route, now))
             released = self._releasable(superseded) if superseded else []
         return Enqueued(created, skipped, released)
+
+    @contextmanager
+    def _intake_lock(self) -> Iterator[None]:
+        """The queue's lock, waited for no longer than the busy timeout: while SQLite's
+        lock is held elsewhere, delivery workers wait for it in turn under this one, and
+        intake must still answer (0xA700) within about twice the busy timeout."""
+        if not self._lock.acquire(timeout=self._busy_timeout):
+            raise sqlite3.OperationalError("database is locked (the queue's other users waited for it)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _insert(self, i: SpooledInstance, route: Route, now: float) -> int:
         cursor = self._db.execute(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -91,7 +92,13 @@ class DimseDestination:
         """Whether the node answers again: an association proposing Verification alone,
         and a C-ECHO on it (PS3.7 9.1.5). Any answer but a transient rejection counts; a
         permanent rejection, or Verification refused, is for a delivery to find and
-        report (it suspends the destination)."""
+        report (it suspends the destination). A node that refuses the TCP connection is
+        not asked further: pynetdicom would log two errors for it at every probe."""
+        node = self.peer.node
+        try:
+            socket.create_connection((node.host, node.port), timeout=node.timeouts.connect).close()
+        except OSError:
+            return False
         try:
             assoc = self.peer.associate([build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])])
         except DestinationUnavailable:
