@@ -294,7 +294,13 @@ class DestinationRunner:
             return
         try:
             while self._unsettled:
-                self._unsettled[0]()
+                try:
+                    self._unsettled[0]()
+                except sqlite3.Error:
+                    raise  # kept: the queue still fails
+                except Exception:  # a bug, not the queue: trying it again would fail again
+                    self._unsettled.popleft()
+                    raise
                 self._unsettled.popleft()
                 LOGGER.info("destination %s: an outcome kept through a queue error is recorded", self.name)
         finally:
