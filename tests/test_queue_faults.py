@@ -4,7 +4,6 @@ connection (``dicom-bridge queue``, a backup), an error in the middle of a trans
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
 import sys
 import textwrap
