@@ -160,7 +160,8 @@ class Daemon:
             self._stop.wait(max(0.0, min(1.0, next_housekeeping - time.monotonic())))
             if self._reload.is_set():
                 self._reload.clear()
-                self._survive("reload", self.reload)
+                if not self._survive("reload", self.reload):
+                    sd_notify("READY=1")  # not left "reloading": the running configuration serves on
             self._survive("requests", self.act_on_requests)
             if time.monotonic() >= next_housekeeping:
                 self._survive("housekeeping", self.housekeeping)
@@ -168,10 +169,10 @@ class Daemon:
         self.stop()
         return 0
 
-    def _survive(self, worker: str, action: Callable[[], None]) -> None:
+    def _survive(self, worker: str, action: Callable[[], None]) -> bool:
         """Run one turn of the main loop's work; an error is logged and counted, and the
         loop goes on (the next turn is the retry: a second for requests, HOUSEKEEPING_EVERY
-        for housekeeping, the next SIGHUP for a reload)."""
+        for housekeeping, the next SIGHUP for a reload). Returns whether it went through."""
         try:
             action()
         except sqlite3.Error as exc:
@@ -179,6 +180,9 @@ class Daemon:
             LOGGER.error("%s: queue error: %s; tried again later", worker, exc)
         except Exception:
             LOGGER.exception("%s failed; tried again later", worker)
+        else:
+            return True
+        return False
 
     def request_stop(self) -> None:
         self._stop.set()
