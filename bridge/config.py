@@ -148,6 +148,8 @@ class QueueSettings(Model):
     """The delivery queue."""
 
     retention: Duration = Field(30 * 86400.0, description="how long done and cancelled rows are kept")
+    busy_timeout: Duration = Field(30.0, gt=0, description="how long a queue write waits for the lock another "
+                                   "connection holds (read at start)")
 
 
 class Batch(Model):
@@ -175,6 +177,8 @@ class DestinationBase(Model):
     batch: Batch = Field(default_factory=Batch)
     retry: RetryOverride = Field(default_factory=RetryOverride)
     idle_close: Duration = Field(60.0, description="close connections after this long without work")
+    probe_every: Duration = Field(5.0, ge=0, description="while backing off, ask the destination this often "
+                                  "whether it answers again (C-ECHO, HTTP OPTIONS, a file written); 0: never")
 
 
 class FolderDestination(DestinationBase):

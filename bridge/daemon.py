@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Daemon:
     def start(self) -> None:
         self.spool.open()
         configure_pynetdicom(self.spool, self.config.accept.any_sop_class)
-        self.queue = Queue(self.config.data_dir / "queue.sqlite")
+        self.queue = Queue(self.config.data_dir / "queue.sqlite", self.config.queue.busy_timeout)
         recovered = self.queue.recover()
         if recovered:
             LOGGER.warning("%d row(s) were in flight when the daemon last stopped; queued again", recovered)
@@ -160,13 +160,29 @@ class Daemon:
             self._stop.wait(max(0.0, min(1.0, next_housekeeping - time.monotonic())))
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
-            self.act_on_requests()
+                if not self._survive("reload", self.reload):
+                    sd_notify("READY=1")  # not left "reloading": the running configuration serves on
+            self._survive("requests", self.act_on_requests)
             if time.monotonic() >= next_housekeeping:
-                self.housekeeping()
+                self._survive("housekeeping", self.housekeeping)
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
         self.stop()
         return 0
+
+    def _survive(self, worker: str, action: Callable[[], None]) -> bool:
+        """Run one turn of the main loop's work; an error is logged and counted, and the
+        loop goes on (the next turn is the retry: a second for requests, HOUSEKEEPING_EVERY
+        for housekeeping, the next SIGHUP for a reload). Returns whether it went through."""
+        try:
+            action()
+        except sqlite3.Error as exc:
+            self.metrics.queue_errors.labels(worker).inc()
+            LOGGER.error("%s: queue error: %s; tried again later", worker, exc)
+        except Exception:
+            LOGGER.exception("%s failed; tried again later", worker)
+        else:
+            return True
+        return False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -262,6 +278,7 @@ class Daemon:
             requests = self.queue.take_requests()
         except sqlite3.Error as exc:  # e.g. the CLI holds the lock too long: ask again in a second
             LOGGER.warning("cannot read requests from the queue: %s", exc)
+            self.metrics.queue_errors.labels("requests").inc()
             return
         for action, name in requests:
             runner = self.delivery.runners.get(name)
@@ -277,16 +294,18 @@ class Daemon:
     # -- housekeeping ------------------------------------------------------------------
 
     def housekeeping(self) -> None:
-        """Refresh gauges; dead-letter expired rows; purge old done rows now and then."""
-        assert self.queue is not None
+        """Restart delivery workers that ended; refresh gauges; dead-letter expired rows;
+        purge old done rows now and then."""
+        assert self.queue is not None and self.delivery is not None
+        self.delivery.supervise()
         retry_for = {name: self.config.retry_for(name) for name in self.config.destinations}
         expired = self.queue.expire(retry_for)
         if expired:
             LOGGER.warning("%d row(s) expired (older than max_age) and are dead", expired)
         if time.monotonic() - self._last_purge > PURGE_EVERY:
-            self._last_purge = time.monotonic()
             for path in self.queue.purge_done(self.config.queue.retention):
                 self.spool.discard(path)
+            self._last_purge = time.monotonic()  # after a queue error, tried again at the next housekeeping
         counts = self.queue.counts()
         oldest = self.queue.oldest_pending()
         now = time.time()

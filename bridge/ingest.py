@@ -144,6 +144,7 @@ class Ingest:
             futures.wait([folder_synced])
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
+            self.metrics.queue_errors.labels("intake").inc()
             return Stored(0xA700, self._out_of_resources(exc), sop_instance)
         try:
             folder_synced.result()
@@ -154,6 +155,8 @@ class Ingest:
             return Stored(0xA700, out_of_resources(exc), sop_instance)
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
+        for superseded in enqueued.released:  # older content that no row needs any more
+            self.spool.recycle(superseded)
         for name, why in enqueued.skipped.items():
             LOGGER.info("%s not queued for %s: %s", sop_instance, name, why)
         label = self.metrics.calling_ae(ctx.calling_ae)

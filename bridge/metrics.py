@@ -69,6 +69,15 @@ class Metrics:
         self.watch_backlog = Gauge(
             "dicom_bridge_watch_backlog", "Files seen in a watched folder and not yet taken", ["watch"], registry=r,
         )
+        self.queue_errors = Counter(
+            "dicom_bridge_queue_errors", "Queue database errors (locked past the busy timeout, disk full, I/O) "
+            "that a worker met and retries, by worker (deliver-<destination>; intake: C-STORE and watched "
+            "folders; housekeeping, requests, reload)", ["worker"], registry=r,
+        )
+        self.worker_restarts = Counter(
+            "dicom_bridge_worker_restarts", "Delivery workers that ended unexpectedly and were restarted, "
+            "by destination", ["destination"], registry=r,
+        )
         self.spool_free = Gauge("dicom_bridge_spool_free_bytes", "Free bytes on the spool's file system", registry=r)
 
     def calling_ae(self, ae_title: str) -> str:

@@ -90,3 +90,16 @@ class Destination(Protocol):
     def send(self, batch: Sequence[SpooledInstance]) -> Sequence[Outcome]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Probing(Protocol):
+    """A destination that can tell, cheaply and storing nothing, whether it answers again
+    (optional). While a destination backs off, its runner probes it every few seconds
+    and ends the back-off as soon as it answers; a destination without ``probe`` waits
+    for the back-off to end."""
+
+    def probe(self) -> bool:
+        """True when the destination answers now (any answer a delivery could act on),
+        False while it is still unreachable. Never raises for an unreachable destination."""
+        ...

@@ -13,8 +13,9 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,13 @@ class Batch(list[Row]):
 
 @dataclass
 class Enqueued:
-    """What ``enqueue`` did: rows created, and destinations skipped with the reason."""
+    """What ``enqueue`` did: rows created, destinations skipped with the reason, and the
+    spool files of superseded rows that no row needs any more (the caller recycles them
+    once its own instance is durable)."""
 
     row_ids: list[int]
     skipped: dict[str, str]
+    released: list[Path] = field(default_factory=list)
 
 
 def backoff(attempts: int, retry: Retry) -> float:
@@ -120,14 +124,22 @@ def backoff(attempts: int, retry: Retry) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
+BUSY_TIMEOUT = 30.0  # seconds a statement waits for another connection's write lock
+
+
 class Queue:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        """``busy_timeout``: how long a statement waits for the write lock another
+        connection holds (``dicom-bridge queue``, a backup tool) before it fails with
+        "database is locked": intake then answers 0xA700, a worker tries again later."""
         self.path = path
+        self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         # Outcomes recorded so far, for those who wait for a delivery (``ack: delivered``).
         self._recorded = threading.Condition()
         self._generation = 0
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         # WAL with synchronous=FULL: a commit is on disk when it returns, which is what
         # lets intake answer 0x0000 right after it.
@@ -160,7 +172,8 @@ class Queue:
         now = time.time()
         created: list[int] = []
         skipped: dict[str, str] = {}
-        with self._lock, self._transaction():
+        superseded: list[Path] = []
+        with self._intake_lock(), self._transaction():
             for route in routes:
                 existing = self._db.execute(
                     "SELECT id, state, content_hash FROM queue WHERE destination = ? AND sop_instance_uid = ?"
@@ -174,13 +187,26 @@ class Queue:
                     skipped[route.destination] = "different content for a known SOP Instance UID (keep-first)"
                     continue
                 if existing and route.duplicates == "supersede":
-                    self._db.execute(
+                    superseded += [Path(r["spool_path"]) for r in self._db.execute(
                         "UPDATE queue SET state = 'cancelled', done_at = ?, last_error = 'superseded by newer content'"
-                        " WHERE destination = ? AND sop_instance_uid = ? AND state = 'pending'",
+                        " WHERE destination = ? AND sop_instance_uid = ? AND state = 'pending' RETURNING spool_path",
                         (now, route.destination, instance.sop_instance_uid),
-                    )
+                    )]
                 created.append(self._insert(instance, route, now))
-        return Enqueued(created, skipped)
+            released = self._releasable(superseded) if superseded else []
+        return Enqueued(created, skipped, released)
+
+    @contextmanager
+    def _intake_lock(self) -> Iterator[None]:
+        """The queue's lock, waited for no longer than the busy timeout: while SQLite's
+        lock is held elsewhere, delivery workers wait for it in turn under this one, and
+        intake must still answer (0xA700) within about twice the busy timeout."""
+        if not self._lock.acquire(timeout=self._busy_timeout):
+            raise sqlite3.OperationalError("database is locked (the queue's other users waited for it)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _insert(self, i: SpooledInstance, route: Route, now: float) -> int:
         cursor = self._db.execute(
@@ -330,7 +356,8 @@ class Queue:
         """Give claimed rows back without charging them (the destination was unavailable)."""
         with self._lock, self._transaction():
             self._db.executemany(
-                "UPDATE queue SET state = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?",
+                "UPDATE queue SET state = 'pending', next_attempt_at = ?, last_error = ? WHERE id = ?"
+                " AND state = 'in_flight'",  # never a row already recorded (Delivery settles twice rather than never)
                 [(not_before, reason, r.id) for r in rows],
             )
 
@@ -473,6 +500,14 @@ class Queue:
             ).fetchall()
         return [_row(r) for r in found]
 
+    def by_id(self, ids: Sequence[int]) -> list[Row]:
+        """The rows of these ids that exist, in arrival order."""
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT * FROM queue WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", list(ids)
+            ).fetchall()
+        return [_row(r) for r in found]
+
     def count_matching(self, where: RowFilter) -> dict[tuple[str, str], int]:
         """The rows ``where`` matches, by (destination, state), however many ``select`` shows."""
         sql, params = where.sql(time.time())
@@ -601,14 +636,35 @@ class _Transaction:
     def __enter__(self) -> None:
         if not self._durable:
             self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            # "database is locked", an I/O error: no __exit__ follows, so the connection
+            # must be made durable again here, or every later commit (intake's, which
+            # must reach the disk before its C-STORE response) would skip its fsync.
+            self._durable_again()
+            raise
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type:
+                if self._db.in_transaction:  # SQLite rolls back by itself after some errors
+                    self._db.execute("ROLLBACK")
+            else:
+                try:
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # SQLITE_FULL, an I/O error: a transaction left open would make every
+                    # later BEGIN fail ("cannot start a transaction within a transaction").
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
         finally:
-            if not self._durable:
-                self._db.execute("PRAGMA synchronous=FULL")
+            self._durable_again()
+
+    def _durable_again(self) -> None:
+        if not self._durable:
+            self._db.execute("PRAGMA synchronous=FULL")
 
 
 # json.dumps with any non-default option builds a new encoder per call.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -43,7 +44,7 @@ class _Refused(Exception):
 
 
 def register(commands: Any) -> None:
-    """Add ``queue list|retry|purge|resume`` to the ``dicom-bridge`` subcommands."""
+    """Add ``queue list|show|retry|purge|resume`` to the ``dicom-bridge`` subcommands."""
     queue = commands.add_parser("queue", help="inspect the delivery queue, retry, purge, resume a destination",
                                 description="Inspect and repair the delivery queue, whether the daemon runs or not.")
     actions = queue.add_subparsers(dest="action", required=True)
@@ -54,6 +55,13 @@ def register(commands: Any) -> None:
     show.add_argument("--limit", type=int, default=100, help="rows shown at most (default 100)")
     show.add_argument("--json", action="store_true", help="print JSON, with whole UIDs and times")
     show.set_defaults(func=_command(_list))
+
+    one = actions.add_parser("show", help="show queue rows in full, by id",
+                             description="Show every field of the given queue rows, the whole last error "
+                                         "included ('queue list' gives the ids).")
+    one.add_argument("ids", metavar="ID", type=int, nargs="+", help="row ids")
+    one.add_argument("--config", type=Path, help="configuration file (YAML; default: the embedded default)")
+    one.set_defaults(func=_command(_show))
 
     retry = actions.add_parser("retry", help="put dead rows back to pending",
                                description="Put dead rows back to pending, attempts reset; the max_age clock "
@@ -170,12 +178,15 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+ERROR_WIDTH = 120  # characters of the last error in a table that is not shown on a terminal
+MIN_ERROR_WIDTH = 40
 COLUMNS = ("ID", "DESTINATION", "STATE", "ATTEMPTS", "AGE", "PATIENT", "ACCESSION", "STUDY", "SERIES",
            "SOP INSTANCE", "LAST ERROR")
 
 
 def _table(rows: list[Row], known: set[str]) -> list[str]:
-    """One line per row, columns aligned; UIDs shortened to their distinguishing end."""
+    """One line per row, columns aligned; UIDs shortened to their distinguishing end, the
+    last error on one line, cut to what the terminal leaves it (``queue show`` has it whole)."""
     if not rows:
         return []
     now = time.time()
@@ -186,8 +197,24 @@ def _table(rows: list[Row], known: set[str]) -> list[str]:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS) - 1)]
-    return ["  ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), line[-1]]).rstrip()
+    room = _error_room(sum(widths) + 2 * len(widths))
+    return ["  ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)), _one_line(line[-1], room)]).rstrip()
             for line in cells]
+
+
+def _error_room(used: int) -> int:
+    """Characters left for the last error: the rest of a terminal's width, at least
+    ``MIN_ERROR_WIDTH``; ``ERROR_WIDTH`` when the output is not a terminal."""
+    if not sys.stdout.isatty():
+        return ERROR_WIDTH
+    return max(MIN_ERROR_WIDTH, shutil.get_terminal_size().columns - used)
+
+
+def _one_line(text: str, width: int) -> str:
+    """``text`` on one line (runs of white space, newlines included, become one space),
+    cut with an ellipsis past ``width`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1].rstrip() + "\u2026"
 
 
 def _summary(shown: int, counts: dict[tuple[str, str], int], states: dict[str, dict[str, Any]],
@@ -205,8 +232,10 @@ def _summary(shown: int, counts: dict[tuple[str, str], int], states: dict[str, d
 
 def _health(name: str, states: dict[str, dict[str, Any]], known: set[str]) -> str:
     state = states.get(name)
-    if name not in known or state is None or state["state"] == "up":
+    if name not in known or state is None:
         return ""
+    if state["state"] == "up":  # a note, e.g. that a delivery worker was restarted
+        return f"; {state['reason']}" if state["reason"] else ""
     detail = f"; destination {state['state']}"
     if state["until"] and state["until"] > time.time():
         detail += f" for {_age(state['until'] - time.time())} more"
@@ -238,6 +267,45 @@ def _as_json(rows: list[Row], counts: dict[tuple[str, str], int], states: dict[s
             "calling_ae": r.instance.calling_ae, "size": r.instance.size,
         } for r in rows],
     }
+
+
+def _show(args: argparse.Namespace) -> int:
+    """Every field of the rows asked for, one per line; the last error whole (a line of
+    its own per line it has)."""
+    config = load_config(args.config)
+    known = set(config.destinations)
+    with closing(_open(config)) as queue:
+        rows = {r.id: r for r in queue.by_id(args.ids)}
+    for n, row_id in enumerate(args.ids):
+        if n:
+            print()
+        row = rows.get(row_id)
+        if row is None:
+            print(f"row {row_id}: not in the queue")
+            continue
+        i = row.instance
+        fields = [
+            ("destination", _destination(row.destination, known)), ("state", row.state),
+            ("attempts", str(row.attempts)), ("priority", str(row.priority)),
+            ("received", _iso(row.received_at)), ("retried", _iso(row.age_from) if row.age_from != row.received_at
+                                                   else None),
+            ("next attempt", _iso(max(row.next_attempt_at, row.age_from)) if row.state == PENDING else None),
+            ("done", _iso(row.done_at)), ("patient id", i.patient_id), ("accession", i.accession_number),
+            ("study", i.study_uid), ("series", i.series_uid), ("sop instance", i.sop_instance_uid),
+            ("sop class", i.sop_class_uid), ("transfer syntax", i.transfer_syntax), ("size", f"{i.size} bytes"),
+            ("sha-256", i.sha256), ("calling ae", i.calling_ae), ("called ae", i.called_ae), ("peer", i.peer),
+            ("spool file", str(i.spool_path)),
+        ]
+        print(f"row {row.id}")
+        for name, value in fields:
+            if value:
+                print(f"  {name + ':':<17}{value}")
+        if row.last_error:
+            first, *rest = row.last_error.splitlines() or [""]
+            print(f"  {'last error:':<17}{first}")
+            for line in rest:
+                print(f"  {'':<17}{line}")
+    return 0 if len(rows) == len(set(args.ids)) else 1
 
 
 def _destination(name: str, known: set[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -147,6 +148,88 @@ def test_a_row_queued_while_the_worker_claims_is_not_left_for_the_poll(tmp_path:
     try:
         wait_for(lambda: sent == [["1.1"]], 5, "the row sent at once, not after POLL")
     finally:
+        runner.request_stop()
+        runner.stop(time.monotonic() + 10)
+        queue.close()
+
+
+class WorkerKilled(BaseException):
+    """Stands for what no worker survives (its loop catches every Exception)."""
+
+
+class KillingDestination(HeldDestination):
+    """Ends the worker thread in the middle of its first batch."""
+
+    def send(self, batch: Sequence[SpooledInstance]) -> Sequence[Outcome]:
+        self.sent.append([i.sop_instance_uid for i in batch])
+        if len(self.sent) == 1:
+            raise WorkerKilled("the worker's end")
+        return [Done() for _ in batch]
+
+
+def test_a_worker_that_ends_is_restarted_and_its_batch_delivered(tmp_path: Path) -> None:
+    """A delivery worker that ends anyway gives its claimed rows back; ``supervise`` (the
+    daemon's housekeeping) starts another, which delivers them; the restart is counted and
+    shown in the destination's state."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    queue = Queue(tmp_path / "queue.sqlite")
+    sent: list[list[str]] = []
+    metrics = Metrics()
+    settings = FolderDestination.model_validate({"type": "folder", "path": str(tmp_path / "out"),
+                                                 "batch": {"linger": "0s"}})
+    runner = DestinationRunner("held", lambda: KillingDestination(sent, threading.Event()), settings, Retry(),
+                               queue, spool, metrics)
+    runner.start()
+    try:
+        queue.enqueue(instance(spool, "1.1"), [Route("held")])
+        runner.queued()
+        wait_for(lambda: sent and not runner.busy, 10, "the worker to end in its first batch")
+        assert runner.supervise() == 1
+        wait_for(lambda: [r.state for r in queue.rows()] == ["done"], 10, "the batch delivered by a new worker")
+        assert sent == [["1.1"], ["1.1"]]
+        assert metrics.registry.get_sample_value("dicom_bridge_worker_restarts_total", {"destination": "held"}) == 1
+        assert "restarted" in queue.destination_states()["held"]["reason"]
+        assert runner.supervise() == 0
+    finally:
+        runner.request_stop()
+        runner.stop(time.monotonic() + 10)
+        queue.close()
+
+
+def test_an_outcome_the_locked_queue_refused_is_recorded_once_it_answers(tmp_path: Path) -> None:
+    """A batch is sent while another connection holds the queue's write lock past the busy
+    timeout: its outcome cannot be recorded. The worker keeps it (the row stays in flight,
+    not sent again) and records it once the lock is gone."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    queue = Queue(tmp_path / "queue.sqlite", busy_timeout=0.1)
+    sent: list[list[str]] = []
+    release = threading.Event()
+    metrics = Metrics()
+    settings = FolderDestination.model_validate({"type": "folder", "path": str(tmp_path / "out"),
+                                                 "batch": {"linger": "0s"}})
+    runner = DestinationRunner("held", lambda: HeldDestination(sent, release), settings, Retry(), queue, spool,
+                               metrics)
+    runner.start()
+    locker = sqlite3.connect(tmp_path / "queue.sqlite", isolation_level=None)
+    try:
+        queue.enqueue(instance(spool, "1.1"), [Route("held")])
+        runner.queued()
+        wait_for(lambda: sent == [["1.1"]], 10, "the batch to be in flight")
+        locker.execute("BEGIN IMMEDIATE")
+        release.set()  # sent: its outcome meets the lock
+        errors = {"worker": "deliver-held"}
+        wait_for(lambda: (metrics.registry.get_sample_value("dicom_bridge_queue_errors_total", errors) or 0) >= 3,
+                 10, "the worker to meet the lock, and go on meeting it")
+        assert [r.state for r in queue.rows()] == ["in_flight"]
+        locker.execute("ROLLBACK")
+        wait_for(lambda: [r.state for r in queue.rows()] == ["done"], 10, "the outcome recorded")
+        assert sent == [["1.1"]]  # sent once
+        assert runner.busy
+    finally:
+        locker.close()
+        release.set()
         runner.request_stop()
         runner.stop(time.monotonic() + 10)
         queue.close()

@@ -75,11 +75,12 @@ def test_dead_rows_are_listed_retried_and_delivered_after_a_restart(tmp_path, br
     assert len(lines) == 3, shown.stdout
     for line in lines:
         assert line.split()[1:4] == ["out", "dead", "0"]
-        assert "expired" in line and "a file is in the way" in line and "PID-TEST" in line and "ACC1" in line
+        assert "expired" in line and "PID-TEST" in line and "ACC1" in line  # the error may be cut to fit
     assert "out: dead 3" in shown.stdout
     assert "daemon: not running" in shown.stdout
     rows = listing(bridge, "--state", "dead")["rows"]
     assert {r["sop_instance_uid"] for r in rows} == {str(_uid(f)) for f in files}
+    assert all(r["last_error"].endswith("a file is in the way)") for r in rows), rows
 
     refused = queue_cli(bridge, "retry")
     assert refused.returncode == 2 and "--all" in refused.stderr
@@ -114,7 +115,8 @@ def test_a_running_daemon_delivers_retried_rows_once_the_cause_is_fixed(tmp_path
 
 def test_resume_ends_a_long_back_off_now(tmp_path, bridge_factory):
     blocker = in_the_way(tmp_path)
-    bridge = bridge_factory(config({"out": folder(blocker, retry={"initial": "1h", "max": "1h"})}))
+    # no probes: the fixed folder would otherwise end the back-off by itself, before the resume
+    bridge = bridge_factory(config({"out": folder(blocker, retry={"initial": "1h", "max": "1h"}, probe_every="0s")}))
     assert storescu(bridge.port, ct_series(tmp_path / "ct", 2)).statuses == [0, 0]
     wait_for(lambda: listing(bridge)["destinations"]["out"]["state"] == "backing_off", 15, "the back-off")
     shown = queue_cli(bridge, "list").stdout
@@ -255,3 +257,35 @@ def _uid(path: Path, keyword: str = "SOPInstanceUID") -> object:
 
     return pydicom.dcmread(path, stop_before_pixels=True)[keyword].value
 
+
+
+def test_list_shows_a_long_error_on_one_line_and_show_gives_it_whole(tmp_path, bridge_factory):
+    """A reason with a newline and hundreds of characters (here a folder path) is one
+    readable line of ``queue list``, cut with an ellipsis; ``queue show`` and ``--json``
+    give it whole."""
+    blocker = tmp_path / ("a-long-folder-name-" * 8) / ("and-another-one-" * 8) / "two\nlines"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file, not a folder")
+    bridge = bridge_factory(config({"out": folder(blocker, retry={"initial": "1h", "max": "1h"})}))
+    assert storescu(bridge.port, ct_series(tmp_path / "ct", 2)).statuses == [0, 0]
+    wait_for(lambda: listing(bridge)["destinations"]["out"]["state"] == "backing_off", 15, "the back-off")
+    reason = f"cannot create folder {blocker}: a file is in the way"
+    rows = listing(bridge)["rows"]
+    assert [r["last_error"] for r in rows] == [reason, reason]
+
+    shown = queue_cli(bridge, "list", "--destination", "out")
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout.splitlines()[:3]
+    assert table[0].startswith("ID") and [line.split()[0] for line in table[1:]] == [str(r["id"]) for r in rows]
+    for line in table[1:]:
+        error = line[table[0].index("LAST ERROR"):]
+        assert error.startswith("cannot create folder ") and error.endswith("\u2026") and "'" not in error
+        assert " ".join(reason.split()).startswith(error[:-1])
+
+    whole = queue_cli(bridge, "show", str(rows[0]["id"]))
+    assert whole.returncode == 0, whole.stderr
+    first, second = reason.split("\n")
+    assert f"  last error:      {first}\n                   {second}\n" in whole.stdout  # continued, indented
+    assert "state:           pending" in whole.stdout and rows[0]["sop_instance_uid"] in whole.stdout
+    missing = queue_cli(bridge, "show", "999999")
+    assert missing.returncode == 1 and "row 999999: not in the queue" in missing.stdout

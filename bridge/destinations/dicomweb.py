@@ -32,6 +32,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from bridge.multipart import FilePart, MultipartBody, content_type_params
 
 LOGGER = logging.getLogger(__name__)
 
+PROBE_READ_TIMEOUT = 10.0  # seconds a probe waits for an answer, at most
 MAX_RESPONSE_BYTES = 16 << 20  # a STOW response lists UIDs: anything longer is not read
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILED_SOP_SEQUENCE = "00081198"
@@ -118,6 +120,26 @@ class DicomwebDestination:
         if self._session is not None:
             self._session.close()
             self._session = None
+
+    def probe(self) -> bool:
+        """Whether the server answers HTTP again: an OPTIONS request on the STOW-RS URL,
+        which stores nothing and costs the server no query. Any answer but 408, 429 and
+        5xx (what a proxy answers while the server behind it is down) counts, 401, 403
+        and 404 included: the server is up, and the next delivery says whether it takes
+        the bridge's credentials and URL (a refusal suspends the destination)."""
+        self.open()
+        assert self._session is not None
+        try:
+            response = self._session.options(
+                self.stow_url, headers={"Accept": ACCEPT, **self._auth.headers()}, allow_redirects=False,
+                timeout=(self.settings.timeouts.connect, min(self.settings.timeouts.read, PROBE_READ_TIMEOUT)),
+                verify=self._verify, cert=self._cert,
+            )
+        except (requests.RequestException, OSError) as exc:
+            LOGGER.debug("%s: probe: %s", self.name, _describe(exc))
+            return False
+        response.close()
+        return not (response.status_code in (408, 429) or response.status_code >= 500)
 
     # -- a batch -------------------------------------------------------------------------
 
@@ -397,9 +419,14 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _describe(exc: Exception) -> str:
-    """A requests error in one short line, without the noise of urllib3's nesting."""
+    """A requests error in one line, without the noise of urllib3's nesting: the reason
+    urllib3 gives (``Caused by NewConnectionError("...: Connection refused")``) unquoted,
+    without the connection object's repr in front of it."""
     text = str(exc)
     for marker in ("Caused by ", "(Caused by "):
         if marker in text:
             text = text.split(marker, 1)[1].rstrip(")")
-    return f"{type(exc).__name__}: {' '.join(text.split())[:200]}"
+    if quoted := re.fullmatch(r"\w+\(([\"'])(.*)\1\)?", text, re.DOTALL):
+        text = quoted.group(2)
+    text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
+    return f"{type(exc).__name__}: {' '.join(text.split())}"

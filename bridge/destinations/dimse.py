@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -86,6 +87,29 @@ class DimseDestination:
         if self._assoc is not None:
             scu.release(self._assoc)
         self._forget()
+
+    def probe(self) -> bool:
+        """Whether the node answers again: an association proposing Verification alone,
+        and a C-ECHO on it (PS3.7 9.1.5). Any answer but a transient rejection counts; a
+        permanent rejection, or Verification refused, is for a delivery to find and
+        report (it suspends the destination). A node that refuses the TCP connection is
+        not asked further: pynetdicom would log two errors for it at every probe."""
+        node = self.peer.node
+        try:
+            socket.create_connection((node.host, node.port), timeout=node.timeouts.connect).close()
+        except OSError:
+            return False
+        try:
+            assoc = self.peer.associate([build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])])
+        except DestinationUnavailable:
+            return False
+        except DestinationMisconfigured:
+            return True
+        try:
+            assoc.send_c_echo()
+        finally:
+            scu.release(assoc)
+        return True
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: list[Outcome] = []
