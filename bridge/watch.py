@@ -54,8 +54,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from bridge.config import Config, Watch
@@ -104,8 +104,12 @@ class _Events(FileSystemEventHandler):
         if isinstance(event, DirCreatedEvent | DirMovedEvent):
             folder.rescan_soon()  # a folder moved in brings files no event names
         elif isinstance(event, FileMovedEvent):
-            folder.forget(_path(event.src_path))
-            folder.note(_path(event.dest_path), writing=False)
+            # A rename is complete the moment it happens: how mv, rsync, scp and most
+            # transfer tools finish a file. A move from outside the folder has no source.
+            if event.src_path:
+                folder.forget(_path(event.src_path))
+            if event.dest_path:
+                folder.note(_path(event.dest_path), writing=False)
         elif isinstance(event, FileDeletedEvent):
             folder.forget(_path(event.src_path))
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -150,7 +154,10 @@ class Folder:
                 self._missing_logged = True
             return
         s = self.settings
-        observer = PollingObserver(timeout=s.poll_interval) if s.observer == "polling" else Observer()
+        # Full events: a file moved in from outside the watch (inotify's IN_MOVED_TO with
+        # no IN_MOVED_FROM) is a move, not a creation still being written.
+        observer = (PollingObserver(timeout=s.poll_interval) if s.observer == "polling"
+                    else InotifyObserver(generate_full_events=True))
         try:
             observer.schedule(_Events(self), str(self.root), recursive=s.recursive)
             observer.start()
