@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     route.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
     route.set_defaults(func=_route)
 
-    check = commands.add_parser("check", help="validate a configuration and its rules")
+    check = commands.add_parser(
+        "check", help="validate a configuration and its rules",
+        description="Validate a configuration file and its rules without starting anything. Every error is "
+                    "printed at once, each with its path, and the exit status is 1. A valid file prints "
+                    "'FILE: OK' and exits 0, after any notes (what was filled in) and warnings (what is "
+                    "valid but probably not meant, e.g. rules that can never match, or no rule that stores, "
+                    "so that every C-STORE would be refused).")
     check.add_argument("--config", type=Path, required=True, help="configuration file (YAML)")
     check.set_defaults(func=_check)
     queuecli.register(commands)
@@ -77,6 +83,8 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for note in config.notes:
+        print(f"note: {note}")
     found = explain.warnings(config, args.config)
     for warning in found:
         print(f"warning: {warning}")

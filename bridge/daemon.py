@@ -76,6 +76,7 @@ class Daemon:
     # -- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
+        _log_config(self.config)
         self.spool.open()
         configure_pynetdicom(self.spool, self.config.accept.any_sop_class)
         self.queue = Queue(self.config.data_dir / "queue.sqlite")
@@ -206,6 +207,7 @@ class Daemon:
             self.watcher.reload(config, self.intake.rules)
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
+        _log_config(config)
         sd_notify("READY=1")
 
     def _reload_destinations(self, config: Config) -> None:
@@ -305,6 +307,15 @@ class Daemon:
 
 
 _UNDELIVERED = (PENDING, IN_FLIGHT, DEAD)
+
+
+def _log_config(config: Config) -> None:
+    """What ``check`` would say of a configuration that runs but may not do what was meant."""
+    for note in config.notes:
+        LOGGER.info("configuration: %s", note)
+    warning = config.store_warning()
+    if warning:
+        LOGGER.warning("configuration: %s", warning)
 
 
 def _built_from(config: Config, name: str) -> tuple[Any, ...]:

@@ -25,7 +25,9 @@ _SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_
 def warnings(config: Config, config_path: Path | None) -> list[str]:
     """What is valid but probably not what the administrator meant."""
     assert isinstance(config.rules, list)
-    found = rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
+    store = config.store_warning()
+    found = [store] if store else []
+    found += rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
     if config_path is not None:
         found += secret_warnings(config_path)
     found += _orphaned_rows(config)

@@ -10,7 +10,10 @@ example at the end of the page must validate.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -139,3 +142,24 @@ def test_the_rules_guide_names_every_operator() -> None:
     documented = set(re.findall(r"`([^`\n]+)`", RULES_DOC.read_text(encoding="utf-8")))
     operators = {field.alias or name for name, field in TagMatch.model_fields.items()}
     assert operators <= documented, f"docs/rules.md does not name: {sorted(operators - documented)}"
+
+
+def test_every_check_sample_prints_what_check_prints(tmp_path: Path) -> None:
+    """Each ``$ dicom-bridge check --config config.yaml`` sample in the docs is run on the
+    yaml block just before it, and must print exactly what the sample shows."""
+    samples = 0
+    for doc in sorted(DOC.parent.glob("*.md")):
+        blocks = re.findall(r"```(\w*)\n(.*?)```", doc.read_text(encoding="utf-8"), re.DOTALL)
+        for (kind, before), (_, block) in zip(blocks, blocks[1:], strict=False):
+            command, _, expected = block.partition("\n")
+            if not command.startswith("$ dicom-bridge check"):
+                continue
+            assert kind == "yaml" and command == "$ dicom-bridge check --config config.yaml", \
+                f"{doc.name}: a check sample must follow the yaml block it checks: {command}"
+            (tmp_path / "config.yaml").write_text(before, encoding="utf-8")
+            result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", "config.yaml"],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "PYTHONPATH": str(DOC.parent.parent)})
+            assert result.stdout + result.stderr == expected, f"{doc.name}: {command}"
+            samples += 1
+    assert samples >= 2
