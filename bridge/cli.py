@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         "route", help="dry run: which rules match each file, and where it would go",
         description="For each file (folders are walked): every rule considered, whether it matched, the first "
                     "condition that failed and why, and the destinations with the changes each would get. "
-                    "Nothing is sent.")
+                    "A file goes through the listener's own checks first, and one that a C-STORE would have "
+                    "refused says so with the status it would get. Nothing is sent. Exit status: 0 when every "
+                    "file would be accepted, 1 when any would be refused or is not there, 2 when the "
+                    "configuration is invalid.")
     route.add_argument("--config", type=Path, help="configuration file (YAML); default: the embedded default")
     route.add_argument("--calling-ae", default="ROUTE", help="the calling AE title to assume (default ROUTE)")
     route.add_argument("--called-ae", help="the called AE title to assume (default: the config's ae_title)")
@@ -100,12 +103,15 @@ def _route(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return 2
     ctx = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or config.ae_title, peer=args.peer,
                   now=args.at)
     missing = [p for p in args.paths if not p.exists()]
     for path in missing:
         print(f"{path}: no such file or folder", file=sys.stderr)
+    refused = 0
     for path in explain.files([p for p in args.paths if p.exists()]):
-        print("\n".join(explain.route_lines(config, path, ctx, args.verb)))
-    return 1 if missing else 0
+        lines, status = explain.route_lines(config, path, ctx, args.verb)
+        print("\n".join(lines))
+        refused += status != 0x0000
+    return 1 if missing or refused else 0

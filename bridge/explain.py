@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from bridge import dicomfile, rules
+from bridge import dicomfile, ingest, rules, statuses
 from bridge.config import Config, Modification
 from bridge.errors import IntakeError
 
+UNROUTED = "no rule routes this instance (unrouted: reject)"
 _SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_file$", re.IGNORECASE)
 
 
@@ -106,21 +107,27 @@ def files(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def route_lines(config: Config, path: Path, ctx: rules.Context, verb: rules.Verb = "store") -> list[str]:
-    """The explanation of one file's routing, a line each."""
+def route_lines(config: Config, path: Path, ctx: rules.Context,
+                verb: rules.Verb = "store") -> tuple[list[str], int]:
+    """The explanation of one file's routing, a line each, and the status a C-STORE of it
+    would get (0 for a find or retrieve identifier that parses). A C-STORE goes through
+    the listener's own checks (``ingest.examine``): header, required UIDs, rules."""
+    ruleset = rules.RuleSet(config.rules if isinstance(config.rules, list) else [],
+                            {name: d.priority for name, d in config.destinations.items()})
     try:
-        header = dicomfile.read_header(path)
+        if verb == "store":
+            header, _, decision = ingest.examine(path, ctx, ruleset, explain=True)
+        else:
+            header = dicomfile.read_header(path)
+            decision = ruleset.route(verb, ctx, header, explain=True)
     except IntakeError as exc:
-        return [f"{path}: {exc} (a C-STORE of it would get 0x{exc.status:04X})"]
+        return [f"{path}: would be refused: {statuses.describe(exc.status, exc.comment)}"], exc.status
     summary = ", ".join(f"{k} {v}" for k, v in (
         ("Modality", dicomfile.text(header, "Modality")),
         ("study", dicomfile.text(header, "StudyInstanceUID")),
         ("SOP", dicomfile.text(header, "SOPInstanceUID")),
     ) if v)
     lines = [f"{path} ({summary})"]
-    assert isinstance(config.rules, list)
-    ruleset = rules.RuleSet(config.rules, {name: d.priority for name, d in config.destinations.items()})
-    decision = ruleset.route(verb, ctx, header, explain=True)
     for verdict in decision.verdicts:
         where = f"rules[{verdict.index}] {verdict.rule}"
         if verdict.matched:
@@ -143,10 +150,11 @@ def route_lines(config: Config, path: Path, ctx: rules.Context, verb: rules.Verb
     elif verb != "store":
         lines.append(f"  => no rule routes this {verb}")
     elif config.unrouted == "reject":
-        lines.append("  => no rule routes it: refused with 0x0124 (unrouted: reject)")
+        lines.append(f"  => no rule routes it: would be refused: {statuses.describe(0x0124, UNROUTED)}")
+        return lines, 0x0124
     else:
         lines.append(f"  => no rule routes it: unrouted sends it to {config.unrouted}")
-    return lines
+    return lines, 0x0000
 
 
 def describe(mod: Modification) -> str:
