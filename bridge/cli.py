@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bridge import __version__, log, queuecli
 from bridge.config import load_config
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StartError
 
 LOGGER = logging.getLogger("bridge")
 
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(config, args.config)
     try:
         daemon.start()
-    except OSError as exc:
+    except (StartError, OSError) as exc:
         LOGGER.error("cannot start: %s", exc)
         return 1
     return daemon.serve_forever()
