@@ -424,12 +424,25 @@ class Folder:
             if age < self.settings.incomplete_timeout and _looks_incomplete(path, reason):
                 LOGGER.debug("watch %s: %s looks incomplete (%s); waiting", self.label, path, reason)
                 return WAIT
-            return self._fail(path, reason)
+            return self._fail(path, self._zip_reason(path) or reason)
         self._result(result)
         if result == RETRIED:
             return RETRIED
         LOGGER.debug("watch %s: %s %s", self.label, result, path)
         return self._after(path, (st.st_size, st.st_mtime_ns))
+
+    def _zip_reason(self, path: Path) -> str | None:
+        """For a zip archive taken as a file, why it was not taken apart."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":
+                    return None
+        except OSError:
+            return None
+        if not self.settings.zip.enabled:
+            return ("a zip archive, and this folder does not take zip archives apart (zip.enabled is off; "
+                    "turn it on to take its members)")
+        return "a zip archive not named *.zip: only *.zip files are taken apart (rename it)"
 
     def _after(self, path: Path, signature: tuple[int, int] | None = None) -> str:
         """Delete or move a file whose content is durable in the spool and queue."""

@@ -329,3 +329,22 @@ def test_files_renamed_into_the_folder_are_taken_at_once(tmp_path, bridge_factor
     wait_for(lambda: len(bridge.queue_rows()) == len(files), 8, "the folder's files to be queued", interval=0.1)
     assert {r["sop_instance_uid"] for r in bridge.queue_rows()} == {uid_of(p) for p in files}
     wait_for(lambda: emptied(watched), 15, "the watched folder to be empty")
+
+
+@pytest.mark.slow
+def test_a_zip_in_a_folder_without_zip_enabled_fails_saying_so(tmp_path, bridge_factory):
+    watched, failed = tmp_path / "in", tmp_path / "failed"
+    watched.mkdir()
+    bridge_factory({
+        "destinations": {"archive": {"type": "archive"}},
+        "rules": [{"name": "all", "store": ["archive"]}],
+        "watch": [{"path": str(watched), "failed": str(failed), "settle": "0.5s", "rescan": "1s"}],
+    })
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(ct_series(tmp_path / "series", 1)[0], "ct.dcm")
+    (watched / "study.zip").write_bytes(buffer.getvalue())
+    reason = failed / "study.zip.reason"
+    wait_for(lambda: reason.exists() and "reason:" in reason.read_text(), 30, "the zip to fail")
+    assert "reason: a zip archive, and this folder does not take zip archives apart (zip.enabled is off" \
+        in reason.read_text()
