@@ -19,8 +19,11 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import pydicom
 import yaml
+from peers import storescu
 from pydantic import BaseModel
+from pydicom import uid
 
 from bridge.config import ArchiveDestination, Config, FolderDestination, validate
 
@@ -163,3 +166,24 @@ def test_every_check_sample_prints_what_check_prints(tmp_path: Path) -> None:
             assert result.stdout + result.stderr == expected, f"{doc.name}: {command}"
             samples += 1
     assert samples >= 2
+
+
+README = DOC.parent.parent / "README.md"
+STORESCU_OPTIONS = ("-xs", "-xy", "-xx", "-xv", "-xw", "-xt", "-xu", "-xr")  # one per compressed syntax
+
+
+def test_the_readme_says_how_storescu_sends_compressed_files(corpus, bridge_factory) -> None:
+    """Each option the README gives for a compressed syntax sends a file of that syntax,
+    which plain ``storescu`` does not send."""
+    text = README.read_text(encoding="utf-8")
+    table = re.findall(r"^\| [^|]+ \| ([\d.]+) \| `(-x\w)` \|$", text, re.MULTILINE)
+    rows = {option: number for number, option in table}
+    assert sorted(rows) == sorted(STORESCU_OPTIONS)
+    files = {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID: p for p in corpus}
+    bridge = bridge_factory({"destinations": {"archive": {"type": "archive"}},
+                             "rules": [{"name": "all", "store": ["archive"]}]})
+    for option, syntax in rows.items():
+        file = files[uid.UID(syntax)]
+        assert storescu(bridge.port, [file]).statuses == [], f"plain storescu sent {syntax}"
+        sent = storescu(bridge.port, [file], extra=[option])
+        assert sent.statuses == [0x0000], f"{option} {syntax}:\n{sent.output}"
