@@ -2,7 +2,9 @@
 
 Each ``watch`` entry has a watchdog observer (inotify, or polling for network shares).
 Events only note a file as a candidate; a periodic rescan (the first one at start) notes
-whatever events missed, such as files that arrived while the daemon was down. One
+whatever events missed, such as files that arrived while the daemon was down. A file
+renamed into the folder (mv, rsync's temporary name, most transfer tools) is complete
+when its event comes, and is taken once it has settled, not at the next rescan. One
 scheduler thread looks at the candidates: a file is taken once it has been unchanged
 (size and modification time) for ``settle``, and, where inotify says a file was written,
 once it has been closed after writing. Taken files go through a bounded work queue to a
