@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from bridge import dicomfile, ingest, rules, statuses
+from bridge import dicomfile, ingest, intake, rules, statuses
 from bridge.config import Config, Modification
 from bridge.errors import IntakeError
 
@@ -116,7 +116,10 @@ def route_lines(config: Config, path: Path, ctx: rules.Context,
                             {name: d.priority for name, d in config.destinations.items()})
     try:
         if verb == "store":
-            header, _, decision = ingest.examine(path, ctx, ruleset, explain=True)
+            header, (sop_class, *_), decision = ingest.examine(path, ctx, ruleset, explain=True)
+            if not config.accept.any_sop_class and sop_class not in intake.storage_sop_classes(config):
+                return [f"{path}: would be refused: its SOP class {sop_class} is not accepted (no presentation "
+                        "context for it: see accept.extra_sop_classes, accept.any_sop_class)"], 0x0122
         else:
             header = dicomfile.read_header(path)
             decision = ruleset.route(verb, ctx, header, explain=True)

@@ -128,6 +128,13 @@ class _AssocStats:
     rules: RuleSet | None = None
 
 
+def storage_sop_classes(config: Config) -> list[str]:
+    """The storage SOP classes the listener accepts contexts for (with
+    ``accept.any_sop_class``, pynetdicom accepts any other abstract syntax as storage too)."""
+    sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    return sop_classes + [uid for uid in config.accept.extra_sop_classes if uid not in sop_classes]
+
+
 def bind_failure(settings: str, host: str, port: int, exc: OSError) -> str:
     """Why a listening socket cannot be bound, with the address and the likely cause."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -182,9 +189,7 @@ class Intake:
         # pynetdicom has one "network" timer: no PDU for this long ends the association.
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
         ae.add_supported_context(VERIFICATION)
-        sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-        sop_classes += [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
-        for uid in sop_classes:
+        for uid in storage_sop_classes(cfg):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 

@@ -354,5 +354,11 @@ def test_route_answers_what_the_listener_answers(tmp_path, files, bridge_factory
     assert route(bridge.config_path, str(notes)).returncode == 1
     good = route(bridge.config_path, str(files["ct3"]))
     assert good.returncode == 0 and "rules[0] all: matched -> pacs" in good.stdout
+    private = with_uid(files["ct3"], tmp_path / "private.dcm", SOPClassUID="1.2.826.0.1.3680043.9.1")
+    answer = route(bridge.config_path, str(private))
+    assert answer.returncode == 1 and "its SOP class 1.2.826.0.1.3680043.9.1 is not accepted" in answer.stdout
+    bridge.config["accept"] = {"any_sop_class": True}
+    bridge.write_config()
+    assert route(bridge.config_path, str(private)).returncode == 0
     (tmp_path / "broken.yaml").write_text("rules: [{name: x, store: [nowhere]}]\n")
     assert route(tmp_path / "broken.yaml", str(files["ct3"])).returncode == 2
