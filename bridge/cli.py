@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bridge import __version__, log, queuecli
 from bridge.config import load_config
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, StartError
 
 LOGGER = logging.getLogger("bridge")
 
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         "route", help="dry run: which rules match each file, and where it would go",
         description="For each file (folders are walked): every rule considered, whether it matched, the first "
                     "condition that failed and why, and the destinations with the changes each would get. "
-                    "Nothing is sent.")
+                    "A file goes through the listener's own checks first, and one that a C-STORE would have "
+                    "refused says so with the status it would get. Nothing is sent. Exit status: 0 when every "
+                    "file would be accepted, 1 when any would be refused or is not there, 2 when the "
+                    "configuration is invalid.")
     route.add_argument("--config", type=Path, help="configuration file (YAML); default: the embedded default")
     route.add_argument("--calling-ae", default="ROUTE", help="the calling AE title to assume (default ROUTE)")
     route.add_argument("--called-ae", help="the called AE title to assume (default: the config's ae_title)")
@@ -41,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     route.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="DICOM files or folders")
     route.set_defaults(func=_route)
 
-    check = commands.add_parser("check", help="validate a configuration and its rules")
+    check = commands.add_parser(
+        "check", help="validate a configuration and its rules",
+        description="Validate a configuration file and its rules without starting anything. Every error is "
+                    "printed at once, each with its path, and the exit status is 1. A valid file prints "
+                    "'FILE: OK' and exits 0, after any notes (what was filled in) and warnings (what is "
+                    "valid but probably not meant, e.g. rules that can never match, or no rule that stores, "
+                    "so that every C-STORE would be refused).")
     check.add_argument("--config", type=Path, required=True, help="configuration file (YAML)")
     check.set_defaults(func=_check)
     queuecli.register(commands)
@@ -63,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(config, args.config)
     try:
         daemon.start()
-    except OSError as exc:
+    except (StartError, OSError) as exc:
         LOGGER.error("cannot start: %s", exc)
         return 1
     return daemon.serve_forever()
@@ -77,6 +86,8 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    for note in config.notes:
+        print(f"note: {note}")
     found = explain.warnings(config, args.config)
     for warning in found:
         print(f"warning: {warning}")
@@ -92,12 +103,15 @@ def _route(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return 2
     ctx = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or config.ae_title, peer=args.peer,
                   now=args.at)
     missing = [p for p in args.paths if not p.exists()]
     for path in missing:
         print(f"{path}: no such file or folder", file=sys.stderr)
+    refused = 0
     for path in explain.files([p for p in args.paths if p.exists()]):
-        print("\n".join(explain.route_lines(config, path, ctx, args.verb)))
-    return 1 if missing else 0
+        lines, status = explain.route_lines(config, path, ctx, args.verb)
+        print("\n".join(lines))
+        refused += status != 0x0000
+    return 1 if missing or refused else 0

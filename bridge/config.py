@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -60,6 +61,18 @@ def _ae_title(value: str) -> str:
 AETitle = Annotated[str, BeforeValidator(lambda v: _ae_title(str(v)))]
 
 
+def _ae_pattern(value: str) -> str:
+    """An AE title glob must be able to match an AE title: at most 16 characters
+    (PS3.5 6.2), counting what the glob itself fixes (``*`` none, ``?`` and ``[...]`` one)."""
+    fixed = len(re.sub(r"\[[^]]+\]|\?", "?", value).replace("*", ""))
+    if fixed > 16:
+        raise ValueError(f"{value!r} can never match: AE titles have at most 16 characters, this needs {fixed}")
+    return value
+
+
+AEPattern = Annotated[str, AfterValidator(_ae_pattern)]
+
+
 class ListenTimeouts(Model):
     """Timeouts of the listener. None of them waits forever."""
 
@@ -85,7 +98,7 @@ class Listen(Model):
 class Accept(Model):
     """Who may associate, and what they may send. Absent lists accept everyone."""
 
-    calling_ae: list[str] | None = Field(
+    calling_ae: list[AEPattern] | None = Field(
         None,
         description="allowed calling AE titles (globs); others get A-ASSOCIATE-RJ 1/1/3",
     )
@@ -493,10 +506,10 @@ Weekday = Annotated[str, AfterValidator(_weekdays)]
 class When(Model):
     """Conditions of a rule; all must hold. Strings may be globs; a list means any of."""
 
-    calling_ae: _one_or_list(str, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
+    calling_ae: _one_or_list(AEPattern, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
         None, description="the peer's AE title (globs)",
     )
-    called_ae: _one_or_list(str, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
+    called_ae: _one_or_list(AEPattern, "an AE title or a list of them") | None = Field(  # type: ignore[valid-type]
         None, description="the AE title the peer called (globs)",
     )
     peer: list[Network] | None = Field(None, description="the peer's address (CIDR networks or addresses)")
@@ -668,6 +681,21 @@ class Config(Model):
     watch: list[Watch] = Field(default_factory=list, description="folders whose files are taken as C-STOREs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading filled in that the file did not say (shown by ``check`` and at start)."""
+        return self._notes
+
+    def store_warning(self) -> str | None:
+        """Why every C-STORE (and every watched file) will be refused, if it will."""
+        assert isinstance(self.rules, list)
+        if self.unrouted != "reject" or any(rule.store for rule in self.rules):
+            return None
+        return ("rules: no rule has store: every C-STORE will be refused (0x0124) and every watched file will "
+                "fail; add a rule with store, or set unrouted to a destination")
+
     def retry_for(self, destination: str) -> Retry:
         override = self.destinations[destination].retry.model_dump(exclude_none=True)
         return self.retry.model_copy(update=override)
@@ -711,6 +739,9 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
     models' errors, those of a rules file, and names that refer to nothing."""
     errors: list[str] = []
     config: Config | None = None
+    defaulted = raw.get("destinations") in (None, {}) and raw.get("rules") in (None, [])
+    if defaulted:  # nowhere to send anything: do what running without a file does
+        raw = {**raw, **embedded_default()}
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -739,6 +770,9 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
         raise ConfigError(list(dict.fromkeys(errors)), source)
     if rules is not None:
         config.rules = rules
+    if defaulted:
+        config.notes.append("no destinations and no rules: every instance is kept in the local archive, "
+                            "as with the embedded default (destination 'archive', rule 'keep-everything')")
     config.data_dir = _resolve(base, config.data_dir)
     for destination in config.destinations.values():
         if isinstance(destination, FolderDestination | ArchiveDestination) and destination.path is not None:

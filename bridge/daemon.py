@@ -27,8 +27,8 @@ from prometheus_client import start_http_server
 from bridge import destinations
 from bridge.config import Config, load_config
 from bridge.delivery import SUSPENDED, Delivery, DestinationRunner
-from bridge.errors import ConfigError
-from bridge.intake import Intake, configure_pynetdicom
+from bridge.errors import ConfigError, StartError
+from bridge.intake import Intake, bind_failure, configure_pynetdicom
 from bridge.metrics import Metrics
 from bridge.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.spool import Spool
@@ -62,9 +62,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics(config.accept.calling_ae)
-        data = config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(data / "spool")
+        self.spool = Spool(config.data_dir / "spool")  # nothing is written before start() has bound
         self.queue: Queue | None = None
         self.delivery: Delivery | None = None
         self.intake: Intake | None = None
@@ -76,8 +74,16 @@ class Daemon:
     # -- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self.spool.open()
+        _log_config(self.config)
         configure_pynetdicom(self.spool, self.config.accept.any_sop_class)
+        # The listening sockets first: an address in use (another instance) fails here,
+        # before anything is written. No association is served before intake.start().
+        self.intake = Intake(self.config, self.metrics)
+        self.intake.bind()
+        if self.config.metrics.port:
+            self._serve_metrics()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spool.open()
         self.queue = Queue(self.config.data_dir / "queue.sqlite", self.config.queue.busy_timeout)
         recovered = self.queue.recover()
         if recovered:
@@ -94,17 +100,21 @@ class Daemon:
             d for (d, state), n in self.queue.counts().items()
             if d not in self.config.destinations and state in _UNDELIVERED and n
         })
-        self.intake = Intake(self.config, self.spool, self.queue, self.metrics, on_queued=self.delivery.wake,
-                             on_finished=self.delivery.flush)
-        self.intake.start()
+        self.intake.start(self.spool, self.queue, on_queued=self.delivery.wake, on_finished=self.delivery.flush)
         # Watched files go through the intake's durable path (bridge.ingest), with its rules.
         self.watcher = Watcher(self.config, self.intake.rules, self.intake.ingest, self.metrics)
         self.watcher.start()
-        if self.config.metrics.port:
-            start_http_server(self.config.metrics.port, self.config.metrics.host, registry=self.metrics.registry)
-            LOGGER.info("metrics on http://%s:%d/metrics", self.config.metrics.host, self.config.metrics.port)
         self.housekeeping()
         sd_notify("READY=1")
+
+    def _serve_metrics(self) -> None:
+        settings = self.config.metrics
+        assert settings.port is not None
+        try:
+            start_http_server(settings.port, settings.host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise StartError(bind_failure("metrics.host, metrics.port", settings.host, settings.port, exc)) from exc
+        LOGGER.info("metrics on http://%s:%d/metrics", settings.host, settings.port)
 
     def _runners(self, config: Config, names: list[str]) -> dict[str, DestinationRunner]:
         assert self.queue is not None
@@ -222,6 +232,7 @@ class Daemon:
             self.watcher.reload(config, self.intake.rules)
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
+        _log_config(config)
         sd_notify("READY=1")
 
     def _reload_destinations(self, config: Config) -> None:
@@ -324,6 +335,15 @@ class Daemon:
 
 
 _UNDELIVERED = (PENDING, IN_FLIGHT, DEAD)
+
+
+def _log_config(config: Config) -> None:
+    """What ``check`` would say of a configuration that runs but may not do what was meant."""
+    for note in config.notes:
+        LOGGER.info("configuration: %s", note)
+    warning = config.store_warning()
+    if warning:
+        LOGGER.warning("configuration: %s", warning)
 
 
 def _built_from(config: Config, name: str) -> tuple[Any, ...]:

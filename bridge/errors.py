@@ -20,6 +20,11 @@ class ConfigError(BridgeError):
         super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
 
 
+class StartError(BridgeError):
+    """The daemon cannot start, for a reason the message names (an address already in
+    use): ``dicom-bridge run`` prints it and exits 1, without a traceback."""
+
+
 class DestinationUnavailable(BridgeError):
     """The destination cannot take anything now: back it off, charge no row.
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
-from bridge import dicomfile, rules
+from bridge import dicomfile, ingest, intake, rules, statuses
 from bridge.config import Config, Modification
 from bridge.errors import IntakeError
 
+UNROUTED = "no rule routes this instance (unrouted: reject)"
 _SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_file$", re.IGNORECASE)
 
 
@@ -25,7 +26,9 @@ _SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_
 def warnings(config: Config, config_path: Path | None) -> list[str]:
     """What is valid but probably not what the administrator meant."""
     assert isinstance(config.rules, list)
-    found = rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
+    store = config.store_warning()
+    found = [store] if store else []
+    found += rules.warnings(config.rules, config.accept.calling_ae, config.ae_title, config.accept.check_called_ae)
     if config_path is not None:
         found += secret_warnings(config_path)
     found += _orphaned_rows(config)
@@ -104,21 +107,30 @@ def files(paths: Sequence[Path]) -> Iterator[Path]:
             yield path
 
 
-def route_lines(config: Config, path: Path, ctx: rules.Context, verb: rules.Verb = "store") -> list[str]:
-    """The explanation of one file's routing, a line each."""
+def route_lines(config: Config, path: Path, ctx: rules.Context,
+                verb: rules.Verb = "store") -> tuple[list[str], int]:
+    """The explanation of one file's routing, a line each, and the status a C-STORE of it
+    would get (0 for a find or retrieve identifier that parses). A C-STORE goes through
+    the listener's own checks (``ingest.examine``): header, required UIDs, rules."""
+    ruleset = rules.RuleSet(config.rules if isinstance(config.rules, list) else [],
+                            {name: d.priority for name, d in config.destinations.items()})
     try:
-        header = dicomfile.read_header(path)
+        if verb == "store":
+            header, (sop_class, *_), decision = ingest.examine(path, ctx, ruleset, explain=True)
+            if not config.accept.any_sop_class and sop_class not in intake.storage_sop_classes(config):
+                return [f"{path}: would be refused: its SOP class {sop_class} is not accepted (no presentation "
+                        "context for it: see accept.extra_sop_classes, accept.any_sop_class)"], 0x0122
+        else:
+            header = dicomfile.read_header(path)
+            decision = ruleset.route(verb, ctx, header, explain=True)
     except IntakeError as exc:
-        return [f"{path}: {exc} (a C-STORE of it would get 0x{exc.status:04X})"]
+        return [f"{path}: would be refused: {statuses.describe(exc.status, exc.comment)}"], exc.status
     summary = ", ".join(f"{k} {v}" for k, v in (
         ("Modality", dicomfile.text(header, "Modality")),
         ("study", dicomfile.text(header, "StudyInstanceUID")),
         ("SOP", dicomfile.text(header, "SOPInstanceUID")),
     ) if v)
     lines = [f"{path} ({summary})"]
-    assert isinstance(config.rules, list)
-    ruleset = rules.RuleSet(config.rules, {name: d.priority for name, d in config.destinations.items()})
-    decision = ruleset.route(verb, ctx, header, explain=True)
     for verdict in decision.verdicts:
         where = f"rules[{verdict.index}] {verdict.rule}"
         if verdict.matched:
@@ -141,10 +153,11 @@ def route_lines(config: Config, path: Path, ctx: rules.Context, verb: rules.Verb
     elif verb != "store":
         lines.append(f"  => no rule routes this {verb}")
     elif config.unrouted == "reject":
-        lines.append("  => no rule routes it: refused with 0x0124 (unrouted: reject)")
+        lines.append(f"  => no rule routes it: would be refused: {statuses.describe(0x0124, UNROUTED)}")
+        return lines, 0x0124
     else:
         lines.append(f"  => no rule routes it: unrouted sends it to {config.unrouted}")
-    return lines
+    return lines, 0x0000
 
 
 def describe(mod: Modification) -> str:

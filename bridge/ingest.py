@@ -52,6 +52,23 @@ class Stored:
     rows: int = 0
 
 
+def examine(path: Path, ctx: Context, rules: RuleSet, check: Callable[[Dataset, str, str], None] | None = None,
+            explain: bool = False) -> tuple[Dataset, tuple[str, str, str, str], Decision]:
+    """What intake reads and decides of a file before anything is written: its header,
+    its required UIDs (SOP Class, SOP Instance, Study, Series) and the rules' decision.
+    Raises ``IntakeError`` with the status a C-STORE of it gets. ``dicom-bridge route``
+    asks the same (``explain``: every rule's verdict), so it says what the listener would."""
+    header = dicomfile.read_header(path)
+    uids = dicomfile.required_uids(header)
+    if check is not None:
+        check(header, uids[0], uids[1])
+    try:
+        decision = rules.store(ctx, header, explain)
+    except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
+        raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
+    return header, uids, decision
+
+
 class Ingest:
     """The durable path shared by C-STORE intake and watched folders."""
 
@@ -88,14 +105,7 @@ class Ingest:
             LOGGER.error("refused %s: cannot write to the spool: %s", what, failed.strerror or failed)
             return Stored(0xA700, self._out_of_resources(failed))
         try:
-            header = dicomfile.read_header(path)
-            sop_class, sop_instance, study, series = dicomfile.required_uids(header)
-            if check is not None:
-                check(header, sop_class, sop_instance)
-            try:
-                decision = rules.store(ctx, header)
-            except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
-                raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
+            header, (sop_class, sop_instance, study, series), decision = examine(path, ctx, rules, check)
         except IntakeError as exc:
             LOGGER.log(refusal_level, "refused %s: %s (0x%04X)", what, exc, exc.status)
             return Stored(exc.status, exc.comment)

@@ -24,6 +24,7 @@ a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiat
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import ipaddress
 import itertools
@@ -31,6 +32,7 @@ import logging
 import re
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,10 +47,11 @@ from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge import pynetdicom_overrides
 from bridge.config import Config
-from bridge.errors import IntakeError
+from bridge.errors import IntakeError, StartError
 from bridge.ingest import Ingest
 from bridge.metrics import Metrics
 from bridge.queue import Queue
@@ -125,6 +128,28 @@ class _AssocStats:
     rules: RuleSet | None = None
 
 
+def storage_sop_classes(config: Config) -> list[str]:
+    """The storage SOP classes the listener accepts contexts for (with
+    ``accept.any_sop_class``, pynetdicom accepts any other abstract syntax as storage too)."""
+    sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    return sop_classes + [uid for uid in config.accept.extra_sop_classes if uid not in sop_classes]
+
+
+def bind_failure(settings: str, host: str, port: int, exc: OSError) -> str:
+    """Why a listening socket cannot be bound, with the address and the likely cause."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lead = f"cannot listen on {address} ({settings})"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{lead}: address already in use: another dicom-bridge or a PACS is probably listening there "
+                f"(`ss -ltnp 'sport = :{port}'` shows which process); stop it or choose another port")
+    if exc.errno == errno.EACCES:
+        return (f"{lead}: permission denied: a port below 1024 needs root or CAP_NET_BIND_SERVICE "
+                "(see AmbientCapabilities in systemd/dicom-bridge.service), or choose a port above 1023")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{lead}: {host} is not an address of this machine"
+    return f"{lead}: {exc.strerror or exc}"
+
+
 def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
     """SO_RCVTIMEO and SO_SNDTIMEO: the socket stays blocking for Python (no poll() before
     each call, as ``settimeout`` would add), but no single call waits longer."""
@@ -137,25 +162,19 @@ def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
 class Intake:
     """The listener: associations, C-ECHO and C-STORE."""
 
-    def __init__(
-        self,
-        config: Config,
-        spool: Spool,
-        queue: Queue,
-        metrics: Metrics,
-        on_queued: Any = None,
-        on_finished: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.rules = ruleset(config)
-        self.spool = spool
-        self.queue = queue
         self.metrics = metrics
-        self.ingest = Ingest(spool, queue, metrics, on_queued)
-        self.on_finished = on_finished or (lambda: None)  # an association that stored something ended
+        # Set by start(), once the spool and queue are ready.
+        self.spool: Spool
+        self.queue: Queue
+        self.ingest: Ingest
+        self.on_finished: Callable[[], None] = lambda: None  # an association that stored something ended
         self._ids = itertools.count(1)
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
+        self._serving = False
         self.ae = self._build_ae()
 
     # -- set-up ------------------------------------------------------------------------
@@ -170,13 +189,15 @@ class Intake:
         # pynetdicom has one "network" timer: no PDU for this long ends the association.
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
         ae.add_supported_context(VERIFICATION)
-        sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-        sop_classes += [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
-        for uid in sop_classes:
+        for uid in storage_sop_classes(cfg):
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Bind and listen, without serving: the daemon does this before it writes
+        anything, so an address in use fails the start at once, naming it. Connections
+        that arrive before ``start`` wait in the listen backlog: none is served before
+        the spool and queue are ready."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -188,8 +209,25 @@ class Intake:
             (evt.EVT_C_STORE, self._on_store),
         ]
         listen = self.config.listen
-        self._server = self.ae.start_server((listen.host, listen.port), block=False, evt_handlers=handlers)
-        LOGGER.info("listening on %s:%d as %s", listen.host, self.port, self.config.ae_title)
+        try:
+            server = self.ae.make_server((listen.host, listen.port), evt_handlers=handlers,
+                                        server_class=ThreadedAssociationServer)
+        except OSError as exc:
+            raise StartError(bind_failure("listen.host, listen.port", listen.host, listen.port, exc)) from exc
+        self.ae._servers.append(server)  # as start_server does: the server's shutdown() removes it
+        self._server = server
+
+    def start(self, spool: Spool, queue: Queue, on_queued: Any = None,
+              on_finished: Callable[[], None] | None = None) -> None:
+        """Serve associations (bound first if ``bind`` was not called)."""
+        self.spool, self.queue = spool, queue
+        self.ingest = Ingest(spool, queue, self.metrics, on_queued)
+        self.on_finished = on_finished or (lambda: None)
+        if self._server is None:
+            self.bind()
+        threading.Thread(target=self._server.serve_forever, name="listener", daemon=True).start()
+        self._serving = True
+        LOGGER.info("listening on %s:%d as %s", self.config.listen.host, self.port, self.config.ae_title)
 
     @property
     def port(self) -> int:
@@ -197,8 +235,12 @@ class Intake:
 
     def stop_accepting(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            if self._serving:
+                self._server.shutdown()  # waits for serve_forever, which never ran otherwise
+            else:
+                self._server.server_close()
+                self.ae._servers.remove(self._server)
+            self._server, self._serving = None, False
 
     def active(self) -> int:
         return len([a for a in self.ae.active_associations if a.is_acceptor])

@@ -2,7 +2,9 @@
 
 Each ``watch`` entry has a watchdog observer (inotify, or polling for network shares).
 Events only note a file as a candidate; a periodic rescan (the first one at start) notes
-whatever events missed, such as files that arrived while the daemon was down. One
+whatever events missed, such as files that arrived while the daemon was down. A file
+renamed into the folder (mv, rsync's temporary name, most transfer tools) is complete
+when its event comes, and is taken once it has settled, not at the next rescan. One
 scheduler thread looks at the candidates: a file is taken once it has been unchanged
 (size and modification time) for ``settle``, and, where inotify says a file was written,
 once it has been closed after writing. Taken files go through a bounded work queue to a
@@ -54,8 +56,8 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from bridge.config import Config, Watch
@@ -104,8 +106,12 @@ class _Events(FileSystemEventHandler):
         if isinstance(event, DirCreatedEvent | DirMovedEvent):
             folder.rescan_soon()  # a folder moved in brings files no event names
         elif isinstance(event, FileMovedEvent):
-            folder.forget(_path(event.src_path))
-            folder.note(_path(event.dest_path), writing=False)
+            # A rename is complete the moment it happens: how mv, rsync, scp and most
+            # transfer tools finish a file. A move from outside the folder has no source.
+            if event.src_path:
+                folder.forget(_path(event.src_path))
+            if event.dest_path:
+                folder.note(_path(event.dest_path), writing=False)
         elif isinstance(event, FileDeletedEvent):
             folder.forget(_path(event.src_path))
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -150,7 +156,10 @@ class Folder:
                 self._missing_logged = True
             return
         s = self.settings
-        observer = PollingObserver(timeout=s.poll_interval) if s.observer == "polling" else Observer()
+        # Full events: a file moved in from outside the watch (inotify's IN_MOVED_TO with
+        # no IN_MOVED_FROM) is a move, not a creation still being written.
+        observer = (PollingObserver(timeout=s.poll_interval) if s.observer == "polling"
+                    else InotifyObserver(generate_full_events=True))
         try:
             observer.schedule(_Events(self), str(self.root), recursive=s.recursive)
             observer.start()
@@ -417,12 +426,25 @@ class Folder:
             if age < self.settings.incomplete_timeout and _looks_incomplete(path, reason):
                 LOGGER.debug("watch %s: %s looks incomplete (%s); waiting", self.label, path, reason)
                 return WAIT
-            return self._fail(path, reason)
+            return self._fail(path, self._zip_reason(path) or reason)
         self._result(result)
         if result == RETRIED:
             return RETRIED
         LOGGER.debug("watch %s: %s %s", self.label, result, path)
         return self._after(path, (st.st_size, st.st_mtime_ns))
+
+    def _zip_reason(self, path: Path) -> str | None:
+        """For a zip archive taken as a file, why it was not taken apart."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(4) != b"PK\x03\x04":
+                    return None
+        except OSError:
+            return None
+        if not self.settings.zip.enabled:
+            return ("a zip archive, and this folder does not take zip archives apart (zip.enabled is off; "
+                    "turn it on to take its members)")
+        return "a zip archive not named *.zip: only *.zip files are taken apart (rename it)"
 
     def _after(self, path: Path, signature: tuple[int, int] | None = None) -> str:
         """Delete or move a file whose content is durable in the spool and queue."""

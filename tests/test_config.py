@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpus import ct_series
+from peers import storescu, wait_for
 
 from bridge.config import load_config
 from bridge.errors import ConfigError
@@ -146,3 +148,59 @@ def test_run_refuses_an_invalid_config_and_check_reports_it(tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 1
     assert "listen.prot" in check.stderr
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_no_destinations_and_no_rules_run_the_embedded_default_archive(tmp_path, bridge_factory):
+    bridge = bridge_factory({})  # only listen, data_dir and spool.min_free
+    files = ct_series(tmp_path / "ct", 2)
+    result = storescu(bridge.port, files)
+    assert result.statuses == [0, 0], result.output
+    wait_for(lambda: bridge.queue_states() == {"done": 2}, 30, "both instances archived")
+    assert {r["destination"] for r in bridge.queue_rows()} == {"archive"}
+    assert "every instance is kept in the local archive" in bridge.log()
+    result = check(bridge.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "note: no destinations and no rules: every instance is kept in the local archive" in result.stdout
+
+
+def test_destinations_without_store_rules_warn_that_every_store_is_refused(tmp_path, bridge_factory):
+    bridge = bridge_factory({"destinations": {"archive": {"type": "archive"}}}, start=False)
+    result = check(bridge.config_path)
+    assert result.returncode == 0, result.stderr  # it runs: a warning, not an error
+    assert "warning: rules: no rule has store: every C-STORE will be refused (0x0124)" in result.stdout
+    assert result.stdout.strip().endswith("OK, 1 warning(s)")
+    bridge.start()
+    assert "WARNING" in bridge.log() and "every C-STORE will be refused" in bridge.log()
+    assert storescu(bridge.port, ct_series(tmp_path / "ct", 1)).statuses == [0x0124]
+    bridge.config["unrouted"] = "archive"  # what the warning suggests: then it is silent
+    bridge.write_config()
+    assert "warning" not in check(bridge.config_path).stdout
+
+
+def test_ae_title_patterns_longer_than_an_ae_title_are_errors(tmp_path):
+    path = write(tmp_path, "accept:\n  calling_ae: [CT*, MODALITY_WITH_A_LONG_NAME, '????????????????*', "
+                           "'[AB]2345678901234567', '[AB]234567890123456']\n"
+                           "destinations: {a: {type: archive}}\n"
+                           "rules: [{name: r, when: {called_ae: BRIDGE_WITH_A_LONG_TITLE}, store: [a]}]\n")
+    result = check(path)
+    assert result.returncode == 1
+    assert "accept.calling_ae[1]: 'MODALITY_WITH_A_LONG_NAME' can never match: AE titles have at most 16 " \
+           "characters, this needs 25" in result.stderr
+    assert "accept.calling_ae[3]: '[AB]2345678901234567' can never match: AE titles have at most 16 " \
+           "characters, this needs 17" in result.stderr
+    for fits in (0, 2, 4):  # a glob, sixteen ?s then *, [AB] and 15 characters
+        assert f"calling_ae[{fits}]" not in result.stderr
+    assert "rules[0].when.called_ae: 'BRIDGE_WITH_A_LONG_TITLE' can never match" in result.stderr
+
+
+def test_every_command_has_a_description():
+    for command in ("run", "route", "check", "queue"):
+        result = subprocess.run([sys.executable, "-m", "bridge", command, "--help"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        usage, _, rest = result.stdout.partition("\n\n")
+        assert result.returncode == 0 and not rest.startswith("options:"), f"{command} --help:\n{result.stdout}"

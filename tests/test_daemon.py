@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -195,3 +196,28 @@ def test_the_embedded_default_runs_with_no_config(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_an_address_in_use_is_named_and_nothing_is_written(tmp_path, bridge_factory):
+    """The listening socket is bound before anything is written: a port already taken
+    fails the start at once, naming host:port and the likely cause, with no data_dir."""
+    import socket
+
+    def run(settings: dict, name: str) -> tuple[int, str]:
+        bridge = bridge_factory({**settings, "destinations": {"archive": {"type": "archive"}},
+                                 "rules": [{"name": "all", "store": ["archive"]}]}, name=name, start=False)
+        proc = subprocess.run([sys.executable, "-m", "bridge", "run", "--config", str(bridge.config_path)],
+                              cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=60)
+        assert not bridge.data_dir.exists()
+        return proc.returncode, proc.stdout + proc.stderr
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, output = run({"listen": {"port": port}}, "listen")
+        assert code == 1, output
+        assert f"cannot listen on 127.0.0.1:{port} (listen.host, listen.port): address already in use: another " \
+               "dicom-bridge or a PACS is probably listening there" in output
+        code, output = run({"metrics": {"port": port}}, "metrics")
+        assert code == 1, output
+        assert f"cannot listen on 127.0.0.1:{port} (metrics.host, metrics.port): address already in use" in output
+    assert "Traceback" not in output

@@ -10,14 +10,20 @@ example at the end of the page must validate.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import pydicom
 import yaml
+from peers import storescu
 from pydantic import BaseModel
+from pydicom import uid
 
 from bridge.config import ArchiveDestination, Config, FolderDestination, validate
 
@@ -139,3 +145,45 @@ def test_the_rules_guide_names_every_operator() -> None:
     documented = set(re.findall(r"`([^`\n]+)`", RULES_DOC.read_text(encoding="utf-8")))
     operators = {field.alias or name for name, field in TagMatch.model_fields.items()}
     assert operators <= documented, f"docs/rules.md does not name: {sorted(operators - documented)}"
+
+
+def test_every_check_sample_prints_what_check_prints(tmp_path: Path) -> None:
+    """Each ``$ dicom-bridge check --config config.yaml`` sample in the docs is run on the
+    yaml block just before it, and must print exactly what the sample shows."""
+    samples = 0
+    for doc in sorted(DOC.parent.glob("*.md")):
+        blocks = re.findall(r"```(\w*)\n(.*?)```", doc.read_text(encoding="utf-8"), re.DOTALL)
+        for (kind, before), (_, block) in zip(blocks, blocks[1:], strict=False):
+            command, _, expected = block.partition("\n")
+            if not command.startswith("$ dicom-bridge check"):
+                continue
+            assert kind == "yaml" and command == "$ dicom-bridge check --config config.yaml", \
+                f"{doc.name}: a check sample must follow the yaml block it checks: {command}"
+            (tmp_path / "config.yaml").write_text(before, encoding="utf-8")
+            result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", "config.yaml"],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "PYTHONPATH": str(DOC.parent.parent)})
+            assert result.stdout + result.stderr == expected, f"{doc.name}: {command}"
+            samples += 1
+    assert samples >= 2
+
+
+README = DOC.parent.parent / "README.md"
+STORESCU_OPTIONS = ("-xs", "-xy", "-xx", "-xv", "-xw", "-xt", "-xu", "-xr")  # one per compressed syntax
+
+
+def test_the_readme_says_how_storescu_sends_compressed_files(corpus, bridge_factory) -> None:
+    """Each option the README gives for a compressed syntax sends a file of that syntax,
+    which plain ``storescu`` does not send."""
+    text = README.read_text(encoding="utf-8")
+    table = re.findall(r"^\| [^|]+ \| ([\d.]+) \| `(-x\w)` \|$", text, re.MULTILINE)
+    rows = {option: number for number, option in table}
+    assert sorted(rows) == sorted(STORESCU_OPTIONS)
+    files = {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID: p for p in corpus}
+    bridge = bridge_factory({"destinations": {"archive": {"type": "archive"}},
+                             "rules": [{"name": "all", "store": ["archive"]}]})
+    for option, syntax in rows.items():
+        file = files[uid.UID(syntax)]
+        assert storescu(bridge.port, [file]).statuses == [], f"plain storescu sent {syntax}"
+        sent = storescu(bridge.port, [file], extra=[option])
+        assert sent.statuses == [0x0000], f"{option} {syntax}:\n{sent.output}"

@@ -160,7 +160,7 @@ def test_route_explains_each_decision(tmp_path, files):
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"not DICOM at all" * 10)
     answer = route(config, str(broken), str(tmp_path / "missing.dcm"))
-    assert "cannot parse data set" in answer.stdout and "0xC000" in answer.stdout
+    assert "would be refused: 0xC000 Error: cannot understand: cannot parse data set" in answer.stdout
     assert "missing.dcm: no such file or folder" in answer.stderr and answer.returncode == 1
 
 
@@ -169,9 +169,12 @@ def test_route_says_what_unrouted_does(tmp_path, files):
     base = {"data_dir": str(tmp_path / "data"), "rules": rules,
             "destinations": {"pacs": {"type": "folder", "path": str(tmp_path / "pacs")}}}
     reject = route(write(tmp_path / "reject.yaml", base), str(files["ct1"]))
-    assert "=> no rule routes it: refused with 0x0124 (unrouted: reject)" in reject.stdout
+    assert "=> no rule routes it: would be refused: 0x0124 Refused: not authorised: no rule routes this " \
+           "instance (unrouted: reject)" in reject.stdout
+    assert reject.returncode == 1
     default = route(write(tmp_path / "default.yaml", {**base, "unrouted": "pacs"}), str(files["ct1"]))
     assert "=> no rule routes it: unrouted sends it to pacs" in default.stdout
+    assert default.returncode == 0
 
 
 def test_unrouted_instances_are_refused_or_go_to_the_default(tmp_path, files, bridge_factory):
@@ -323,3 +326,39 @@ def test_a_world_readable_config_naming_secrets_is_reported(tmp_path):
     os.chmod(config, 0o640)
     assert not secret_warnings(config)
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
+
+
+def test_route_answers_what_the_listener_answers(tmp_path, files, bridge_factory):
+    """route runs the listener's checks: a file the listener refuses is refused, with the
+    listener's status, and the exit status says so."""
+    settings = {"destinations": {"pacs": {"type": "folder", "path": str(tmp_path / "pacs")}},
+                "rules": [{"name": "all", "store": ["pacs"]}]}
+    bridge = bridge_factory(settings)
+    no_study = pydicom.dcmread(files["ct1"])
+    del no_study.StudyInstanceUID
+    no_study.SOPInstanceUID = no_study.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_study.save_as(tmp_path / "no-study.dcm", enforce_file_format=True)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(files["ct2"].read_bytes()[:-100])
+    listener = storescu(bridge.port, [tmp_path / "no-study.dcm"])  # (storescu will not send a cut file)
+    assert listener.statuses == [0xC000], listener.output
+
+    answer = route(bridge.config_path, str(tmp_path / "no-study.dcm"))
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert answer.stdout == f"{tmp_path / 'no-study.dcm'}: would be refused: 0xC000 Error: cannot understand: " \
+                            "missing StudyInstanceUID\n"
+    answer = route(bridge.config_path, str(truncated))
+    assert answer.returncode == 1 and "would be refused: 0xC000" in answer.stdout and "truncated" in answer.stdout
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM\n")
+    assert route(bridge.config_path, str(notes)).returncode == 1
+    good = route(bridge.config_path, str(files["ct3"]))
+    assert good.returncode == 0 and "rules[0] all: matched -> pacs" in good.stdout
+    private = with_uid(files["ct3"], tmp_path / "private.dcm", SOPClassUID="1.2.826.0.1.3680043.9.1")
+    answer = route(bridge.config_path, str(private))
+    assert answer.returncode == 1 and "its SOP class 1.2.826.0.1.3680043.9.1 is not accepted" in answer.stdout
+    bridge.config["accept"] = {"any_sop_class": True}
+    bridge.write_config()
+    assert route(bridge.config_path, str(private)).returncode == 0
+    (tmp_path / "broken.yaml").write_text("rules: [{name: x, store: [nowhere]}]\n")
+    assert route(tmp_path / "broken.yaml", str(files["ct3"])).returncode == 2

@@ -290,3 +290,61 @@ def test_zip_archives_and_a_dicomdir(tmp_path, orthanc_factory, bridge_factory):
     assert "expands to" in reasons["bomb.zip.reason"]
     assert (failed / "locked.zip").exists() and (failed / "bomb.zip").exists()
     assert "same content already queued" not in bridge.log()  # the CD's files were taken once
+
+
+@pytest.mark.slow
+def test_files_renamed_into_the_folder_are_taken_at_once(tmp_path, bridge_factory):
+    """mv from outside (inotify: a move with no move-from), an rsync-style temporary name
+    renamed within the folder, a zip moved in and a folder moved in: each taken within
+    seconds, not at the next rescan (10 minutes here)."""
+    watched, outside = tmp_path / "in", tmp_path / "outside"
+    watched.mkdir()
+    outside.mkdir()
+    bridge = bridge_factory({
+        "destinations": {"archive": {"type": "archive"}},
+        "rules": [{"name": "all", "store": ["archive"]}],
+        "watch": [{"path": str(watched), "failed": str(tmp_path / "failed"), "settle": "0.5s", "rescan": "10m",
+                   "zip": {"enabled": True}}],
+    })
+    wait_for(lambda: f"watching {watched}" in bridge.log(), 30, "the folder to be watched")
+    files = ct_series(tmp_path / "series", 6, size=32)
+    shutil.copy(files[0], outside / "moved.dcm")
+    shutil.copy(files[1], watched / ".rsync.dcm.Xa83Bq")  # a dot file: never taken as it is
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(files[2], "zipped.dcm")
+    (outside / "moved.zip").write_bytes(buffer.getvalue())
+    (outside / "study").mkdir()
+    shutil.copy(files[3], outside / "study" / "a.dcm")
+    shutil.copy(files[4], outside / "study" / "b.dcm")
+
+    shutil.copy(files[5], watched / "first.dcm")  # taken once the first rescan has passed
+    wait_for(lambda: len(bridge.queue_rows()) == 1, 15, "the first file to be queued", interval=0.1)
+    (outside / "moved.dcm").rename(watched / "moved.dcm")
+    (watched / ".rsync.dcm.Xa83Bq").rename(watched / "rsynced.dcm")
+    (outside / "moved.zip").rename(watched / "moved.zip")
+    # settle is 0.5 s and the rescan 10 minutes: only the renames themselves can be seen this soon
+    wait_for(lambda: len(bridge.queue_rows()) == 4, 8, "the renamed files to be queued", interval=0.1)
+    (outside / "study").rename(watched / "study")  # a whole folder
+    wait_for(lambda: len(bridge.queue_rows()) == len(files), 8, "the folder's files to be queued", interval=0.1)
+    assert {r["sop_instance_uid"] for r in bridge.queue_rows()} == {uid_of(p) for p in files}
+    wait_for(lambda: emptied(watched), 15, "the watched folder to be empty")
+
+
+@pytest.mark.slow
+def test_a_zip_in_a_folder_without_zip_enabled_fails_saying_so(tmp_path, bridge_factory):
+    watched, failed = tmp_path / "in", tmp_path / "failed"
+    watched.mkdir()
+    bridge_factory({
+        "destinations": {"archive": {"type": "archive"}},
+        "rules": [{"name": "all", "store": ["archive"]}],
+        "watch": [{"path": str(watched), "failed": str(failed), "settle": "0.5s", "rescan": "1s"}],
+    })
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(ct_series(tmp_path / "series", 1)[0], "ct.dcm")
+    (watched / "study.zip").write_bytes(buffer.getvalue())
+    reason = failed / "study.zip.reason"
+    wait_for(lambda: reason.exists() and "reason:" in reason.read_text(), 30, "the zip to fail")
+    assert "reason: a zip archive, and this folder does not take zip archives apart (zip.enabled is off" \
+        in reason.read_text()
