@@ -113,6 +113,7 @@ import pynetdicom.presentation
 import pynetdicom.service_class
 import pynetdicom.transport
 import pynetdicom.utils
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
@@ -786,6 +787,13 @@ def _store_command_problem(message: Any) -> tuple[int, str] | None:
         found = _uid_problem(name, None if item is None else item.value)
         if found:
             return 0xC000, found
+    for tag in list(command.keys()):
+        try:
+            command[tag].value  # noqa: B018 - converted here to name the element that fails
+        except Exception:
+            item = command.get_item(tag)
+            size = len(item.value) if isinstance(getattr(item, "value", None), bytes) else "?"
+            return 0xC000, f"invalid {keyword_for_tag(tag) or tag} in the command ({size} bytes)"
     return None
 
 
