@@ -20,6 +20,9 @@ for speed are in ``bridge.pynetdicom_overrides``):
 
 Association accept/reject decisions use pynetdicom's public ``EVT_REQUESTED`` hook:
 a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiation.
+The limit on associations is checked there too (pynetdicom's counts every connection,
+asked for or not); connections that have not yet asked for one are bounded apart, at
+accept (``_AssociationServer``), and have ``listen.timeouts.association_request`` to ask.
 """
 
 from __future__ import annotations

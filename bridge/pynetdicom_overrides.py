@@ -5,7 +5,7 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
 
 - ``AssociationSocket.recv`` reads a PDU 4096 bytes at a time, each read a Python
   loop turn: a 128 KiB PDU costs 32 ``recv`` calls. Replaced by ``recv_into`` a
-  buffer of the PDU's size.
+  buffer of the PDU's size (up to 1 MiB; beyond, it grows with what arrives).
 - Both threads of an association poll: the DUL thread sleeps ``_run_loop_delay``
   (1 ms) whenever it found nothing to do, the association thread sleeps 1 ms every
   turn of its reactor. With the GIL busy, a 1 ms sleep lasts about 3 ms. Replaced by
@@ -75,6 +75,14 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   negotiation's modules (``pdu_items``, ``presentation``) get ``set_uid`` with its
   results remembered (``_set_uid_remembered``; failures are not, so they raise every
   time).
+
+And for hostile and broken peers (docs/conformance.md): every PDU's announced length
+is checked against a bound before its body is read (``_read_pdu_data``: A-ABORT beyond
+it), nothing is read once an abort is decided or sent, a DIMSE message that cannot be
+decoded or grows too long in memory is aborted instead of ending the network thread
+(``_receive_primitive``), and a C-STORE request whose command is wrong is answered
+with a failure status that names what is wrong (``_refuse_store``), where pynetdicom
+sent nothing or aborted. Each costs the happy path a comparison or two.
 
 And three for correctness on the associations the bridge requests (``bridge.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
