@@ -109,6 +109,10 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
     pynetdicom_overrides.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom.utils logs a traceback for every value of a PDU it cannot decode, then
+    # raises; what catches it logs one line naming the peer (bridge.pynetdicom_overrides).
+    # A hostile peer would otherwise write a traceback per connection.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
     # pydicom checks every value it converts against its VR (a regular expression per
     # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
     # of an association request that way (a storage SCU proposes hundreds, 4 ms per

@@ -116,6 +116,7 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
+import pynetdicom.fsm
 import pynetdicom.pdu_items
 import pynetdicom.presentation
 import pynetdicom.service_class
@@ -129,7 +130,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_STORE, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.service_class import attempt as _attempt
@@ -509,6 +511,40 @@ def _read_pdu_data(self: Any) -> None:
         _abort(self, f"cannot decode the {_PDU_NAMES[pdu_type]} PDU: {_describe(exc)}")
         return
     self._recv_pdu.put(pdu)
+
+
+_pynetdicom_do_action = pynetdicom.fsm.StateMachine.do_action
+
+
+def _do_action(self: Any, event: str) -> None:
+    """``StateMachine.do_action``, which lets an action's exception end the network
+    thread (pynetdicom logs it and stops the reactor), leaving the connection open, the
+    peer unanswered and the association thread without an end: a PDU that decodes but
+    whose values its action cannot convert (an A-ABORT with source 122, say) did that.
+    Here the association is aborted instead, as pynetdicom's reactor does when reading
+    fails: A-ABORT sent, the connection closed, and, on an established association, an
+    A-P-ABORT for the association thread, which then ends it as it ends any abort."""
+    try:
+        _pynetdicom_do_action(self, event)
+    except Exception as exc:
+        dul = self.dul
+        if dul._bridge_aborted and self.current_state == "Sta1":
+            return
+        LOGGER.error("A-ABORT to %s: %s in %s failed: %s", peer_name(dul.assoc), event, self.current_state,
+                     _describe(exc))
+        dul._bridge_aborted = True
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = 0x02, 0x00
+        try:
+            dul.socket.send(abort.encode())
+            dul.socket.close()
+        except Exception:
+            pass
+        self.current_state = "Sta1"  # what AA-3 leaves: the connection closed
+        if dul.assoc.is_established:
+            primitive = A_P_ABORT()
+            primitive.provider_reason = 0x00
+            dul.to_user_queue.put(primitive)
 
 
 def _lost(dul: Any, exc: BaseException) -> None:
@@ -978,6 +1014,7 @@ def install() -> None:
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    pynetdicom.fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._bridge_aborted = False  # type: ignore[attr-defined]
     pynetdicom.dul.DULServiceProvider._bridge_data_limit = 0  # type: ignore[attr-defined]
     pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]

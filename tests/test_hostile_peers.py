@@ -125,6 +125,22 @@ def test_a_p_data_longer_than_the_announced_maximum_is_aborted_unread(tmp_path, 
     assert "P-DATA-TF PDU of 8388608 bytes announced, more than the" in bridge.log()
 
 
+def test_an_a_abort_with_a_source_out_of_range_ends_the_association(tmp_path, bridge_factory):
+    """pynetdicom decoded it, then failed to convert it in the state machine, which ended
+    the network thread: the association stayed open with nobody reading it."""
+    bridge = bridge_factory(config(tmp_path))
+    peer = RawPeer(bridge.port)
+    try:
+        assert peer.associate([(1, CT_IMAGE, EXPLICIT_LE)]) == [1]
+        peer.send(pdu(A_ABORT, bytes([0, 0, 122, 0])))
+        assert peer.answer(timeout=10).kind in ("abort", "closed")
+    finally:
+        peer.close()
+    wait_for(lambda: "association aborted after" in bridge.log(), 10, "the association to end as aborted")
+    assert "Exception in thread" not in bridge.log()
+    assert_serving(bridge.port)
+
+
 def _pdu_fuzz_case(rng: random.Random, port: int) -> list[bytes]:
     """What one fuzzing connection sends: PDUs with lying lengths, random bytes,
     truncated PDUs and PDUs out of order, before or after a real negotiation."""

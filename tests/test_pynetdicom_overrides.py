@@ -117,6 +117,9 @@ def test_what_the_listeners_bounds_rely_on_is_still_there():
     # the acceptor waits acse_timeout for the request; the setter moves ARTIM with it
     assert "timeout=self.acse_timeout" in inspect.getsource(pynetdicom.association.Association.run_reactor)
     assert "artim_timer.timeout = value" in inspect.getsource(pynetdicom.association.Association.acse_timeout.fset)
+    # do_action stops the reactor and raises when an action fails (_do_action aborts instead)
+    do_action = inspect.getsource(pynetdicom_overrides._pynetdicom_do_action)
+    assert "self.dul.kill_dul()" in do_action and "raise" in do_action
     # the server's connections go through socketserver's verify_request and
     # process_request_thread, and listen() takes request_queue_size
     assert "self.finish_request(request, client_address)" in inspect.getsource(
