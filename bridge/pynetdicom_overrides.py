@@ -944,10 +944,15 @@ def _serve_inline(dimse: Any, primitive: Any) -> bool:
     """Whether the network thread may serve ``primitive`` itself: a C-STORE request on an
     association prepared for it, with nothing queued for the association thread and
     nothing in its hands (``_get_msg`` keeps ``_bridge_serving``). Only this thread
-    queues messages, so the answer cannot change before the request is served."""
+    queues messages, so the answer cannot change before the request is served.
+
+    Not before the association thread has marked the association established: a peer
+    may send its first request as soon as the A-ASSOCIATE-AC is out, and a response is
+    dropped (``_storage_scp``) on an association not yet marked established. The
+    association thread serves such a request once it has."""
     assoc = dimse.assoc
     if not getattr(assoc, "_bridge_serve_inline", False) or not isinstance(primitive, C_STORE) \
-            or primitive.MessageIDBeingRespondedTo is not None:
+            or primitive.MessageIDBeingRespondedTo is not None or not assoc.is_established:
         return False
     with dimse.msg_queue.mutex:
         return not dimse.msg_queue.queue and not getattr(assoc, "_bridge_serving", False)

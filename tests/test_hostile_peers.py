@@ -208,7 +208,7 @@ def test_pdu_fuzz_keeps_memory_bounded_and_the_daemon_serving(tmp_path, bridge_f
     assert memory(pid)["VmHWM"] < MEMORY_CEILING
     assert cases > 20
     assert_serving(bridge.port)
-    assert "Traceback" not in bridge.log() or "Exception in DUL" not in bridge.log()
+    assert "Exception in thread" not in bridge.log()  # no network thread ended by what a peer sent
 
 
 # -- point 5: idle connections -----------------------------------------------------------
