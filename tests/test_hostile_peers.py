@@ -215,7 +215,9 @@ def test_pdu_fuzz_keeps_memory_bounded_and_the_daemon_serving(tmp_path, bridge_f
 
 
 def test_idle_connections_take_no_association_slot(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path, max_associations=4))
+    """50 connections that never ask for an association (more than the 32 associations
+    allowed): a modality's echo is still answered at once."""
+    bridge = bridge_factory(config(tmp_path))
     idle = [socket.create_connection(("127.0.0.1", bridge.port), timeout=5) for _ in range(50)]
     try:
         for _ in range(3):
