@@ -125,6 +125,9 @@ def test_what_the_listeners_bounds_rely_on_is_still_there():
     assert "self.finish_request(request, client_address)" in inspect.getsource(
         pynetdicom.transport.ThreadedAssociationServer.process_request_thread)
     assert "server_class" in inspect.signature(pynetdicom.AE.make_server).parameters
+    start_server = inspect.getsource(pynetdicom.AE.start_server)
+    assert "server_class=ThreadedAssociationServer" in start_server and "self._servers.append(server)" in start_server
+    assert "self.ae._servers.remove(" in inspect.getsource(pynetdicom.transport.AssociationServer.shutdown)
 
 
 def test_file_meta_bytes_are_those_pydicom_writes():
