@@ -412,7 +412,7 @@ _FAST_PATH_UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSIT
 
 
 # PDU lengths read from the network are checked before anything is allocated for them
-# (docs/conformance.md, "Hostile peers"). Every PDU but P-DATA-TF carries a few AE
+# (docs/conformance.md, "Hostile and broken peers"). Every PDU but P-DATA-TF carries a few AE
 # titles, UIDs and contexts: 64 KiB is generous. A P-DATA-TF may be as long as the
 # maximum this side announced, plus a margin for peers that miscount their item headers;
 # with no maximum announced (0), as long as _UNANNOUNCED_PDU.
