@@ -160,7 +160,7 @@ class _AssociationServer(ThreadedAssociationServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.intake._handed_over(ended=True)
+            self.intake._handed_over()
 
 
 class Intake:
@@ -185,11 +185,12 @@ class Intake:
         self._ids = itertools.count(1)
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
-        # Connections accepted whose association thread has not started yet; once it
-        # has, a connection is pending until its association request (_pending()).
+        # Connections accepted whose handling thread has not ended yet; after that, a
+        # connection is pending until its association request (_pending()).
         self._accepting = 0
         self._accepting_lock = threading.Lock()
         self._handling = threading.local()
+        self._opening: set[Any] = set()  # their association threads, started or about to be
         self._closed_at_once, self._closed_logged = 0, float("-inf")
         self.ae = self._build_ae()
 
@@ -264,7 +265,8 @@ class Intake:
 
     def _pending(self) -> int:
         """Open connections that have not (yet) sent an A-ASSOCIATE-RQ."""
-        waiting = [a for a in self.ae.active_associations if pynetdicom_overrides.awaiting_request(a)]
+        waiting = [a for a in self.ae.active_associations
+                   if pynetdicom_overrides.awaiting_request(a) and a not in self._opening]
         return self._accepting + len(waiting)
 
     def _may_connect(self, address: Any) -> bool:
@@ -285,16 +287,16 @@ class Intake:
             self._closed_logged = now
         return False
 
-    def _handed_over(self, ended: bool = False) -> None:
-        """In the thread that handles a connection: its association is about to start
-        (``_on_conn_open``), from when ``_pending`` finds it among the associations; or the
-        thread ends, whether or not it got that far. The connection leaves ``_accepting``
-        at the first of the two."""
-        already = getattr(self._handling, "handed_over", False)
-        self._handling.handed_over = not ended
-        if not already:
-            with self._accepting_lock:
-                self._accepting -= 1
+    def _handed_over(self) -> None:
+        """The thread that handled a new connection ends: its association thread, if it
+        got that far (``_on_conn_open``), is running, and from now on ``_pending`` finds it
+        among the associations rather than in ``_accepting`` (never in both, never in
+        neither: both change under the lock that ``_may_connect`` counts under)."""
+        assoc = getattr(self._handling, "assoc", None)
+        self._handling.assoc = None
+        with self._accepting_lock:
+            self._accepting -= 1
+            self._opening.discard(assoc)
 
     def _associations(self, own: Any) -> int:
         """Associations asked for and still going, other than ``own``."""
@@ -305,7 +307,10 @@ class Intake:
     # -- association events ------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        self._handed_over()
+        # Counted in _accepting until the thread handling the connection ends (_handed_over).
+        with self._accepting_lock:
+            self._opening.add(event.assoc)
+        self._handling.assoc = event.assoc
         timeouts = self.config.listen.timeouts
         # pynetdicom never sets TCP_NODELAY; without it each response waits ~40 ms for Nagle.
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
