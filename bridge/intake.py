@@ -46,9 +46,11 @@ import pynetdicom.dimse_messages
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge import pynetdicom_overrides
@@ -209,7 +211,14 @@ class Intake:
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
         ae.add_supported_context(VERIFICATION)
         sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-        sop_classes += [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
+        extra = [uid for uid in cfg.accept.extra_sop_classes if uid not in sop_classes]
+        for uid in extra:
+            # pynetdicom serves a request by the service class of its SOP Class UID, and
+            # aborts one whose class it does not know: a private storage class must be
+            # registered with it (process-wide; registering again is harmless).
+            if uid_to_service_class(uid) is not StorageServiceClass:
+                register_uid(uid, "BridgeStorage_" + uid.replace(".", "_"), StorageServiceClass)
+        sop_classes += extra
         for uid in sop_classes:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
