@@ -76,7 +76,10 @@ AEPattern = Annotated[str, AfterValidator(_ae_pattern)]
 class ListenTimeouts(Model):
     """Timeouts of the listener. None of them waits forever."""
 
-    acse: Duration = Field(30.0, description="wait for A-ASSOCIATE-RQ and A-RELEASE")
+    association_request: Duration = Field(
+        5.0, gt=0, description="a new connection's deadline for its A-ASSOCIATE-RQ (ARTIM); then it is closed",
+    )
+    acse: Duration = Field(30.0, description="wait for A-RELEASE, and for the peer to close after an abort")
     dimse: Duration = Field(60.0, description="wait for the next DIMSE message within an operation")
     network: Duration = Field(60.0, description="wait for bytes on an open connection")
     idle: Duration = Field(300.0, description="close an association that has been silent this long")
@@ -90,6 +93,10 @@ class Listen(Model):
     max_associations: int = Field(
         32, ge=1,
         description="concurrent associations; more are refused (A-ASSOCIATE-RJ 2/3/2)",
+    )
+    max_pending_connections: int = Field(
+        64, ge=1,
+        description="connections that have not yet sent their A-ASSOCIATE-RQ; more are closed at once",
     )
     max_pdu: ByteSize = Field(262144, ge=0, description="maximum PDU we receive (0 = unlimited)")
     timeouts: ListenTimeouts = Field(default_factory=ListenTimeouts)

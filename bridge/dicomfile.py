@@ -44,8 +44,11 @@ def read_header(path: Path) -> Dataset:
                 stop = f.tell()  # at the Pixel Data tag, if there is one
             # Values are converted lazily, when a rule or the index asks for them:
             # converting all of them here would double the cost of a C-STORE.
-            if not _pixel_data_complete(f, ds, stop, end, head) or (stop >= end and _cut_after_last(ds, end)):
+            if not _pixel_data_complete(f, ds, stop, end, head):
                 raise IntakeError(0xC000, "data set is truncated in Pixel Data")
+            cut = _cut_after_last(f, ds, end) if stop >= end else None
+            if cut:
+                raise IntakeError(0xC000, cut)
     except IntakeError:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError) as exc:
@@ -222,18 +225,48 @@ def attributes(ds: Dataset) -> dict[str, str]:
     return found
 
 
-def _cut_after_last(ds: Dataset, end: int) -> bool:
-    """Whether a few bytes follow the data set's last element, too few for another: a
-    file cut within the next element's header (the Pixel Data's), which the reader took
-    for the end of the data set. Unknown (False) after a sequence of undefined length,
-    and in a deflated data set (its offsets are in the inflated stream)."""
+def _cut_after_last(f: BinaryIO, ds: Dataset, end: int) -> str | None:
+    """Why a data set that the reader took to end with the file of ``end`` bytes was cut
+    short, or None: its last element's value goes past the end of the file, or a few
+    bytes follow it, too few for another element (the next one's header, cut). Unknown
+    (None) after a sequence of undefined length, and in a deflated data set (its offsets
+    are in the inflated stream)."""
+    if not ds:
+        return _cut_in_meta(ds, end)
     ts = ds.file_meta.get("TransferSyntaxUID")
-    if not ds or ts is None or ts.is_deflated:
-        return False
-    last = ds.get_item(max(ds.keys()))
+    if ts is None or ts.is_deflated:
+        return None
+    tag = max(ds.keys())
+    last = ds.get_item(tag)
     if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF or last.value_tell is None:
-        return False
-    return last.value_tell + last.length < end
+        return None
+    value_end = last.value_tell + last.length
+    if value_end > end:
+        return f"data set is truncated in its header, within {BaseTag(tag)}"
+    if value_end == end:
+        return None
+    f.seek(value_end, os.SEEK_SET)
+    pixel_tag = b"\xe0\x7f\x10\x00" if ts.is_little_endian else b"\x7f\xe0\x00\x10"
+    if f.read(4) == pixel_tag:
+        return "data set is truncated in Pixel Data"
+    return f"data set is truncated in its header, after {BaseTag(tag)}"
+
+
+def _cut_in_meta(ds: Dataset, end: int) -> str | None:
+    """For a data set read as empty: whether the file of ``end`` bytes ends within its File
+    Meta Information (after the preamble, ``DICM`` and the group length element, PS3.10
+    7.1), or within the first element after it."""
+    try:
+        length = ds.file_meta.get("FileMetaInformationGroupLength")
+    except Exception:
+        return None
+    if not isinstance(length, int):
+        return None
+    if end < 144 + length:
+        return "data set is truncated in its File Meta Information"
+    if end > 144 + length:
+        return "data set is truncated in its header, in its first element"
+    return None
 
 
 def _pixel_data_complete(f: BinaryIO, ds: Dataset, stop: int, end: int, head: bytes = b"") -> bool:

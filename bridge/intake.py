@@ -20,6 +20,9 @@ for speed are in ``bridge.pynetdicom_overrides``):
 
 Association accept/reject decisions use pynetdicom's public ``EVT_REQUESTED`` hook:
 a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiation.
+The limit on associations is checked there too (pynetdicom's counts every connection,
+asked for or not); connections that have not yet asked for one are bounded apart, at
+accept (``_AssociationServer``), and have ``listen.timeouts.association_request`` to ask.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ import pynetdicom.dimse_messages
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge import pynetdicom_overrides
@@ -61,11 +66,13 @@ from bridge.spool import HashingTempFile, Spool
 LOGGER = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+_UNLIMITED = 1_000_000
 
 # A-ASSOCIATE-RJ (result, source, reason) per docs/conformance.md
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_PEER = (0x01, 0x01, 0x01)
+REJECT_BUSY = (0x02, 0x03, 0x02)
 
 _REJECT_REASONS = {
     (0x01, 0x01, 0x01): "peer address not allowed",
@@ -105,6 +112,10 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
     pynetdicom_overrides.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom.utils logs a traceback for every value of a PDU it cannot decode, then
+    # raises; what catches it logs one line naming the peer (bridge.pynetdicom_overrides).
+    # A hostile peer would otherwise write a traceback per connection.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
     # pydicom checks every value it converts against its VR (a regular expression per
     # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
     # of an association request that way (a storage SCU proposes hundreds, 4 ms per
@@ -159,6 +170,24 @@ def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
         sock.setsockopt(socket.SOL_SOCKET, option, timeval)
 
 
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, with a listen backlog for bursts of modalities (socketserver's
+    default is 5: 300 simultaneous connects took 47 s to be accepted) and a bound on the
+    connections that have not yet asked for an association (``Intake._may_connect``)."""
+
+    request_queue_size = 128
+    intake: Intake
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.intake._may_connect(client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.intake._handed_over()
+
+
 class Intake:
     """The listener: associations, C-ECHO and C-STORE."""
 
@@ -175,6 +204,13 @@ class Intake:
         self._stats: dict[int, _AssocStats] = {}
         self._server: Any = None
         self._serving = False
+        # Connections accepted whose handling thread has not ended yet; after that, a
+        # connection is pending until its association request (_pending()).
+        self._accepting = 0
+        self._accepting_lock = threading.Lock()
+        self._handling = threading.local()
+        self._opening: set[Any] = set()  # their association threads, started or about to be
+        self._closed_at_once, self._closed_logged = 0, float("-inf")
         self.ae = self._build_ae()
 
     # -- set-up ------------------------------------------------------------------------
@@ -182,7 +218,9 @@ class Intake:
     def _build_ae(self) -> AE:
         cfg = self.config
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.listen.max_associations
+        # pynetdicom counts every connection as an association, asked for or not: the
+        # listener keeps its own limits instead (_may_connect, _on_requested).
+        ae.maximum_associations = _UNLIMITED
         ae.maximum_pdu_size = cfg.listen.max_pdu
         ae.acse_timeout = cfg.listen.timeouts.acse
         ae.dimse_timeout = cfg.listen.timeouts.dimse
@@ -190,6 +228,11 @@ class Intake:
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
         ae.add_supported_context(VERIFICATION)
         for uid in storage_sop_classes(cfg):
+            # pynetdicom serves a request by the service class of its SOP Class UID, and
+            # aborts one whose class it does not know: a private storage class must be
+            # registered with it (process-wide; registering again is harmless).
+            if uid in cfg.accept.extra_sop_classes and uid_to_service_class(uid) is not StorageServiceClass:
+                register_uid(uid, "BridgeStorage_" + uid.replace(".", "_"), StorageServiceClass)
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
@@ -210,11 +253,13 @@ class Intake:
         ]
         listen = self.config.listen
         try:
-            server = self.ae.make_server((listen.host, listen.port), evt_handlers=handlers,
-                                        server_class=ThreadedAssociationServer)
+            # AE.start_server(block=False), with the bridge's server class; served from start().
+            server = cast(_AssociationServer, self.ae.make_server((listen.host, listen.port), evt_handlers=handlers,
+                                                                  server_class=_AssociationServer))
         except OSError as exc:
             raise StartError(bind_failure("listen.host, listen.port", listen.host, listen.port, exc)) from exc
-        self.ae._servers.append(server)  # as start_server does: the server's shutdown() removes it
+        server.intake = self
+        self.ae._servers.append(server)  # AE.shutdown() and the server's shutdown() look for it there
         self._server = server
 
     def start(self, spool: Spool, queue: Queue, on_queued: Any = None,
@@ -225,7 +270,7 @@ class Intake:
         self.on_finished = on_finished or (lambda: None)
         if self._server is None:
             self.bind()
-        threading.Thread(target=self._server.serve_forever, name="listener", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, name="AcceptorServer", daemon=True).start()
         self._serving = True
         LOGGER.info("listening on %s:%d as %s", self.config.listen.host, self.port, self.config.ae_title)
 
@@ -259,9 +304,57 @@ class Intake:
         self.config = config
         self.rules = ruleset(config)
 
+    # -- connections and association limits ----------------------------------------------
+
+    def _pending(self) -> int:
+        """Open connections that have not (yet) sent an A-ASSOCIATE-RQ."""
+        waiting = [a for a in self.ae.active_associations
+                   if pynetdicom_overrides.awaiting_request(a) and a not in self._opening]
+        return self._accepting + len(waiting)
+
+    def _may_connect(self, address: Any) -> bool:
+        """In the server's thread, for each new connection: within
+        ``listen.max_pending_connections``, or closed at once."""
+        limit = self.config.listen.max_pending_connections
+        with self._accepting_lock:
+            if self._pending() < limit:
+                self._accepting += 1
+                return True
+        self.metrics.associations.labels("refused").inc()
+        now = time.monotonic()
+        self._closed_at_once += 1
+        if now - self._closed_logged >= 10:  # one line per burst, not one per connection
+            LOGGER.warning("connection from %s closed at once (%d in all): %d connections are waiting to ask for an "
+                           "association (listen.max_pending_connections)", address[0] if address else "?",
+                           self._closed_at_once, limit)
+            self._closed_logged = now
+        return False
+
+    def _handed_over(self) -> None:
+        """The thread that handled a new connection ends: its association thread, if it
+        got that far (``_on_conn_open``), is running, and from now on ``_pending`` finds it
+        among the associations rather than in ``_accepting`` (never in both, never in
+        neither: both change under the lock that ``_may_connect`` counts under)."""
+        assoc = getattr(self._handling, "assoc", None)
+        self._handling.assoc = None
+        with self._accepting_lock:
+            self._accepting -= 1
+            self._opening.discard(assoc)
+
+    def _associations(self, own: Any) -> int:
+        """Associations asked for and still going, other than ``own``."""
+        return len([a for a in self.ae.active_associations
+                    if a is not own and a.is_acceptor and a.requestor.primitive is not None
+                    and not (a.is_rejected or a.is_aborted or a.is_released)])
+
     # -- association events ------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:
+        # Counted in _accepting until the thread handling the connection ends (_handed_over).
+        with self._accepting_lock:
+            self._opening.add(event.assoc)
+        self._handling.assoc = event.assoc
+        timeouts = self.config.listen.timeouts
         # pynetdicom never sets TCP_NODELAY; without it each response waits ~40 ms for Nagle.
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
@@ -271,16 +364,24 @@ class Intake:
             # association's slot, for ever. The kernel ends such a wait (or a send to a
             # peer that reads nothing) after timeouts.network: the call fails and
             # pynetdicom closes the association.
-            _set_io_timeout(sock, self.config.listen.timeouts.network)
-        pynetdicom_overrides.prepare(event.assoc, serve_inline=True)
+            _set_io_timeout(sock, min(timeouts.association_request, timeouts.network))
+        # Until its A-ASSOCIATE-RQ: ARTIM, and the association thread's wait for it
+        # (pynetdicom takes both from acse_timeout), restored in _on_requested.
+        event.assoc.acse_timeout = timeouts.association_request
+        pynetdicom_overrides.prepare(event.assoc, serve_inline=True, on_refused=self._on_refused)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        config_timeouts = self.config.listen.timeouts
         label = f"A{next(self._ids)}"
         # The thread names: every log line of this association carries it, from either of
         # its threads (the network thread serves C-STOREs itself: bridge.pynetdicom_overrides).
         assoc.name = label
         assoc.dul.name = label
+        assoc.acse_timeout = config_timeouts.acse
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        if sock is not None:
+            _set_io_timeout(sock, config_timeouts.network)
         rq = assoc.requestor
         primitive = cast(A_ASSOCIATE, rq.primitive)
         calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
@@ -296,6 +397,8 @@ class Intake:
             reject = REJECT_CALLING_AE
         elif accept.check_called_ae and called != config.ae_title:
             reject = REJECT_CALLED_AE
+        elif self._associations(assoc) >= config.listen.max_associations:
+            reject = REJECT_BUSY
         if reject:
             # As pynetdicom's own negotiation does: send, notify, then wait for the DUL
             # to deliver the A-ASSOCIATE-RJ before the connection is closed.
@@ -340,6 +443,14 @@ class Intake:
                     how, time.monotonic() - stats.started, stats.stored, stats.failed)
         if stats.stored:
             self.on_finished()
+
+    def _on_refused(self, assoc: Any, status: int, reason: str) -> None:
+        """A C-STORE request refused before it reached ``_on_store`` (its command is wrong:
+        bridge.pynetdicom_overrides logs it with the peer's address and answers it)."""
+        self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
+        stats = self._stats.get(id(assoc))
+        if stats is not None:
+            stats.failed += 1
 
     # -- DIMSE services ----------------------------------------------------------------
 

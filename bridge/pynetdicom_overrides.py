@@ -5,7 +5,7 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
 
 - ``AssociationSocket.recv`` reads a PDU 4096 bytes at a time, each read a Python
   loop turn: a 128 KiB PDU costs 32 ``recv`` calls. Replaced by ``recv_into`` a
-  buffer of the PDU's size.
+  buffer of the PDU's size (up to 1 MiB; beyond, it grows with what arrives).
 - Both threads of an association poll: the DUL thread sleeps ``_run_loop_delay``
   (1 ms) whenever it found nothing to do, the association thread sleeps 1 ms every
   turn of its reactor. With the GIL busy, a 1 ms sleep lasts about 3 ms. Replaced by
@@ -76,6 +76,14 @@ places that have nothing to do with DICOM (measured in docs/performance.md):
   results remembered (``_set_uid_remembered``; failures are not, so they raise every
   time).
 
+And for hostile and broken peers (docs/conformance.md): every PDU's announced length
+is checked against a bound before its body is read (``_read_pdu_data``: A-ABORT beyond
+it), nothing is read once an abort is decided or sent, a DIMSE message that cannot be
+decoded or grows too long in memory is aborted instead of ending the network thread
+(``_receive_primitive``), and a C-STORE request whose command is wrong is answered
+with a failure status that names what is wrong (``_refuse_store``), where pynetdicom
+sent nothing or aborted. Each costs the happy path a comparison or two.
+
 And three for correctness on the associations the bridge requests (``bridge.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
 reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
@@ -99,6 +107,7 @@ import threading
 import time as _time
 import types
 import weakref
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -107,21 +116,26 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dul
+import pynetdicom.fsm
 import pynetdicom.pdu_items
 import pynetdicom.presentation
 import pynetdicom.service_class
 import pynetdicom.transport
 import pynetdicom.utils
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
+from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_STORE, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.service_class import attempt as _attempt
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.utils import make_target
 
 from bridge.uids import is_valid_uid
@@ -130,19 +144,25 @@ LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's messages, under its
 _real_sleep = _time.sleep
 
 
+# A PDU body is read into a buffer that grows by at most this much ahead of what has
+# arrived: a peer that announces a long PDU and sends little costs little.
+_RECV_CHUNK = 1024 * 1024
+
+
 def _recv(self: Any, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv``: exactly ``nr_bytes`` unless the peer closes first."""
     sock = self.socket
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    buffer = bytearray(min(nr_bytes, _RECV_CHUNK))
     read = 0
     while read < nr_bytes:
-        n = sock.recv_into(view[read:], nr_bytes - read)
+        if read == len(buffer):  # only PDUs longer than _RECV_CHUNK come here
+            buffer.extend(bytes(min(nr_bytes - read, len(buffer))))
+        with memoryview(buffer) as view:
+            n = sock.recv_into(view[read:])
         if not n:
-            del view
-            return buffer[:read]
+            del buffer[read:]
+            return buffer
         read += n
-    del view
     return buffer
 
 
@@ -227,19 +247,21 @@ def _explicit_le(group: int, element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
 
-def _padded(text: str, pad: bytes) -> bytes:
-    data = text.encode("ascii")
+def _padded(text: str, pad: bytes, errors: str = "strict") -> bytes:
+    data = text.encode("ascii", errors)
     return data + pad if len(data) % 2 else data
 
 
 def _create_file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
                       implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
                       implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION) -> bytes:
-    """The encoded File Meta Information group (PS3.10 7.1), as pynetdicom's would be."""
+    """The encoded File Meta Information group (PS3.10 7.1), as pynetdicom's would be.
+    A UID that is not ASCII (from a peer's command, refused once complete) is written
+    with ``?`` for what cannot be encoded, rather than ending the thread that receives."""
     body = b"".join((
         _explicit_le(0x0002, 0x0001, b"OB", b"\x00\x01"),
-        _explicit_le(0x0002, 0x0002, b"UI", _padded(str(sop_class_uid), b"\x00")),
-        _explicit_le(0x0002, 0x0003, b"UI", _padded(str(sop_instance_uid), b"\x00")),
+        _explicit_le(0x0002, 0x0002, b"UI", _padded(str(sop_class_uid), b"\x00", "replace")),
+        _explicit_le(0x0002, 0x0003, b"UI", _padded(str(sop_instance_uid), b"\x00", "replace")),
         _explicit_le(0x0002, 0x0010, b"UI", _padded(str(transfer_syntax), b"\x00")),
         _explicit_le(0x0002, 0x0012, b"UI", _padded(str(implementation_uid), b"\x00")),
         _explicit_le(0x0002, 0x0013, b"SH", _padded(str(implementation_version), b" ")),
@@ -389,17 +411,73 @@ _pynetdicom_read_pdu_data = pynetdicom.dul.DULServiceProvider._read_pdu_data
 _FAST_PATH_UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION, evt.EVT_DIMSE_RECV)
 
 
+# PDU lengths read from the network are checked before anything is allocated for them
+# (docs/conformance.md, "Hostile and broken peers"). Every PDU but P-DATA-TF carries a few AE
+# titles, UIDs and contexts: 64 KiB is generous. A P-DATA-TF may be as long as the
+# maximum this side announced, plus a margin for peers that miscount their item headers;
+# with no maximum announced (0), as long as _UNANNOUNCED_PDU.
+MAX_CONTROL_PDU = 64 * 1024
+PDU_MARGIN = 1024
+_UNANNOUNCED_PDU = 64 * 1024 * 1024
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+
+
+def _data_pdu_limit(dul: Any) -> int:
+    """The longest P-DATA-TF ``dul`` reads (see ``MAX_CONTROL_PDU``), kept on it."""
+    assoc = dul.assoc
+    announced = (assoc.acceptor if assoc.is_acceptor else assoc.requestor).maximum_length
+    dul._bridge_data_limit = announced + PDU_MARGIN if announced else _UNANNOUNCED_PDU
+    return int(dul._bridge_data_limit)
+
+
+def awaiting_request(assoc: Any) -> bool:
+    """Whether ``assoc`` is an acceptor's connection still open and waiting for its
+    A-ASSOCIATE-RQ: ARTIM not stopped (AE-5 starts it on the connection; it is stopped
+    when the request arrives, AE-6, or the connection ends before it, AA-2, AA-5).
+    Once its connection has ended, the association thread may still wait out its
+    ``acse_timeout`` for a request that cannot come: it holds no connection."""
+    return bool(assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.artim_timer._end_time is None)
+
+
+def peer_name(assoc: Any) -> str:
+    """``host:port`` of the other side of ``assoc``, for log lines."""
+    try:
+        peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+        return f"{peer.address}:{peer.port}"
+    except Exception:
+        return "?"
+
+
+def _abort(dul: Any, reason: str) -> None:
+    """A-ABORT the association for ``reason`` (logged with the peer's address): the state
+    machine sends it (Evt19, an invalid PDU) and nothing more is read (``_read_pdu_data``)."""
+    LOGGER.error("A-ABORT to %s: %s", peer_name(dul.assoc), reason)
+    dul._bridge_aborted = True
+    dul.event_queue.put("Evt19")
+
+
 def _read_pdu_data(self: Any) -> None:
     """``DULServiceProvider._read_pdu_data`` (pynetdicom 3.0) with a fast path for the
     P-DATA-TF PDUs that carry a C-STORE data set (see the module's docstring). Reads,
-    errors and events are pynetdicom's otherwise, in the same order."""
+    errors and events are pynetdicom's otherwise, in the same order, except that:
+
+    - a PDU longer than allowed (``MAX_CONTROL_PDU``, ``_data_pdu_limit``) is answered
+      with A-ABORT before its body is read;
+    - once an abort is decided or sent (Sta13), nothing more is read: the connection is
+      closed (pynetdicom reads on in Sta13, each PDU as long as its header says);
+    - failures are logged in one line that names the peer, without a traceback (a
+      hostile peer should not be able to fill the log).
+    """
     sock = self.socket
+    if self._bridge_aborted or self.state_machine.current_state == "Sta13":
+        if self.state_machine.current_state == "Sta13":
+            sock.close()  # Evt17: the state machine ends the association
+        return
     try:
         head = sock.recv(6)
     except (OSError, TimeoutError) as exc:
-        LOGGER.error("Connection closed before the entire PDU was received")
-        LOGGER.exception(exc)
-        self.event_queue.put("Evt17")
+        _lost(self, exc)
         return
     try:
         pdu_type, _, pdu_length = struct.unpack(">BBL", head)
@@ -407,20 +485,20 @@ def _read_pdu_data(self: Any) -> None:
         self.event_queue.put("Evt17")
         return
     if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-        LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-        self.event_queue.put("Evt19")
+        _abort(self, f"unknown PDU type 0x{pdu_type:02X}")
+        return
+    limit = (self._bridge_data_limit or _data_pdu_limit(self)) if pdu_type == 0x04 else MAX_CONTROL_PDU
+    if pdu_length > limit:
+        _abort(self, f"{_PDU_NAMES[pdu_type]} PDU of {pdu_length} bytes announced, more than the {limit} allowed")
         return
     try:
         body = sock.recv(pdu_length)
     except (OSError, TimeoutError) as exc:
-        LOGGER.error("Connection closed before the entire PDU was received")
-        LOGGER.exception(exc)
-        self.event_queue.put("Evt17")
+        _lost(self, exc)
         return
     if len(body) != pdu_length:
-        LOGGER.error(
-            f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
-        )
+        LOGGER.error("connection from %s closed within a PDU (%d of %d bytes received)", peer_name(self.assoc),
+                     6 + len(body), 6 + pdu_length)
         self.event_queue.put("Evt17")
         return
     if pdu_type == 0x04 and _may_take(self) and (_take_data_set_pdu(self, body) or
@@ -430,11 +508,49 @@ def _read_pdu_data(self: Any) -> None:
         pdu, event = self._decode_pdu(head + body)
         self.event_queue.put(event)
     except Exception as exc:
-        LOGGER.error("Unable to decode the received PDU data")
-        LOGGER.exception(exc)
-        self.event_queue.put("Evt19")
+        _abort(self, f"cannot decode the {_PDU_NAMES[pdu_type]} PDU: {_describe(exc)}")
         return
     self._recv_pdu.put(pdu)
+
+
+_pynetdicom_do_action = pynetdicom.fsm.StateMachine.do_action
+
+
+def _do_action(self: Any, event: str) -> None:
+    """``StateMachine.do_action``, which lets an action's exception end the network
+    thread (pynetdicom logs it and stops the reactor), leaving the connection open, the
+    peer unanswered and the association thread without an end: a PDU that decodes but
+    whose values its action cannot convert (an A-ABORT with source 122, say) did that.
+    Here the association is aborted instead, as pynetdicom's reactor does when reading
+    fails: A-ABORT sent, the connection closed, and, on an established association, an
+    A-P-ABORT for the association thread, which then ends it as it ends any abort."""
+    try:
+        _pynetdicom_do_action(self, event)
+    except Exception as exc:
+        dul = self.dul
+        if dul._bridge_aborted and self.current_state == "Sta1":
+            return
+        LOGGER.error("A-ABORT to %s: %s in %s failed: %s", peer_name(dul.assoc), event, self.current_state,
+                     _describe(exc))
+        dul._bridge_aborted = True
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = 0x02, 0x00
+        try:
+            dul.socket.send(abort.encode())
+            dul.socket.close()
+        except Exception:
+            pass
+        self.current_state = "Sta1"  # what AA-3 leaves: the connection closed
+        if dul.assoc.is_established:
+            primitive = A_P_ABORT()
+            primitive.provider_reason = 0x00
+            dul.to_user_queue.put(primitive)
+
+
+def _lost(dul: Any, exc: BaseException) -> None:
+    """The connection failed or timed out while a PDU was read (Evt17)."""
+    LOGGER.error("connection from %s lost within a PDU: %s", peer_name(dul.assoc), _describe(exc))
+    dul.event_queue.put("Evt17")
 
 
 # Events whose handlers would see what sending a response directly skips.
@@ -549,47 +665,224 @@ _pynetdicom_receive_primitive = pynetdicom.dimse.DIMSEServiceProvider.receive_pr
 _DIMSE_LOGGER = logging.getLogger("pynetdicom.dimse")
 
 
+# What a DIMSE message may hold in memory while it arrives: a command set is a few
+# hundred bytes; data sets other than a C-STORE's (written to a file as they arrive) are
+# identifiers of a few kilobytes. A peer that sends more is aborted.
+MAX_COMMAND = 64 * 1024
+MAX_DATA_IN_MEMORY = 4 * 1024 * 1024
+
+
 def _receive_primitive(self: Any, primitive: P_DATA) -> None:
     """``DIMSEServiceProvider.receive_primitive`` (pynetdicom 3.0), line for line, except
     that a C-STORE request may be served here, in the network thread (``_serve_inline``),
-    instead of being queued for the association thread, and that its data set's file,
-    complete, is sealed first (a recycled spool file keeps nothing of its old content)."""
+    instead of being queued for the association thread, that its data set's file,
+    complete, is sealed first (a recycled spool file keeps nothing of its old content),
+    and that nothing a peer sends goes unanswered or ends the thread:
+
+    - a message that cannot be decoded, or grows beyond ``MAX_COMMAND`` /
+      ``MAX_DATA_IN_MEMORY``, is answered with A-ABORT and logged with the peer's address
+      (pynetdicom let the exception end the network thread: neither answer nor abort);
+    - a C-STORE request whose command is wrong gets a failure status that says what is
+      wrong (``_store_request_problem``), as long as its Message ID can be read.
+    """
     if self.message is None:
         self.message = DIMSEMessage()
-    if self.message.decode_msg(primitive, self.assoc):
-        seal = getattr(self.message._data_set_file, "seal", None)
-        if seal is not None:
-            seal()
-        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": self.message})
-        context_id = self.message.context_id
-        try:
-            d_primitive = _c_store_request(self.message)
-            if d_primitive is None:
-                if not self.message.command_set:  # started by _take_store_command_pdu
-                    self.message.command_set = decode(self.message.encoded_command_set, True, True)
-                d_primitive = self.message.message_to_primitive()
-        except Exception as exc:
-            _DIMSE_LOGGER.error("Received an invalid DIMSE message")
-            _DIMSE_LOGGER.exception(exc)
-            self.dul.event_queue.put("Evt19")
+    message = self.message
+    try:
+        complete = message.decode_msg(primitive, self.assoc)
+    except Exception as exc:
+        _drop_message(self, f"cannot decode the DIMSE message: {_describe(exc)}")
+        return
+    if not complete:
+        if message.encoded_command_set.tell() > MAX_COMMAND or (
+                message._data_set_file is None and message.data_set.tell() > MAX_DATA_IN_MEMORY):
+            _drop_message(self, "DIMSE message longer than allowed (command or data set held in memory)")
+        return
+    seal = getattr(message._data_set_file, "seal", None)
+    if seal is not None:
+        seal()
+    evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+    context_id = message.context_id
+    d_primitive: Any = None
+    problem: tuple[int, str] | None = None
+    try:
+        d_primitive = _c_store_request(message)
+        if d_primitive is None:
+            if not message.command_set:  # started by _take_store_command_pdu
+                message.command_set = decode(message.encoded_command_set, True, True)
+            problem = _store_command_problem(message)
+            if problem is None:
+                d_primitive = message.message_to_primitive()
+                if type(message) is C_STORE_RQ and not d_primitive.is_valid_request:
+                    missing = [name for name in d_primitive.REQUEST_KEYWORDS if getattr(d_primitive, name) is None]
+                    problem = 0xC000, f"incomplete command: no {', '.join(missing)}"
+        if problem is None and type(message) is C_STORE_RQ:
+            problem = _store_request_problem(self.assoc, d_primitive, context_id)
+    except Exception as exc:
+        problem = (0xC000, f"invalid command: {_describe(exc)}")
+        if type(message) is not C_STORE_RQ:
+            _drop_message(self, f"invalid DIMSE message: {_describe(exc)}")
             return
-        inline = False
-        if isinstance(d_primitive, C_CANCEL) and len(self.cancel_req) < 10:
-            self.cancel_req[d_primitive.MessageIDBeingRespondedTo] = d_primitive
-        elif isinstance(d_primitive, N_EVENT_REPORT) and d_primitive.is_valid_request:
-            t = threading.Thread(target=make_target(self.assoc._serve_request), args=(d_primitive, context_id))
-            t.start()
-        elif _serve_inline(self, d_primitive):
-            inline = True
-        else:
-            self.msg_queue.put((context_id, d_primitive))
-        self.message.encoded_command_set = BytesIO()
-        self.message.data_set = BytesIO()
-        self.message._data_set_file = None
-        self.message._data_set_path = None
-        self.message = None
-        if inline:
-            self.assoc._serve_request(d_primitive, context_id)
+    if problem is not None:
+        _refuse_store(self, message, d_primitive, context_id, *problem)
+        return
+    if getattr(self.assoc, "_bridge_serve_inline", False) and type(message) is not C_STORE_RQ \
+            and not _listener_serves(d_primitive):
+        _drop_message(self, f"{type(message).__name__} is not a service the listener provides")
+        return
+    inline = False
+    if isinstance(d_primitive, C_CANCEL) and len(self.cancel_req) < 10:
+        self.cancel_req[d_primitive.MessageIDBeingRespondedTo] = d_primitive
+    elif isinstance(d_primitive, N_EVENT_REPORT) and d_primitive.is_valid_request:
+        t = threading.Thread(target=make_target(self.assoc._serve_request), args=(d_primitive, context_id))
+        t.start()
+    elif _serve_inline(self, d_primitive):
+        inline = True
+    else:
+        self.msg_queue.put((context_id, d_primitive))
+    message.encoded_command_set = BytesIO()
+    message.data_set = BytesIO()
+    message._data_set_file = None
+    message._data_set_path = None
+    self.message = None
+    if inline:
+        self.assoc._serve_request(d_primitive, context_id)
+
+
+def _listener_serves(primitive: Any) -> bool:
+    """Whether the bridge's listener answers ``primitive`` (C-STORE aside): C-ECHO under
+    the Verification SOP Class, and C-CANCEL, which has no answer (PS3.7 9.3.2.3).
+    pynetdicom would hand anything else to the service class of its SOP Class UID, and
+    leave it unanswered (a response) or abort from within the handler."""
+    if isinstance(primitive, C_CANCEL):
+        return True
+    return isinstance(primitive, C_ECHO) and primitive.MessageIDBeingRespondedTo is None \
+        and primitive.AffectedSOPClassUID == _VERIFICATION
+
+
+_VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def _discard_data_set(message: Any) -> None:
+    """Close and remove the file a message's data set was being written to, if any."""
+    target = getattr(message, "_data_set_file", None)
+    if target is None:
+        return
+    message._data_set_file = message._data_set_path = None
+    try:
+        target.close()
+    except Exception:
+        pass
+    try:
+        os.unlink(target.name)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _drop_message(dimse: Any, reason: str) -> None:
+    """The message being received cannot be answered: discard it and A-ABORT."""
+    message, dimse.message = dimse.message, None
+    _discard_data_set(message)
+    _abort(dimse.dul, reason)
+
+
+# The command's UID elements a C-STORE request must have (PS3.7 9.3.1.1).
+_STORE_UIDS = ((0x00000002, "Affected SOP Class UID"), (0x00001000, "Affected SOP Instance UID"))
+
+
+def _message_id(command: Dataset) -> int | None:
+    try:
+        value = command.get("MessageID")
+    except Exception:
+        return None
+    return value if isinstance(value, int) and 0 <= value <= 0xFFFF else None
+
+
+def _uid_problem(name: str, raw: Any) -> str | None:
+    """What is wrong with a UID as the command holds it (bytes, or text once converted)."""
+    if raw is None:
+        return f"missing {name}"
+    data = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
+    data = data.rstrip(b"\x00 ")
+    if not data:
+        return f"empty {name}"
+    if not data.isascii():
+        return f"{name} is not ASCII"
+    if len(data) > 64:
+        return f"{name} longer than 64 characters ({len(data)})"
+    if not is_valid_uid(data.decode("ascii")):
+        return f"{name} is not a UID (digits and dots)"
+    return None
+
+
+def _store_command_problem(message: Any) -> tuple[int, str] | None:
+    """What is wrong with the command of a C-STORE request that pynetdicom converts
+    (``_c_store_request`` took only well-formed ones), before it converts it."""
+    if type(message) is not C_STORE_RQ:
+        return None
+    command = message.command_set
+    for tag, name in _STORE_UIDS:
+        item = command.get_item(tag)
+        found = _uid_problem(name, None if item is None else item.value)
+        if found:
+            return 0xC000, found
+    for tag in list(command.keys()):
+        try:
+            command[tag].value  # noqa: B018 - converted here to name the element that fails
+        except Exception:
+            item = command.get_item(tag)
+            size = len(item.value) if isinstance(getattr(item, "value", None), bytes) else "?"
+            return 0xC000, f"invalid {keyword_for_tag(tag) or tag} in the command ({size} bytes)"
+    return None
+
+
+def _store_request_problem(assoc: Any, request: C_STORE, context_id: int) -> tuple[int, str] | None:
+    """Why a complete C-STORE request cannot be served (pynetdicom would abort, or call the
+    handler without a data set), or None. Costs two comparisons for a request with a data
+    set under its own SOP Class's context."""
+    if request._dataset_path is None:  # the command said it has none (0x0101)
+        return 0xC000, "C-STORE request without a data set"
+    context = assoc._accepted_cx.get(context_id)
+    if context is not None and request.AffectedSOPClassUID == context.abstract_syntax:
+        return None
+    if context is None:
+        return None  # pynetdicom aborts: no context to answer in
+    if not _config.UNRESTRICTED_STORAGE_SERVICE and not issubclass(
+            uid_to_service_class(str(request.AffectedSOPClassUID)), StorageServiceClass):
+        return 0x0122, f"Affected SOP Class UID {request.AffectedSOPClassUID} is not a storage SOP class"
+    return None
+
+
+def _refuse_store(dimse: Any, message: Any, request: C_STORE | None, context_id: int, status: int,
+                  reason: str) -> None:
+    """Answer a C-STORE request that cannot be served with ``status`` and ``reason`` (as
+    ErrorComment, and logged with the peer's address); A-ABORT if even its Message ID
+    cannot be read."""
+    message_id = request.MessageID if request is not None else _message_id(message.command_set)
+    if message_id is None:
+        _drop_message(dimse, f"C-STORE request without a readable Message ID ({reason})")
+        return
+    dimse.message = None
+    _discard_data_set(message)
+    assoc = dimse.assoc
+    LOGGER.warning("C-STORE from %s refused with 0x%04X: %s", peer_name(assoc), status, reason)
+    hook = getattr(assoc, "_bridge_on_refused", None)
+    if hook is not None:
+        hook(assoc, status, reason)
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.Status = status
+    rsp.ErrorComment = reason.encode("ascii", "replace").decode()[:64]  # type: ignore[assignment]
+    if request is not None and _uid_problem("", request.AffectedSOPClassUID) is None \
+            and _uid_problem("", request.AffectedSOPInstanceUID) is None:
+        rsp._affected_sop_class_uid = request.AffectedSOPClassUID
+        rsp._affected_sop_instance_uid = request.AffectedSOPInstanceUID
+    dimse.send_msg(rsp, context_id)
 
 
 # The C-STORE-RQ command elements (PS3.7 9.3.1.1) _c_store_request reads; a command
@@ -651,10 +944,15 @@ def _serve_inline(dimse: Any, primitive: Any) -> bool:
     """Whether the network thread may serve ``primitive`` itself: a C-STORE request on an
     association prepared for it, with nothing queued for the association thread and
     nothing in its hands (``_get_msg`` keeps ``_bridge_serving``). Only this thread
-    queues messages, so the answer cannot change before the request is served."""
+    queues messages, so the answer cannot change before the request is served.
+
+    Not before the association thread has marked the association established: a peer
+    may send its first request as soon as the A-ASSOCIATE-AC is out, and a response is
+    dropped (``_storage_scp``) on an association not yet marked established. The
+    association thread serves such a request once it has."""
     assoc = dimse.assoc
     if not getattr(assoc, "_bridge_serve_inline", False) or not isinstance(primitive, C_STORE) \
-            or primitive.MessageIDBeingRespondedTo is not None:
+            or primitive.MessageIDBeingRespondedTo is not None or not assoc.is_established:
         return False
     with dimse.msg_queue.mutex:
         return not dimse.msg_queue.queue and not getattr(assoc, "_bridge_serving", False)
@@ -721,6 +1019,9 @@ def install() -> None:
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    pynetdicom.fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider._bridge_aborted = False  # type: ignore[attr-defined]
+    pynetdicom.dul.DULServiceProvider._bridge_data_limit = 0  # type: ignore[attr-defined]
     pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
     pynetdicom.pdu_items.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
     pynetdicom.presentation.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
@@ -757,7 +1058,8 @@ def _kill(self: Any) -> None:
     _pynetdicom_kill(self)
 
 
-def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False) -> None:
+def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
+            on_refused: Callable[[Any, int, str], None] | None = None) -> None:
     """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait,
     and wake-ups for the association thread's wait (``QUIET_WAIT``).
 
@@ -767,9 +1069,12 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False) -> None
     0 = unbounded), for associations that send data sets read from files.
     ``serve_inline``: the network thread may serve C-STORE requests itself
     (``_serve_inline``); for the bridge's listener, whose handlers never call ``send_*``.
+    ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
+    without its handler, because its command is wrong (``_refuse_store``).
     """
     dul = assoc.dul
     assoc._bridge_serve_inline = serve_inline
+    assoc._bridge_on_refused = on_refused
     if getattr(dul, "_bridge_wake", None) is not None:
         return
     # The objects stay (a requestor's association thread may be waiting in

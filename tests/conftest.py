@@ -14,6 +14,16 @@ from corpus import ct_series, fresh_copies  # noqa: E402
 from peers import Bridge, Orthanc  # noqa: E402
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-seconds", type=float, default=3.0,
+                     help="how long each fuzz test of tests/test_hostile_peers.py runs (default 3)")
+
+
+@pytest.fixture
+def fuzz_seconds(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--fuzz-seconds"))
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """pydicom's usable test files with fresh UIDs (every syntax pydicom ships)."""

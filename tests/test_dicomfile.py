@@ -94,6 +94,27 @@ def test_a_file_cut_in_pixel_data_within_the_first_read_is_refused(tmp_path: Pat
             dicomfile.read_header(path)
 
 
+def test_a_file_cut_in_its_header_is_refused_as_cut_there(tmp_path: Path) -> None:
+    """Cut within an element's value or header, before Pixel Data: the reason says so
+    (it said "truncated in Pixel Data"), or the file was taken as complete."""
+    path = ct_series(tmp_path, 1, size=16)[0]
+    whole = path.read_bytes()
+    pixel_data = whole.index(b"\xe0\x7f\x10\x00")
+    meta_end = 144 + int.from_bytes(whole[140:144], "little")
+    reasons = {}
+    for cut in (meta_end - 20, meta_end + 3, meta_end + 30, pixel_data - 5, pixel_data - 1, pixel_data + 2):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(IntakeError) as refused:
+            dicomfile.read_header(path)
+        reasons[cut] = str(refused.value)
+    assert reasons[meta_end - 20] == "data set is truncated in its File Meta Information"
+    for cut in (meta_end + 3, meta_end + 30, pixel_data - 5, pixel_data - 1, pixel_data + 2):
+        assert reasons[cut].startswith("data set is truncated in its header"), (cut, reasons[cut])
+    path.write_bytes(whole[:pixel_data + 6])
+    with pytest.raises(IntakeError, match="truncated in Pixel Data"):
+        dicomfile.read_header(path)
+
+
 @pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: p.name)
 def test_the_header_is_the_one_pydicom_reads(path: Path) -> None:
     with warnings.catch_warnings():

@@ -185,6 +185,24 @@ def test_sop_class_mismatch_is_a900(tmp_path, series, bridge_factory, raw_scu):
         assoc.release()
 
 
+def test_a_private_sop_class_in_extra_sop_classes_is_stored(tmp_path, series, bridge_factory, raw_scu):
+    """pynetdicom aborted every C-STORE of a SOP class it did not know, accepted or not."""
+    private = "1.2.826.0.1.3680043.9.7.1.1"
+    bridge = bridge_factory(folder_config(tmp_path / "out", accept={"extra_sop_classes": [private]}))
+    path = with_uid(series[0], tmp_path / "private.dcm", SOPClassUID=private)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.MediaStorageSOPClassUID = private
+    ds.save_as(path, enforce_file_format=False)
+    raw_scu.add_requested_context(private, ["1.2.840.10008.1.2.1"])
+    assoc = raw_scu.associate("127.0.0.1", bridge.port)
+    try:
+        assert assoc.is_established
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+    wait_for(lambda: len(dcm_files(tmp_path / "out")) == 1, 30, "the private instance")
+
+
 def test_supersede_keeps_the_newer_content(tmp_path, bridge_factory):
     out = tmp_path / "out"
     bridge = bridge_factory(folder_config(out))

@@ -21,6 +21,7 @@ import pynetdicom.dimse_primitives
 import pynetdicom.dul
 import pynetdicom.fsm
 import pynetdicom.presentation
+import pynetdicom.timer
 import pynetdicom.transport
 import pytest
 from pynetdicom.dimse_primitives import C_STORE
@@ -71,6 +72,62 @@ def test_recv_reads_exactly_what_is_asked_across_short_reads():
         assert pynetdicom_overrides._recv(fake, 10) == b"abc"  # the peer closed: what there was
     finally:
         b.close()
+
+
+def test_recv_reads_a_pdu_longer_than_its_growth_step_and_what_arrived_of_a_longer_one():
+    a, b = socket.socketpair()
+    try:
+        fake = type("FakeAssociationSocket", (), {"socket": b})()
+        payload = os.urandom(3 * pynetdicom_overrides._RECV_CHUNK + 12345)
+        sender = threading.Thread(target=a.sendall, args=(payload,))
+        sender.start()
+        assert pynetdicom_overrides._recv(fake, len(payload)) == payload
+        sender.join()
+        a.sendall(payload[:5000])
+        a.close()
+        assert pynetdicom_overrides._recv(fake, 0xFFFFFFF0) == payload[:5000]  # announced 4 GiB, sent 5000 bytes
+    finally:
+        b.close()
+
+
+def test_what_the_listeners_bounds_rely_on_is_still_there():
+    # awaiting_request: ARTIM runs from the connection (AE-5) until the request (AE-6) or
+    # the connection's end before it (AA-2, AA-5); stop() is what sets _end_time
+    assert "dul.artim_timer.start()" in inspect.getsource(pynetdicom.fsm.AE_5)
+    for action in (pynetdicom.fsm.AE_6, pynetdicom.fsm.AA_2, pynetdicom.fsm.AA_5):
+        assert "dul.artim_timer.stop()" in inspect.getsource(action), action.__name__
+    timer = pynetdicom.timer.Timer(1)
+    assert timer._end_time is None
+    timer.start()
+    assert timer._end_time is None
+    timer.stop()
+    assert timer._end_time is not None
+    # _read_pdu_data is what pynetdicom calls in Sta13 with data waiting (where it reads no
+    # more, and closes), and Evt17 there ends the association
+    source = inspect.getsource(pynetdicom.dul.DULServiceProvider._is_transport_event)
+    assert '"Sta13"' in source and "self._read_pdu_data()" in source
+    assert ("Evt17", "Sta13") in pynetdicom.fsm.TRANSITION_TABLE
+    # an invalid PDU (Evt19) is answered with A-ABORT in the states where the listener aborts
+    for state in ("Sta2", "Sta6"):
+        assert pynetdicom.fsm.TRANSITION_TABLE[("Evt19", state)] in ("AA-1", "AA-8")
+    # pynetdicom serves a request whose fields are missing with nothing at all, and picks
+    # the service class by the command's SOP Class UID: _receive_primitive answers first
+    serve = inspect.getsource(pynetdicom.association.Association._serve_request)
+    assert "if not msg.is_valid_request:" in serve and "uid_to_service_class(class_uid)" in serve
+    # the acceptor waits acse_timeout for the request; the setter moves ARTIM with it
+    assert "timeout=self.acse_timeout" in inspect.getsource(pynetdicom.association.Association.run_reactor)
+    assert "artim_timer.timeout = value" in inspect.getsource(pynetdicom.association.Association.acse_timeout.fset)
+    # do_action stops the reactor and raises when an action fails (_do_action aborts instead)
+    do_action = inspect.getsource(pynetdicom_overrides._pynetdicom_do_action)
+    assert "self.dul.kill_dul()" in do_action and "raise" in do_action
+    # the server's connections go through socketserver's verify_request and
+    # process_request_thread, and listen() takes request_queue_size
+    assert "self.finish_request(request, client_address)" in inspect.getsource(
+        pynetdicom.transport.ThreadedAssociationServer.process_request_thread)
+    assert "server_class" in inspect.signature(pynetdicom.AE.make_server).parameters
+    start_server = inspect.getsource(pynetdicom.AE.start_server)
+    assert "server_class=ThreadedAssociationServer" in start_server and "self._servers.append(server)" in start_server
+    assert "self.ae._servers.remove(" in inspect.getsource(pynetdicom.transport.AssociationServer.shutdown)
 
 
 def test_file_meta_bytes_are_those_pydicom_writes():
