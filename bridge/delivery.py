@@ -83,13 +83,14 @@ class DestinationRunner:
         # came: kept, oldest first, and applied by the first worker to find it answering.
         self._unsettled: deque[Callable[[], None]] = deque()
         self._settling = threading.Lock()
-        self._stale = False  # the state could not be written to the queue: write it again
+        self._stale = False  # the queue has not yet taken the state shown: write it (_write_state, _catch_up)
         self._can_probe = True
         self._probing = False
         self._next_probe = 0.0
         self._unreachable = False  # a probe of this back-off found the destination not answering
         self._ended = ""  # why the last worker that ended unexpectedly ended
         self._publish()
+        self._write_state()
 
     # -- control -----------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class DestinationRunner:
                     self.reason = (f"a delivery worker was restarted at "
                                    f"{datetime.now(UTC).isoformat(timespec='seconds')} after: {self._ended}")
                     self._publish()
+            self._write_state()
         return restarted
 
     def wake(self) -> None:
@@ -188,6 +190,7 @@ class DestinationRunner:
             self._publish()
             self._signals += 1
             self._cond.notify_all()
+        self._write_state()
 
     # -- the worker --------------------------------------------------------------------
 
@@ -266,14 +269,17 @@ class DestinationRunner:
 
     def _catch_up(self) -> None:
         """What the queue could not take before: the destination's state, kept outcomes."""
-        if self._stale:  # written outside the lock: intake's wake-ups do not wait for the queue
+        self._catch_up_state()
+        if self._unsettled:
+            self._settle_unsettled()
+
+    def _catch_up_state(self) -> None:
+        if self._stale:
             with self._cond:
                 shown = (self.state, self.reason or None, self.until or None)
             self._queue.set_destination_state(self.name, *shown)
             with self._cond:
                 self._stale = shown != (self.state, self.reason or None, self.until or None)
-        if self._unsettled:
-            self._settle_unsettled()
 
     def _settle(self, action: Callable[[], None]) -> None:
         """Record a claimed batch's outcome (or give it back) now; if the queue fails,
@@ -339,6 +345,7 @@ class DestinationRunner:
             self._publish()
             self._signals += 1
             self._cond.notify_all()
+        self._write_state()
 
     def _answers(self) -> bool:
         try:
@@ -457,6 +464,7 @@ class DestinationRunner:
                 self._publish()
             if self.state == UP:
                 self._failures = 0
+        self._write_state()
 
     def _back_off(self, reason: str, retry_after: float | None) -> float:
         with self._cond:
@@ -468,7 +476,9 @@ class DestinationRunner:
             self.state, self.reason, self.until = BACKING_OFF, reason, time.time() + delay
             LOGGER.warning("destination %s unavailable (%s); next try in %.1fs", self.name, reason, delay)
             self._publish()
-            return self.until
+            until = self.until
+        self._write_state()
+        return until
 
     def _suspend(self, reason: str) -> None:
         with self._cond:
@@ -477,21 +487,24 @@ class DestinationRunner:
                              self.name, reason)
             self.state, self.reason, self.until = SUSPENDED, reason, 0.0
             self._publish()
+        self._write_state()
 
     def _publish(self) -> None:
-        """Show the state (metrics, ``queue list``); if the queue cannot take it now, a
-        worker writes it again on its next turn (``_catch_up``)."""
+        """The state changed (called under ``_cond``): metrics now; the queue's copy
+        (``queue list``) by ``_write_state``, which the caller runs once it has let go of
+        ``_cond``: a queue that waits for its lock must not hold intake's wake-ups."""
         self._metrics.set_destination_state(self.name, self.state)
+        self._stale = True
+
+    def _write_state(self) -> None:
+        """Write the state to the queue; if the queue cannot take it now, a worker writes
+        it again on its next turn (``_catch_up``)."""
         try:
-            self._queue.set_destination_state(self.name, self.state, self.reason or None, self.until or None)
+            self._catch_up_state()
         except sqlite3.Error as exc:
-            if not self._stale:
-                LOGGER.warning("destination %s: cannot record its state (%s) in the queue: %s", self.name,
-                               self.state, exc)
+            LOGGER.warning("destination %s: cannot record its state (%s) in the queue: %s", self.name,
+                           self.state, exc)
             self._metrics.queue_errors.labels(f"deliver-{self.name}").inc()
-            self._stale = True
-        else:
-            self._stale = False
 
 
 class Delivery:

@@ -34,6 +34,7 @@ import itertools
 import logging
 import re
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -505,7 +506,14 @@ class Intake:
         deadline = time.monotonic() + timeout
         while True:
             generation = self.queue.generation()
-            states = self.queue.delivery_states(sop_instance, sha256, destinations)
+            try:
+                states = self.queue.delivery_states(sop_instance, sha256, destinations)
+            except sqlite3.Error as exc:  # not known now: look again, until the deadline
+                self.metrics.queue_errors.labels("intake").inc()
+                LOGGER.warning("C-STORE of %s: cannot read its delivery state: %s", sop_instance, exc)
+                states, unknown = {}, True
+            else:
+                unknown = False
             dead = {name: error or "" for name, (state, error) in states.items() if state == "dead"}
             if dead:
                 name, error = next(iter(dead.items()))
@@ -519,7 +527,7 @@ class Intake:
                 LOGGER.info("C-STORE of %s answered 0xA700: not yet delivered to %s after %.0fs (stays queued)",
                             sop_instance, ", ".join(sorted(destinations)), timeout)
                 return 0xA700, "delivery pending"
-            self.queue.wait_recorded(generation, remaining)
+            self.queue.wait_recorded(generation, min(remaining, 1.0) if unknown else remaining)
 
 
 def _failure_status(reason: str) -> int:
