@@ -4,7 +4,7 @@ Each ``watch`` entry has a watchdog observer (inotify, or polling for network sh
 Events only note a file as a candidate; a periodic rescan (the first one at start) notes
 whatever events missed, such as files that arrived while the daemon was down. A file
 renamed into the folder (mv, rsync's temporary name, most transfer tools) is complete
-when its event comes, and is taken once it has settled, not at the next rescan. One
+when its event comes, and is taken at once, without waiting for ``settle``. One
 scheduler thread looks at the candidates: a file is taken once it has been unchanged
 (size and modification time) for ``settle``, and, where inotify says a file was written,
 once it has been closed after writing. Taken files go through a bounded work queue to a
@@ -91,6 +91,7 @@ class _Candidate:
     signature: Signature | None = None
     stable_since: float = 0.0
     writing: bool = False  # inotify saw a write and no close since
+    renamed: bool = False  # renamed into the folder, and no write seen since: complete, no settling
     not_before: float = 0.0
     busy: bool = False
 
@@ -111,7 +112,7 @@ class _Events(FileSystemEventHandler):
             if event.src_path:
                 folder.forget(_path(event.src_path))
             if event.dest_path:
-                folder.note(_path(event.dest_path), writing=False)
+                folder.note(_path(event.dest_path), writing=False, renamed=True)
         elif isinstance(event, FileDeletedEvent):
             folder.forget(_path(event.src_path))
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -199,7 +200,10 @@ class Folder:
         return (any(fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(text, g) for g in s.include)
                 and not any(fnmatch.fnmatch(path.name, g) or fnmatch.fnmatch(text, g) for g in s.exclude))
 
-    def note(self, path: Path, writing: bool = False) -> None:
+    def note(self, path: Path, writing: bool = False, renamed: bool = False) -> None:
+        """``path`` may be ready: ``writing`` when inotify saw it written and not closed,
+        ``renamed`` when it was renamed into the folder (complete: taken at the next look,
+        without waiting for ``settle``; a DICOMDIR's folder still settles)."""
         if self.stopped or not self.wanted(path):
             return
         with self.lock:
@@ -208,9 +212,9 @@ class Folder:
                 if len(self.candidates) >= MAX_TRACKED:
                     self.next_rescan = min(self.next_rescan, time.monotonic() + max(self.settings.settle, 5.0))
                     return
-                self.candidates[path] = _Candidate(writing=writing)
+                self.candidates[path] = _Candidate(writing=writing, renamed=renamed)
             else:
-                candidate.writing = writing
+                candidate.writing, candidate.renamed = writing, renamed
                 candidate.not_before = 0.0
 
     def forget(self, path: Path) -> None:
@@ -279,6 +283,11 @@ class Folder:
                 del self.candidates[path]
                 return None
             settle = self.settings.settle
+            if candidate.renamed and path.name not in DICOMDIR_NAMES:
+                # A rename is how mv, rsync, scp and most transfer tools finish a file: what
+                # arrived by one is complete (Ingest's copy still checks it did not change).
+                candidate.signature, candidate.busy = signature, True
+                return True
             if signature != candidate.signature:
                 candidate.signature, candidate.stable_since = signature, now
                 candidate.not_before = now + max(settle, TICK)

@@ -296,14 +296,15 @@ def test_zip_archives_and_a_dicomdir(tmp_path, orthanc_factory, bridge_factory):
 def test_files_renamed_into_the_folder_are_taken_at_once(tmp_path, bridge_factory):
     """mv from outside (inotify: a move with no move-from), an rsync-style temporary name
     renamed within the folder, a zip moved in and a folder moved in: each taken within
-    seconds, not at the next rescan (10 minutes here)."""
+    seconds: a renamed file is complete, so neither the rescan (10 minutes here) nor
+    ``settle`` (5 s here) is waited for; a folder moved in is looked at after ``settle``."""
     watched, outside = tmp_path / "in", tmp_path / "outside"
     watched.mkdir()
     outside.mkdir()
     bridge = bridge_factory({
         "destinations": {"archive": {"type": "archive"}},
         "rules": [{"name": "all", "store": ["archive"]}],
-        "watch": [{"path": str(watched), "failed": str(tmp_path / "failed"), "settle": "0.5s", "rescan": "10m",
+        "watch": [{"path": str(watched), "failed": str(tmp_path / "failed"), "settle": "5s", "rescan": "10m",
                    "zip": {"enabled": True}}],
     })
     wait_for(lambda: f"watching {watched}" in bridge.log(), 30, "the folder to be watched")
@@ -323,10 +324,10 @@ def test_files_renamed_into_the_folder_are_taken_at_once(tmp_path, bridge_factor
     (outside / "moved.dcm").rename(watched / "moved.dcm")
     (watched / ".rsync.dcm.Xa83Bq").rename(watched / "rsynced.dcm")
     (outside / "moved.zip").rename(watched / "moved.zip")
-    # settle is 0.5 s and the rescan 10 minutes: only the renames themselves can be seen this soon
-    wait_for(lambda: len(bridge.queue_rows()) == 4, 8, "the renamed files to be queued", interval=0.1)
+    # settle is 5 s and the rescan 10 minutes: only the renames themselves are seen this soon
+    wait_for(lambda: len(bridge.queue_rows()) == 4, 3, "the renamed files to be queued", interval=0.1)
     (outside / "study").rename(watched / "study")  # a whole folder
-    wait_for(lambda: len(bridge.queue_rows()) == len(files), 8, "the folder's files to be queued", interval=0.1)
+    wait_for(lambda: len(bridge.queue_rows()) == len(files), 20, "the folder's files to be queued", interval=0.1)
     assert {r["sop_instance_uid"] for r in bridge.queue_rows()} == {uid_of(p) for p in files}
     wait_for(lambda: emptied(watched), 15, "the watched folder to be empty")
 
