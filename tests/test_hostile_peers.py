@@ -240,35 +240,29 @@ def test_the_listen_backlog_takes_a_burst_of_modalities(tmp_path, bridge_factory
     assert int(listening[2]) >= 128, listening
 
 
+def assert_closed_by_the_bridge(sock: socket.socket, within: float) -> None:
+    """The bridge closes ``sock`` (or resets it), having sent nothing, within ``within`` seconds."""
+    started = time.monotonic()
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < within
+
+
 def test_an_idle_connection_is_closed_after_the_association_request_deadline(tmp_path, bridge_factory):
     bridge = bridge_factory(config(tmp_path, timeouts={"association_request": "1s"}))
-    idle = socket.create_connection(("127.0.0.1", bridge.port), timeout=20)
-    try:
-        started = time.monotonic()
-        try:
-            assert idle.recv(100) == b""
-        except ConnectionResetError:
-            pass
-        assert time.monotonic() - started < 5
-    finally:
-        idle.close()
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=20) as idle:
+        assert_closed_by_the_bridge(idle, within=5)
 
 
 def test_connections_beyond_the_pending_bound_are_closed_at_once(tmp_path, bridge_factory):
     bridge = bridge_factory(config(tmp_path, max_pending_connections=5))
     idle = [socket.create_connection(("127.0.0.1", bridge.port), timeout=5) for _ in range(5)]
     try:
-        wait_for(lambda: "connection from 127.0.0.1 closed at once" not in bridge.log(), 1, "no refusal yet")
-        extra = socket.create_connection(("127.0.0.1", bridge.port), timeout=5)
-        try:
-            started = time.monotonic()
-            try:
-                assert extra.recv(100) == b""
-            except ConnectionResetError:
-                pass
-            assert time.monotonic() - started < 2
-        finally:
-            extra.close()
+        assert "closed at once" not in bridge.log()
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=5) as extra:
+            assert_closed_by_the_bridge(extra, within=2)
         wait_for(lambda: "connection from 127.0.0.1 closed at once" in bridge.log(), 10, "the log line")
     finally:
         for sock in idle:
