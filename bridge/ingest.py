@@ -162,7 +162,7 @@ class Ingest:
             self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
             self.spool.discard(spooled)
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, out_of_resources(exc), sop_instance)
+            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
         for superseded in enqueued.released:  # older content that no row needs any more
