@@ -186,10 +186,8 @@ class DestinationRunner:
         with self._cond:
             if self.state != UP:
                 LOGGER.warning("destination %s resumed (was %s: %s)", self.name, self.state, self.reason)
-            self.state, self.reason, self.until, self._failures = UP, "", 0.0, 0
-            self._publish()
-            self._signals += 1
-            self._cond.notify_all()
+            self._failures = 0
+            self._wake_up()
         self._write_state()
 
     # -- the worker --------------------------------------------------------------------
@@ -341,10 +339,8 @@ class DestinationRunner:
             if self.state != BACKING_OFF:
                 return
             LOGGER.warning("destination %s answers again (probe): delivering now", self.name)
-            self.state, self.reason, self.until, self._unreachable = UP, "", 0.0, False
-            self._publish()
-            self._signals += 1
-            self._cond.notify_all()
+            self._unreachable = False
+            self._wake_up()
         self._write_state()
 
     def _answers(self) -> bool:
@@ -452,6 +448,14 @@ class DestinationRunner:
             LOGGER.exception("closing destination %s", self.name)
 
     # -- state -------------------------------------------------------------------------
+
+    def _wake_up(self) -> None:
+        """Up now, and every worker looks at the queue (under ``_cond``; the caller then
+        writes the state, ``_write_state``)."""
+        self.state, self.reason, self.until = UP, "", 0.0
+        self._publish()
+        self._signals += 1
+        self._cond.notify_all()
 
     def _up(self) -> None:
         """A batch went through: the back-off (or a probe's resumption) is over."""

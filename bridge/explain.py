@@ -112,8 +112,7 @@ def route_lines(config: Config, path: Path, ctx: rules.Context,
     """The explanation of one file's routing, a line each, and the status a C-STORE of it
     would get (0 for a find or retrieve identifier that parses). A C-STORE goes through
     the listener's own checks (``ingest.examine``): header, required UIDs, rules."""
-    ruleset = rules.RuleSet(config.rules if isinstance(config.rules, list) else [],
-                            {name: d.priority for name, d in config.destinations.items()})
+    ruleset = intake.ruleset(config)  # the listener's rules, built as the listener builds them
     try:
         if verb == "store":
             header, (sop_class, *_), decision = ingest.examine(path, ctx, ruleset, explain=True)

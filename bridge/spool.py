@@ -189,13 +189,11 @@ class HashingTempFile:
         dropped and ``write_error(path)`` says why, so the C-STORE that would have been
         received into it is answered like one whose write failed."""
         self = cls.__new__(cls)
-        self._file = io.BytesIO()
+        self._file = io.BytesIO()  # no descriptor: _failed has nothing to empty
         self.name = path
-        self._stale, self._sealed, self._lot, self._lot_bytes = 0, True, [], 0
+        self._sealed = True
         self.digest = hashlib.sha256()
-        self.error = exc
-        self.write = len  # type: ignore[method-assign,assignment]
-        self.flush = _nothing  # type: ignore[method-assign]
+        self._failed(exc)
         HashingTempFile._open[path] = self
         return self
 
