@@ -474,8 +474,15 @@ class DestinationRunner:
         with self._cond:
             if self.state == BACKING_OFF and self.until > time.time():
                 return self.until  # another worker already backed off
+        # The back-off's first probe, taken before the back-off is shown or its rows given
+        # back: whether a probe sees what this delivery met. Taken later, it could not tell
+        # a destination back meanwhile from one whose failure probes cannot see (_probe).
+        unreachable = bool(self.settings.probe_every) and self._can_probe and not self._answers()
+        with self._cond:
+            if self.state == BACKING_OFF and self.until > time.time():
+                return self.until  # another worker backed off meanwhile
             self._failures += 1
-            self._unreachable, self._next_probe = False, 0.0  # probe at once: is it unreachable?
+            self._unreachable, self._next_probe = unreachable, time.monotonic() + self.settings.probe_every
             delay = max(backoff(self._failures, self.retry), retry_after or 0.0)
             self.state, self.reason, self.until = BACKING_OFF, reason, time.time() + delay
             LOGGER.warning("destination %s unavailable (%s); next try in %.1fs", self.name, reason, delay)
