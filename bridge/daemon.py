@@ -26,13 +26,13 @@ from prometheus_client import start_http_server
 
 from bridge import destinations
 from bridge.config import Config, load_config
-from bridge.delivery import SUSPENDED, Delivery, DestinationRunner
+from bridge.dimse.listener import Intake, bind_failure, configure_pynetdicom
 from bridge.errors import ConfigError, StartError
-from bridge.intake import Intake, bind_failure, configure_pynetdicom
+from bridge.forward.delivery import SUSPENDED, Delivery, DestinationRunner
+from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
+from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
-from bridge.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
-from bridge.spool import Spool
-from bridge.watch import Watcher
+from bridge.watch.watcher import Watcher
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Daemon:
             if d not in self.config.destinations and state in _UNDELIVERED and n
         })
         self.intake.start(self.spool, self.queue, on_queued=self.delivery.wake, on_finished=self.delivery.flush)
-        # Watched files go through the intake's durable path (bridge.ingest), with its rules.
+        # Watched files go through the intake's durable path (bridge.forward.ingest), with its rules.
         self.watcher = Watcher(self.config, self.intake.rules, self.intake.ingest, self.metrics)
         self.watcher.start()
         self.housekeeping()

@@ -23,5 +23,5 @@ def setup(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # pydicom logs each decoder plugin's failure with a traceback; the error it then raises
-    # says the same in one line, which bridge.transcode puts into the row's reason.
+    # says the same in one line, which bridge.dimse.transcode puts into the row's reason.
     logging.getLogger("pydicom.pixels.decoders.base").setLevel(logging.CRITICAL)

@@ -1,4 +1,4 @@
-"""Delivery workers (bridge.delivery): when a batch that is not full may leave."""
+"""Delivery workers (bridge.forward.delivery): when a batch that is not full may leave."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from peers import wait_for
 
-from bridge import delivery
 from bridge.config import FolderDestination, Retry
-from bridge.delivery import DestinationRunner
+from bridge.forward import delivery
+from bridge.forward.delivery import DestinationRunner
+from bridge.forward.queue import Queue, Route
+from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
 from bridge.model import Done, Outcome, SpooledInstance
-from bridge.queue import Queue, Route
-from bridge.spool import Spool
 
 
 class HeldDestination:

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom import dcmread
 
-from bridge import dicomfile
+from bridge.dataset import dicomfile
 from bridge.errors import IntakeError
 from tests.corpus import BROKEN, ct_series
 

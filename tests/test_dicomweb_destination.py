@@ -128,7 +128,7 @@ def test_a_hundred_mixed_instances_reach_orthanc_by_stow_and_by_c_store(tmp_path
 
 
 def test_a_rule_s_modification_is_what_orthanc_receives(tmp_path, orthanc_factory, bridge_factory):
-    pytest.importorskip("bridge.modify")
+    pytest.importorskip("bridge.routing.modify")
     orthanc = orthanc_factory()
     settings = config(orthanc.dicomweb)
     settings["rules"][0]["modify"] = {"web": {"set": {"InstitutionName": "Main Hospital"},

@@ -1,4 +1,4 @@
-"""docs/configuration.md cannot drift from the configuration models in bridge/config.py.
+"""docs/configuration.md cannot drift from the configuration models in bridge/config/.
 
 Every setting, found by walking the pydantic models from ``Config``, must appear in the
 reference as its dotted path in backticks (`listen.timeouts.acse`,

@@ -16,16 +16,16 @@ from peers import dcmtk, dcmtk_env, fill, spool_data, storescu, wait_for
 
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.config import validate
+from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
-from bridge.dicomfile import attributes
+from bridge.dimse.listener import ruleset
 from bridge.errors import DestinationUnavailable
-from bridge.ingest import Ingest, Stored
-from bridge.intake import ruleset
+from bridge.forward.ingest import Ingest, Stored
+from bridge.forward.queue import Queue
+from bridge.forward.spool import Spool, sha256_file
 from bridge.metrics import Metrics
 from bridge.model import Done, SpooledInstance
-from bridge.queue import Queue
-from bridge.rules import Context
-from bridge.spool import Spool, sha256_file
+from bridge.routing.rules import Context
 
 FAST_RETRY = {"initial": "200ms", "max": "1s", "max_attempts": 50}
 
@@ -288,7 +288,7 @@ def test_a_keep_first_archive_whose_index_is_full_places_the_batch_again_and_ind
 
 
 class Intake:
-    """The durable path of a C-STORE (``bridge.ingest``) on its own, over a spool and a
+    """The durable path of a C-STORE (``bridge.forward.ingest``) on its own, over a spool and a
     queue in ``data_dir``: what intake does once pynetdicom has received a data set."""
 
     def __init__(self, data_dir: Path, out: Path) -> None:

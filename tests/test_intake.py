@@ -309,7 +309,7 @@ def _data_set_bytes(path: Path) -> bytes:
 @pytest.mark.parametrize("max_pdu", [4096, 16384, 262144])
 def test_data_sets_arrive_byte_for_byte_whatever_the_pdu_size(tmp_path, bridge_factory, raw_scu, max_pdu):
     """The network thread writes data set fragments straight from each PDU to the file
-    (bridge.pynetdicom_overrides): small and large PDUs, DCMTK's and pynetdicom's
+    (bridge.dimse.pynetdicom_overrides): small and large PDUs, DCMTK's and pynetdicom's
     fragmenting, all arrive as sent."""
     bridge = bridge_factory(folder_config(tmp_path / "out", listen={"max_pdu": max_pdu}))
     by_dcmtk = ct_series(tmp_path / "dcmtk", 3, size=300)
@@ -333,7 +333,7 @@ def test_data_sets_arrive_byte_for_byte_whatever_the_pdu_size(tmp_path, bridge_f
 
 def test_echoes_and_stores_interleaved_on_one_association(tmp_path, bridge_factory, raw_scu):
     """C-ECHO is served by the association's own thread, C-STORE by its network thread
-    (bridge.pynetdicom_overrides): taking turns on one association, each gets its answer."""
+    (bridge.dimse.pynetdicom_overrides): taking turns on one association, each gets its answer."""
     bridge = bridge_factory(folder_config(tmp_path / "out"))
     files = ct_series(tmp_path / "ct", 3)
     raw_scu.add_requested_context("1.2.840.10008.1.1")

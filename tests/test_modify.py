@@ -24,11 +24,11 @@ from pydicom.uid import generate_uid
 
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.config import ConfigError, Modification, validate
+from bridge.dataset.dicomfile import attributes, read_header
 from bridge.destinations.archive import ArchiveDestination
-from bridge.dicomfile import attributes, read_header
 from bridge.errors import ModificationError
 from bridge.model import Done, Permanent, SpooledInstance
-from bridge.modify import prepare, write_modified
+from bridge.routing.modify import prepare, write_modified
 
 SYNTAXES = {
     "CT_small.dcm": "1.2.840.10008.1.2.1",  # explicit VR little endian

@@ -1,4 +1,4 @@
-"""bridge.multipart: the streaming writer and the incremental reader."""
+"""bridge.web.multipart: the streaming writer and the incremental reader."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.multipart import (
+from bridge.web.multipart import (
     CHUNK,
     FilePart,
     MultipartBody,

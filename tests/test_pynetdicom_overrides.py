@@ -1,5 +1,5 @@
-"""The pinned pynetdicom overrides still find what they replace (see bridge/pynetdicom_overrides.py
-and bridge/intake.py). These fail first when pynetdicom is upgraded under us."""
+"""The pinned pynetdicom overrides still find what they replace (see bridge/dimse/pynetdicom_overrides.py
+and bridge/dimse/listener.py). These fail first when pynetdicom is upgraded under us."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pytest
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
-from bridge import pynetdicom_overrides
+from bridge.dimse import pynetdicom_overrides
 
 
 def test_pynetdicom_still_polls_where_the_overrides_expect():
@@ -326,7 +326,7 @@ def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
             remembered("x" * 65, "Abstract Syntax Name")
     # once installed (in a process of its own: this one's pynetdicom stays as it is),
     # the negotiation's modules use it
-    check = ("from bridge import pynetdicom_overrides as o; o.install(); import pynetdicom.pdu_items as i, "
+    check = ("from bridge.dimse import pynetdicom_overrides as o; o.install(); import pynetdicom.pdu_items as i, "
              "pynetdicom.presentation as p; assert i.set_uid is p.set_uid is o._set_uid_remembered")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
 
@@ -338,7 +338,7 @@ _QUIET_SCENARIOS = r'''
 import socket, sys, threading, time
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from bridge import pynetdicom_overrides as o
+from bridge.dimse import pynetdicom_overrides as o
 
 o.install()
 o.QUIET_WAIT = 30.0

@@ -10,8 +10,8 @@ import pytest
 from peers import wait_for
 
 from bridge.config import Retry
+from bridge.forward.queue import Queue, Route
 from bridge.model import Done, Duplicate, Permanent, SpooledInstance, Transient
-from bridge.queue import Queue, Route
 
 RETRY = Retry(initial=60, max=600, max_attempts=3, max_age=3600)
 

@@ -20,7 +20,7 @@ _LOCKED_THEN_DURABLE = textwrap.dedent("""
     from datetime import UTC, datetime
     from pathlib import Path
     from bridge.model import SpooledInstance
-    from bridge.queue import Queue, Route
+    from bridge.forward.queue import Queue, Route
 
     path = Path(sys.argv[1])
     queue = Queue(path, busy_timeout=0.05)

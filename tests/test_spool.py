@@ -1,4 +1,4 @@
-"""The spool: the hash intake takes while it receives (bridge.spool.HashingTempFile), and
+"""The spool: the hash intake takes while it receives (bridge.forward.spool.HashingTempFile), and
 the files it recycles."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from peers import fill
 
-from bridge.spool import FREE_MAX, HASH_LOT, RETAIN_BYTES, HashingTempFile, Spool
+from bridge.forward.spool import FREE_MAX, HASH_LOT, RETAIN_BYTES, HashingTempFile, Spool
 
 
 def spooled(spool: Spool, data: bytes) -> Path:
@@ -157,7 +157,7 @@ def test_only_plain_files_in_free_are_reused(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_writeback_is_started_through_the_real_call_and_changes_nothing(tmp_path: Path) -> None:
-    from bridge.spool import _SYNC_FILE_RANGE, _SYNC_FILE_RANGE_WRITE, start_writeback
+    from bridge.forward.spool import _SYNC_FILE_RANGE, _SYNC_FILE_RANGE_WRITE, start_writeback
 
     path = tmp_path / "instance.dcm"
     data = os.urandom(300_000)
@@ -198,7 +198,7 @@ def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs
     from pynetdicom import _config
     from pynetdicom.dimse_primitives import C_STORE
 
-    from bridge import pynetdicom_overrides
+    from bridge.dimse import pynetdicom_overrides
 
     disk = tmpfs_factory("disk", "2m")
     spool = Spool(disk / "spool")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bridge.spool import fsync_dir
+from bridge.forward.spool import fsync_dir
 
 
 def write_fsync(folder: Path, contents: Sequence[bytes]) -> float:

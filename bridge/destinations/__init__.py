@@ -32,7 +32,7 @@ def build(name: str, config: Config) -> Destination:
         return FolderDestination(name, settings)
     if isinstance(settings, DicomwebConfig):
         from bridge.destinations.dicomweb import DicomwebDestination
-        from bridge.spool import Spool
+        from bridge.forward.spool import Spool
 
         # Modified copies are written where a restart removes what a crash left.
         return DicomwebDestination(name, settings, Spool(config.data_dir / "spool").incoming)
@@ -42,7 +42,7 @@ def build(name: str, config: Config) -> Destination:
         return ArchiveDestination(name, settings, config.data_dir / "archive")
     if isinstance(settings, DimseConfig):
         from bridge.destinations.dimse import DimseDestination
-        from bridge.spool import Spool
+        from bridge.forward.spool import Spool
 
         # Converted copies are written where a restart removes what a crash left.
         temp_dir = Spool(config.data_dir / "spool").incoming

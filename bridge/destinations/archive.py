@@ -16,10 +16,10 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-from bridge.archive import ArchiveIndex
+from bridge.archive.index import ArchiveIndex
 from bridge.config import ArchiveDestination as ArchiveConfig
+from bridge.dataset.dicomfile import attributes, read_header
 from bridge.destinations.folder import FileDestination
-from bridge.dicomfile import attributes, read_header
 from bridge.errors import DestinationUnavailable, IntakeError
 from bridge.model import SpooledInstance
 

@@ -1,10 +1,10 @@
 """``type: dicomweb``: STOW-RS (PS3.18 10.5) to ``{url}/studies``, many instances per request.
 
-The body streams from the spool files with a known Content-Length (``bridge.multipart``).
+The body streams from the spool files with a known Content-Length (``bridge.web.multipart``).
 Each instance's outcome comes from the response body when it is DICOM JSON (or XML),
 on every HTTP status: ReferencedSOPSequence (0008,1199) is done (or a warning with its
 WarningReason), FailedSOPSequence (0008,1198) maps its FailureReason through
-``bridge.statuses``; 0x0122 or 0x0124 for every instance of a batch suspends the
+``bridge.dimse.statuses``; 0x0122 or 0x0124 for every instance of a batch suspends the
 destination. The HTTP status decides only for the instances the body does not mention
 (docs/delivery.md has the whole table):
 
@@ -44,11 +44,12 @@ from xml.etree import ElementTree
 import requests
 from requests.adapters import HTTPAdapter
 
-from bridge import httpauth, statuses
 from bridge.config import DicomwebDestination as DicomwebConfig
+from bridge.dimse import statuses
 from bridge.errors import DestinationMisconfigured, DestinationUnavailable
 from bridge.model import Done, Outcome, Permanent, SpooledInstance, Transient, Warning
-from bridge.multipart import FilePart, MultipartBody, content_type_params
+from bridge.web import auth as httpauth
+from bridge.web.multipart import FilePart, MultipartBody, content_type_params
 
 LOGGER = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ class DicomwebDestination:
                 return Permanent(f"spool file has {size} bytes, not {instance.size}")
             return _Item(index, instance.spool_path, size, instance.sop_instance_uid)
         # The copy's length must be known before the body starts: write it out first.
-        # (bridge.modify, which makes copies for every destination type, is loaded by the
+        # (bridge.routing.modify, which makes copies for every destination type, is loaded by the
         # first instance a rule modifies.)
-        from bridge.modify import ModificationError, write_modified
+        from bridge.routing.modify import ModificationError, write_modified
 
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         path = self.temp_dir / f"stow-{self.name}-{instance.spool_path.stem}-{index}.dcm"

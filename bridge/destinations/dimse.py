@@ -14,16 +14,16 @@ or syntax was not proposed on the open association gets a new one, proposing wha
 rest of the batch needs first and what the old one had as room allows, so a batch of
 more SOP classes than fit goes out over consecutive associations, in order.
 
-An instance with a rule's modification goes out as its modified copy (``bridge.modify``),
+An instance with a rule's modification goes out as its modified copy (``bridge.routing.modify``),
 written to a temporary file first. An instance goes out in its own syntax when the peer
 accepted it, read from the spool (or copy) file in PDU-sized pieces (pynetdicom's
-``STORE_SEND_CHUNKED_DATASET``, set in ``bridge.intake.configure_pynetdicom``);
-otherwise it is converted exactly (``bridge.transcode``) into a temporary file on the
+``STORE_SEND_CHUNKED_DATASET``, set in ``bridge.dimse.listener.configure_pynetdicom``);
+otherwise it is converted exactly (``bridge.dimse.transcode``) into a temporary file on the
 spool's file system, sent, and the copy removed. What cannot be converted exactly is
 ``Permanent`` with the reason.
 
-Statuses become outcomes in ``bridge.statuses``; 0x0122 or 0x0124 for every instance of
-a batch suspends the destination. Association failures are raised by ``bridge.scu``.
+Statuses become outcomes in ``bridge.dimse.statuses``; 0x0122 or 0x0124 for every instance of
+a batch suspends the destination. Association failures are raised by ``bridge.dimse.scu``.
 Losing the association during a C-STORE (no response within the node's DIMSE timeout,
 an A-ABORT, a closed connection) makes the destination unavailable: the batch goes back
 to the queue uncharged, and instances already stored are sent again later (a harmless
@@ -47,12 +47,12 @@ from pydicom.uid import UID
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
-from bridge import scu, statuses, transcode
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import Node
+from bridge.dimse import scu, statuses, transcode
 from bridge.errors import DestinationMisconfigured, DestinationUnavailable, ModificationError
 from bridge.model import Outcome, Permanent, SpooledInstance
-from bridge.modify import write_modified
+from bridge.routing.modify import write_modified
 
 LOGGER = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class DimseDestination:
                 copy.unlink(missing_ok=True)
 
     def _temporary(self, prefix: str) -> Path:
-        # On the spool's file system, in the folder a restart empties (bridge.spool).
+        # On the spool's file system, in the folder a restart empties (bridge.forward.spool).
         self._temp_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{prefix}{self.name}-", suffix=".dcm", dir=self._temp_dir)
         os.close(fd)

@@ -5,7 +5,7 @@ path is checked to stay under the template's root. Writes are atomic (a temporar
 name, fsync, rename) and the folders are fsynced once per batch.
 
 An instance with a modification (``SpooledInstance.modify``) is written as its modified
-copy (``bridge.modify``), and its path is rendered from the copy's values: the file lies
+copy (``bridge.routing.modify``), and its path is rendered from the copy's values: the file lies
 where its content says it belongs, and a value a rule replaces (a pseudonymised
 PatientID) does not survive in the path.
 """
@@ -26,12 +26,12 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from bridge.config import FolderDestination as FolderConfig
-from bridge.dicomfile import read_header
+from bridge.dataset.dicomfile import read_header
+from bridge.dataset.uids import is_valid_uid, sanitise
 from bridge.errors import DestinationUnavailable, IntakeError, ModificationError
+from bridge.forward.spool import fsync_dir, fsync_file, sha256_file
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
-from bridge.modify import ModifiedCopy, prepare
-from bridge.spool import fsync_dir, fsync_file, sha256_file
-from bridge.uids import is_valid_uid, sanitise
+from bridge.routing.modify import ModifiedCopy, prepare
 
 LOGGER = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from pydantic import (
 )
 from pydicom.datadict import keyword_dict
 
-from bridge import modify, tagpath
+from bridge.dataset.uids import is_valid_uid
 from bridge.errors import ConfigError
-from bridge.uids import is_valid_uid
+from bridge.routing import modify, tagpath
 from bridge.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

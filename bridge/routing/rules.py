@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 
-from bridge import tagpath
 from bridge.config import WEEKDAYS, Modification, Rule, TagMatch
+from bridge.routing import tagpath
 
 Verb = Literal["store", "find", "retrieve"]
 

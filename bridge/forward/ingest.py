@@ -26,14 +26,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from bridge import dicomfile
 from bridge.config import Config
+from bridge.dataset import dicomfile
 from bridge.errors import IntakeError
+from bridge.forward.queue import Queue, Route
+from bridge.forward.spool import HashingTempFile, Spool, fsync_dir, sha256_file
 from bridge.metrics import Metrics
 from bridge.model import SpooledInstance
-from bridge.queue import Queue, Route
-from bridge.rules import Context, Decision, RuleSet
-from bridge.spool import HashingTempFile, Spool, fsync_dir, sha256_file
+from bridge.routing.rules import Context, Decision, RuleSet
 
 LOGGER = logging.getLogger(__name__)
 

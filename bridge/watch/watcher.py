@@ -12,7 +12,7 @@ fixed pool of worker threads (never a thread per file). At most ``MAX_TRACKED``
 candidates are held per folder; the rest wait for a later rescan.
 
 A worker copies the file into the spool's ``incoming/`` folder and hands the copy to
-``bridge.ingest`` (the C-STORE path: fsync, spool, queue rows committed). Only then is
+``bridge.forward.ingest`` (the C-STORE path: fsync, spool, queue rows committed). Only then is
 the original deleted or moved, so a crash at any moment loses nothing: a file still
 there after a restart is taken again, and the queue sees the same content as a harmless
 resend. A file that changed while it was copied is left for another look.
@@ -61,10 +61,10 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from bridge.config import Config, Watch
-from bridge.ingest import Ingest
+from bridge.forward.ingest import Ingest
+from bridge.forward.spool import fsync_dir, fsync_file
 from bridge.metrics import Metrics
-from bridge.rules import Context, RuleSet
-from bridge.spool import fsync_dir, fsync_file
+from bridge.routing.rules import Context, RuleSet
 
 LOGGER = logging.getLogger(__name__)
 

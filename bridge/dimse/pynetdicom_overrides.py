@@ -84,7 +84,7 @@ decoded or grows too long in memory is aborted instead of ending the network thr
 with a failure status that names what is wrong (``_refuse_store``), where pynetdicom
 sent nothing or aborted. Each costs the happy path a comparison or two.
 
-And three for correctness on the associations the bridge requests (``bridge.scu``),
+And three for correctness on the associations the bridge requests (``bridge.dimse.scu``),
 where a ``send_*()`` call waits for its response beside the reactor thread: the
 reactor's wait for messages passes a wake-up on instead of swallowing it, the reactor
 takes no message while a ``send_*()`` call has paused it, and that call stops waiting
@@ -138,7 +138,7 @@ from pynetdicom.service_class import attempt as _attempt
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.utils import make_target
 
-from bridge.uids import is_valid_uid
+from bridge.dataset.uids import is_valid_uid
 
 LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's messages, under its name
 _real_sleep = _time.sleep

@@ -99,9 +99,9 @@ class HashingTempFile:
     """A NamedTemporaryFile that hashes what is written to it.
 
     pynetdicom writes a received C-STORE data set through this object (see
-    ``bridge.intake``), so the content hash costs no second read of the file. The
+    ``bridge.dimse.listener``), so the content hash costs no second read of the file. The
     chunks written must not change afterwards: they are hashed later, in lots
-    (pynetdicom writes ``bytes``; the P-DATA fast path in ``bridge.pynetdicom_overrides``
+    (pynetdicom writes ``bytes``; the P-DATA fast path in ``bridge.dimse.pynetdicom_overrides``
     views of received PDU buffers that nothing writes to again).
 
     Writing never raises: a write that fails (a full disk, an I/O error) is remembered
@@ -223,7 +223,7 @@ class HashingTempFile:
     def seal(self) -> None:
         """Everything is written: flush, cut a recycled file's old content beyond it, and
         start the disk writing it (``start_writeback``). Intake calls this when a message
-        is complete (``bridge.pynetdicom_overrides``), before anything reads the file;
+        is complete (``bridge.dimse.pynetdicom_overrides``), before anything reads the file;
         ``close`` calls it too."""
         if self._sealed:
             return

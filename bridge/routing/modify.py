@@ -37,10 +37,10 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, STR_VR
 
-from bridge import tagpath
-from bridge.dicomfile import attributes, required_uids, text
+from bridge.dataset.dicomfile import attributes, required_uids, text
 from bridge.errors import IntakeError, ModificationError
 from bridge.model import SpooledInstance
+from bridge.routing import tagpath
 
 if TYPE_CHECKING:
     from bridge.config import Modification

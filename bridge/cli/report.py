@@ -12,9 +12,13 @@ from typing import Any
 
 import yaml
 
-from bridge import dicomfile, ingest, intake, rules, statuses
 from bridge.config import Config, Modification
+from bridge.dataset import dicomfile
+from bridge.dimse import listener as intake
+from bridge.dimse import statuses
 from bridge.errors import IntakeError
+from bridge.forward import ingest
+from bridge.routing import rules
 
 UNROUTED = "no rule routes this instance (unrouted: reject)"
 _SECRET_FILE = re.compile(r"(password|passphrase|token|secret|key|credentials?)_file$", re.IGNORECASE)

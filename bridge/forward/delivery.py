@@ -29,10 +29,10 @@ from datetime import UTC, datetime
 
 from bridge.config import DestinationBase, Retry
 from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.forward.queue import Batch, Queue, Row, backoff
+from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
 from bridge.model import Destination, Done, Duplicate, Outcome, Permanent, Probing, Transient, Warning
-from bridge.queue import Batch, Queue, Row, backoff
-from bridge.spool import Spool
 
 LOGGER = logging.getLogger(__name__)
 

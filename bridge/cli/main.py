@@ -8,7 +8,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from bridge import __version__, log, queuecli
+from bridge import __version__, log
+from bridge.cli import queue
 from bridge.config import load_config
 from bridge.errors import ConfigError, StartError
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     "so that every C-STORE would be refused).")
     check.add_argument("--config", type=Path, required=True, help="configuration file (YAML)")
     check.set_defaults(func=_check)
-    queuecli.register(commands)
+    queue.register(commands)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
@@ -79,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from bridge import explain
+    from bridge.cli import report
 
     try:
         config = load_config(args.config)
@@ -88,7 +89,7 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     for note in config.notes:
         print(f"note: {note}")
-    found = explain.warnings(config, args.config)
+    found = report.warnings(config, args.config)
     for warning in found:
         print(f"warning: {warning}")
     print(f"{args.config}: OK" + (f", {len(found)} warning(s)" if found else ""))
@@ -96,8 +97,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from bridge import explain
-    from bridge.rules import Context
+    from bridge.cli import report
+    from bridge.routing.rules import Context
 
     try:
         config = load_config(args.config)
@@ -110,8 +111,8 @@ def _route(args: argparse.Namespace) -> int:
     for path in missing:
         print(f"{path}: no such file or folder", file=sys.stderr)
     refused = 0
-    for path in explain.files([p for p in args.paths if p.exists()]):
-        lines, status = explain.route_lines(config, path, ctx, args.verb)
+    for path in report.files([p for p in args.paths if p.exists()]):
+        lines, status = report.route_lines(config, path, ctx, args.verb)
         print("\n".join(lines))
         refused += status != 0x0000
     return 1 if missing or refused else 0

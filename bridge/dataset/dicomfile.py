@@ -17,8 +17,8 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from bridge.dataset.uids import is_valid_uid
 from bridge.errors import IntakeError
-from bridge.uids import is_valid_uid
 
 # Values longer than this stay on disk until asked for: the header of a 2 GB
 # multi-frame instance costs kilobytes.

@@ -1,12 +1,12 @@
 """Intake: the DIMSE listener that turns associations into durable, queued instances.
 
 C-STORE answers 0x0000 only once the instance is durable: the file fsynced, renamed
-into the spool, the folder fsynced, and its queue rows committed (``bridge.ingest``,
+into the spool, the folder fsynced, and its queue rows committed (``bridge.forward.ingest``,
 the path it shares with watched folders).
 
 pynetdicom is used through documented switches and pinned overrides, all set in
 ``configure_pynetdicom`` (pynetdicom keeps them as process globals; the overrides made
-for speed are in ``bridge.pynetdicom_overrides``):
+for speed are in ``bridge.dimse.pynetdicom_overrides``):
 
 - ``STORE_RECV_CHUNKED_DATASET``: data sets are written to a file as they arrive,
   never held in memory;
@@ -55,14 +55,14 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from bridge import pynetdicom_overrides
 from bridge.config import Config
+from bridge.dimse import pynetdicom_overrides
 from bridge.errors import IntakeError, StartError
-from bridge.ingest import Ingest
+from bridge.forward.ingest import Ingest
+from bridge.forward.queue import Queue
+from bridge.forward.spool import HashingTempFile, Spool
 from bridge.metrics import Metrics
-from bridge.queue import Queue
-from bridge.rules import Context, RuleSet
-from bridge.spool import HashingTempFile, Spool
+from bridge.routing.rules import Context, RuleSet
 
 LOGGER = logging.getLogger(__name__)
 
@@ -114,14 +114,14 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
     pynetdicom_overrides.install()
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pynetdicom.utils logs a traceback for every value of a PDU it cannot decode, then
-    # raises; what catches it logs one line naming the peer (bridge.pynetdicom_overrides).
+    # raises; what catches it logs one line naming the peer (bridge.dimse.pynetdicom_overrides).
     # A hostile peer would otherwise write a traceback per connection.
     logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
     # pydicom checks every value it converts against its VR (a regular expression per
     # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
     # of an association request that way (a storage SCU proposes hundreds, 4 ms per
     # association), and intake each UID of each C-STORE command. The bridge checks what
-    # it relies on itself (bridge.dicomfile.required_uids; pynetdicom its own UID check),
+    # it relies on itself (bridge.dataset.dicomfile.required_uids; pynetdicom its own UID check),
     # and forwards other values as they came: the checks bought only log noise.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
@@ -376,7 +376,7 @@ class Intake:
         config_timeouts = self.config.listen.timeouts
         label = f"A{next(self._ids)}"
         # The thread names: every log line of this association carries it, from either of
-        # its threads (the network thread serves C-STOREs itself: bridge.pynetdicom_overrides).
+        # its threads (the network thread serves C-STOREs itself: bridge.dimse.pynetdicom_overrides).
         assoc.name = label
         assoc.dul.name = label
         assoc.acse_timeout = config_timeouts.acse
@@ -447,7 +447,7 @@ class Intake:
 
     def _on_refused(self, assoc: Any, status: int, reason: str) -> None:
         """A C-STORE request refused before it reached ``_on_store`` (its command is wrong:
-        bridge.pynetdicom_overrides logs it with the peer's address and answers it)."""
+        bridge.dimse.pynetdicom_overrides logs it with the peer's address and answers it)."""
         self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
         stats = self._stats.get(id(assoc))
         if stats is not None:
@@ -532,7 +532,7 @@ class Intake:
 
 def _failure_status(reason: str) -> int:
     """The destination's own failure status when the reason starts with one (``0xA900 ...``,
-    from bridge.statuses), else 0xC000."""
+    from bridge.dimse.statuses), else 0xC000."""
     m = re.match(r"0x([0-9A-Fa-f]{4})\b", reason)
     status = int(m.group(1), 16) if m else 0
     return status if status & 0xF000 in (0xA000, 0xC000) or status in (0x0117, 0x0122, 0x0124) else 0xC000

@@ -27,8 +27,8 @@ from typing import Any
 
 from bridge.config import Config, load_config
 from bridge.errors import ConfigError
-from bridge.queue import CANCELLED, DEAD, DONE, PENDING, RESUME, STATES, Queue, Row, RowFilter
-from bridge.spool import Spool
+from bridge.forward.queue import CANCELLED, DEAD, DONE, PENDING, RESUME, STATES, Queue, Row, RowFilter
+from bridge.forward.spool import Spool
 from bridge.units import parse_duration
 
 NOT_IN_CONFIG = "(not in config)"

@@ -24,8 +24,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
-from bridge import pynetdicom_overrides
 from bridge.config import Node
+from bridge.dimse import pynetdicom_overrides
 from bridge.errors import DestinationMisconfigured, DestinationUnavailable
 
 LOGGER = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The command line: ``dicom-bridge`` and its subcommands."""

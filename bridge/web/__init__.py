@@ -1,0 +1,1 @@
+"""HTTP to upstream peers: streaming multipart, authentication."""
