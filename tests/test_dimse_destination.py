@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from corpus import ct_series, with_uid
+from corpus import ct_series, needs_codecs, with_uid
 from peers import Bridge, StoreSCP, run_dcmtk, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -131,6 +131,7 @@ def test_a_mixed_corpus_arrives_in_its_own_syntaxes(tmp_path, corpus, storescp, 
     assert bridge.stop() == 0
 
 
+@needs_codecs
 @pytest.mark.parametrize("options", [(), ("+xi",)], ids=["uncompressed", "implicit-only"])
 def test_syntaxes_the_peer_refuses_arrive_converted_with_the_same_pixels(tmp_path, corpus, storescp,
                                                                          bridge_factory, options):
@@ -329,6 +330,7 @@ def test_more_sop_classes_than_one_association_can_propose(tmp_path, storescp, b
     assert set(received(scp)) == {uid_of(p) for p in files}
 
 
+@needs_codecs
 def test_a_rules_modification_reaches_the_peer_converted_too(tmp_path, corpus, storescp, bridge_factory):
     scp = storescp()  # uncompressed only: the JPEG 2000 copy is decoded after it is modified
     config = dimse_config(scp)

@@ -249,7 +249,7 @@ def test_check_warns_about_rules_that_cannot_matter(tmp_path):
     assert "warning(s)" in out
 
     # a secret file anyone can read
-    from bridge.cli.main.report import secret_warnings
+    from bridge.cli.report import secret_warnings
 
     config.write_text(yaml.safe_dump({"auth": {"token_file": str(token)}}))
     assert any("readable by every user" in w and "chmod 600" in w for w in secret_warnings(config))
@@ -315,7 +315,7 @@ def test_an_association_keeps_the_rules_it_started_with(tmp_path, files, bridge_
 
 
 def test_a_world_readable_config_naming_secrets_is_reported(tmp_path):
-    from bridge.cli.main.report import secret_warnings
+    from bridge.cli.report import secret_warnings
 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"destinations": {"cloud": {"auth": {"password_file": "pw"}}}}))

@@ -190,11 +190,14 @@ def test_polling_two_folders_two_routes_and_a_reload(tmp_path, orthanc_factory, 
          "rescan": "10m", "after": "move", "move_to": str(done)},
         {"path": str(archive_in), "failed": str(failed / "archive"), "calling_ae": "ARCHIVE_ONLY"},
     )
-    bridge = bridge_factory(settings)
     to_web = ct_series(tmp_path / "web", 4)
     to_archive = ct_series(tmp_path / "arch", 3)
-    time.sleep(1)  # the first rescan has passed: only the polling observer sees what follows
-    shutil.copytree(tmp_path / "web", share / "a" / "b")
+    (share / "a" / "b").mkdir(parents=True)
+    shutil.copy(to_web[0], share / "a" / "b")  # there at start: only the first rescan takes it
+    bridge = bridge_factory(settings)
+    arrived(orthanc, {uid_of(to_web[0])})  # the first rescan has passed: only the observer sees what follows
+    for path in to_web[1:]:
+        shutil.copy(path, share / "a" / "b")
     shutil.copytree(tmp_path / "arch", archive_in / "x")
 
     arrived(orthanc, {uid_of(p) for p in to_web})
