@@ -251,32 +251,41 @@ class Bridge:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def _query(self, sql: str, *params: Any) -> list[Any]:
-        """Rows of a query on the daemon's queue database (read beside the running daemon)."""
-        import sqlite3
+    def _queue(self) -> Any:
+        """The daemon's queue, opened beside it as ``dicom-bridge queue`` opens it."""
+        from bridge.forward.queue import Queue
 
-        db = sqlite3.connect(self.data_dir / "queue.sqlite", timeout=10)
-        db.row_factory = sqlite3.Row
-        try:
-            return db.execute(sql, params).fetchall()
-        finally:
-            db.close()
+        return Queue(self.data_dir / "queue.sqlite", busy_timeout=10)
 
     def queue_states(self) -> dict[str, int]:
         """Rows by state, read from the daemon's queue database."""
-        return {r[0]: r[1] for r in self._query("SELECT state, count(*) FROM queue GROUP BY state")}
+        queue = self._queue()
+        try:
+            states: dict[str, int] = {}
+            for (_, state), count in queue.counts().items():
+                states[state] = states.get(state, 0) + count
+            return states
+        finally:
+            queue.close()
 
     def queue_rows(self, destination: str | None = None) -> list[dict[str, Any]]:
-        """Queue rows (of one destination, or all) in arrival order, as dicts of columns."""
-        if destination is None:
-            return [dict(r) for r in self._query("SELECT * FROM queue ORDER BY id")]
-        return [dict(r) for r in self._query("SELECT * FROM queue WHERE destination = ? ORDER BY id", destination)]
+        """Queue rows (of one destination, or all) in arrival order, as dicts of the row's
+        fields and its instance's."""
+        queue = self._queue()
+        try:
+            rows = queue.rows(destination, limit=1_000_000)
+        finally:
+            queue.close()
+        return [{**vars(row.instance), **{k: v for k, v in vars(row).items() if k != "instance"}} for row in rows]
 
     def destination_state(self, name: str) -> tuple[str, str]:
         """(state, reason) the daemon published for a destination; ('', '') before it did."""
-        found = self._query("SELECT state, reason FROM destination_state WHERE name = ?", name)
-        return (found[0]["state"], found[0]["reason"] or "") if found else ("", "")
-
+        queue = self._queue()
+        try:
+            found = queue.destination_states().get(name)
+        finally:
+            queue.close()
+        return (found["state"], found["reason"] or "") if found else ("", "")
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"

@@ -295,13 +295,10 @@ def test_rules_modify_what_a_folder_and_the_archive_receive_and_nothing_else(tmp
     assert storescu(bridge.port, sent).statuses == [0] * len(sent)
     wait_for(lambda: bridge.queue_states() == {"done": 3 * len(sent) - 1, "dead": 1}, 60, "every row delivered")
 
-    db = sqlite3.connect(bridge.data_dir / "queue.sqlite")
-    try:
-        rows = db.execute("SELECT destination, sop_instance_uid, content_hash, last_error FROM queue"
-                          " WHERE state = 'dead'").fetchall()
-        hashes = dict(db.execute("SELECT DISTINCT sop_instance_uid, content_hash FROM queue").fetchall())
-    finally:
-        db.close()
+    every = bridge.queue_rows()
+    rows = [(r["destination"], r["sop_instance_uid"], r["sha256"], r["last_error"]) for r in every
+            if r["state"] == "dead"]
+    hashes = {r["sop_instance_uid"]: r["sha256"] for r in every}
     assert len(rows) == 1
     destination, uid, content_hash, reason = rows[0]
     assert (destination, uid) == ("research", header(bad).SOPInstanceUID)
