@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, load_config
+from bridge.config.units import parse_duration
 from bridge.errors import ConfigError
 from bridge.forward.queue import CANCELLED, DEAD, DONE, PENDING, RESUME, STATES, Queue, Row, RowFilter
 from bridge.forward.spool import Spool
-from bridge.units import parse_duration
 
 NOT_IN_CONFIG = "(not in config)"
 PURGED_BY_DEFAULT = (DONE, CANCELLED, DEAD)
