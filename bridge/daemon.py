@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from bridge import destinations
-from bridge.config import Config, load_config
+from bridge.config import Config, DataDir, load_config
 from bridge.dimse.listener import Intake, bind_failure, configure_pynetdicom
 from bridge.errors import ConfigError, StartError
 from bridge.forward.delivery import SUSPENDED, Delivery, DestinationRunner
@@ -62,7 +62,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics(config.accept.calling_ae)
-        self.spool = Spool(config.data_dir / "spool")  # nothing is written before start() has bound
+        self.data_dir = DataDir(config.data_dir)
+        self.spool = Spool(self.data_dir)  # nothing is written before start() has bound
         self.queue: Queue | None = None
         self.delivery: Delivery | None = None
         self.intake: Intake | None = None
@@ -82,9 +83,9 @@ class Daemon:
         self.intake.bind()
         if self.config.metrics.port:
             self._serve_metrics()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.root.mkdir(parents=True, exist_ok=True)
         self.spool.open()
-        self.queue = Queue(self.config.data_dir / "queue.sqlite", self.config.queue.busy_timeout)
+        self.queue = Queue(self.data_dir.queue, self.config.queue.busy_timeout)
         recovered = self.queue.recover()
         if recovered:
             LOGGER.warning("%d row(s) were in flight when the daemon last stopped; queued again", recovered)

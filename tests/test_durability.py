@@ -15,7 +15,7 @@ from corpus import ct_series, data_set_bytes
 from peers import dcmtk, dcmtk_env, fill, spool_data, storescu, wait_for
 
 from bridge.config import ArchiveDestination as ArchiveConfig
-from bridge.config import validate
+from bridge.config import DataDir, validate
 from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dimse.listener import ruleset
@@ -295,7 +295,7 @@ class Intake:
         self.config = validate({"data_dir": str(data_dir), "spool": {"min_free": "0"},
                                 "destinations": {"out": {"type": "folder", "path": str(out)}},
                                 "rules": [{"name": "all", "store": ["out"]}]}, base=out.parent)
-        self.spool = Spool(data_dir / "spool")
+        self.spool = Spool(DataDir(data_dir))
         self.spool.open()
         self.queue = Queue(data_dir / "queue.sqlite")
         self.ingest = Ingest(self.spool, self.queue, Metrics())

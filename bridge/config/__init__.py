@@ -5,6 +5,7 @@ docs/configuration.md is checked against these models by a test. This face hands
 the names the rest of the daemon uses.
 """
 
+from bridge.config.datadir import DataDir
 from bridge.config.destinations import (
     ArchiveDestination,
     DestinationBase,
@@ -21,7 +22,7 @@ from bridge.config.watch import Watch
 from bridge.errors import ConfigError
 
 __all__ = [
-    "ArchiveDestination", "BasicAuth", "BearerAuth", "Config", "ConfigError", "DestinationBase",
+    "ArchiveDestination", "BasicAuth", "BearerAuth", "Config", "ConfigError", "DataDir", "DestinationBase",
     "DestinationConfig", "DicomwebDestination", "DimseDestination", "FolderDestination", "HttpAuth", "HttpPeer",
     "HttpTimeouts", "Modification", "Node", "OAuth2Auth", "Retry", "Rule", "TagMatch", "WEEKDAYS", "Watch",
     "embedded_default", "load_config", "validate",
