@@ -20,7 +20,7 @@ from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dimse.listener import ruleset
 from bridge.errors import DestinationUnavailable
-from bridge.forward.ingest import Ingest, Stored
+from bridge.forward.ingest import Ingest, IngestSettings, Stored
 from bridge.forward.queue import Queue
 from bridge.forward.spool import Spool, sha256_file
 from bridge.metrics import Metrics
@@ -309,7 +309,8 @@ class Intake:
 
     def store(self, path: Path) -> Stored:
         try:
-            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), self.config, ruleset(self.config))
+            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), IngestSettings.of(self.config),
+                                     ruleset(self.config))
         finally:
             path.unlink(missing_ok=True)  # as intake does
 
