@@ -9,12 +9,11 @@ from bridge.config.datadir import DataDir
 from bridge.config.destinations import (
     ArchiveDestination,
     DestinationBase,
-    DestinationConfig,
     DicomwebDestination,
     DimseDestination,
     FolderDestination,
 )
-from bridge.config.load import embedded_default, load_config, validate
+from bridge.config.load import load_config, validate
 from bridge.config.nodes import BasicAuth, BearerAuth, HttpAuth, HttpPeer, HttpTimeouts, Node, OAuth2Auth
 from bridge.config.rules import WEEKDAYS, Modification, Rule, TagMatch
 from bridge.config.settings import Config, Retry
@@ -23,7 +22,6 @@ from bridge.errors import ConfigError
 
 __all__ = [
     "ArchiveDestination", "BasicAuth", "BearerAuth", "Config", "ConfigError", "DataDir", "DestinationBase",
-    "DestinationConfig", "DicomwebDestination", "DimseDestination", "FolderDestination", "HttpAuth", "HttpPeer",
-    "HttpTimeouts", "Modification", "Node", "OAuth2Auth", "Retry", "Rule", "TagMatch", "WEEKDAYS", "Watch",
-    "embedded_default", "load_config", "validate",
+    "DicomwebDestination", "DimseDestination", "FolderDestination", "HttpAuth", "HttpPeer", "HttpTimeouts",
+    "Modification", "Node", "OAuth2Auth", "Retry", "Rule", "TagMatch", "WEEKDAYS", "Watch", "load_config", "validate",
 ]

@@ -138,6 +138,7 @@ def _validate_rules(raw_rules: list[tuple[str, Any]]) -> list[Rule]:
     return rules
 
 
+# Sources a rule may name without configuring them: the local archive.
 SOURCES_BUILT_IN = ["local"]
 
 
