@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from bridge import destinations
-from bridge.config import Config, load_config
+from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse.listener import Intake, bind_failure, configure_pynetdicom
 from bridge.errors import ConfigError, StartError
 from bridge.forward.delivery import SUSPENDED, Delivery, DestinationRunner
@@ -62,7 +62,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics(config.accept.calling_ae)
-        self.spool = Spool(config.data_dir / "spool")  # nothing is written before start() has bound
+        self.data_dir = DataDir(config.data_dir)
+        self.spool = Spool(self.data_dir)  # nothing is written before start() has bound
         self.queue: Queue | None = None
         self.delivery: Delivery | None = None
         self.intake: Intake | None = None
@@ -82,9 +83,9 @@ class Daemon:
         self.intake.bind()
         if self.config.metrics.port:
             self._serve_metrics()
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.root.mkdir(parents=True, exist_ok=True)
         self.spool.open()
-        self.queue = Queue(self.config.data_dir / "queue.sqlite", self.config.queue.busy_timeout)
+        self.queue = Queue(self.data_dir.queue, self.config.queue.busy_timeout)
         recovered = self.queue.recover()
         if recovered:
             LOGGER.warning("%d row(s) were in flight when the daemon last stopped; queued again", recovered)
@@ -93,7 +94,7 @@ class Daemon:
         # its workers look at the queue at once.
         self.queue.take_requests()
         self.queue.note_daemon(os.getpid())
-        destinations.preload(self.config)
+        destinations.preload(self.config.destinations.values())
         self.delivery = Delivery(self._runners(self.config, list(self.config.destinations)))
         self.delivery.start()
         self._report_unconfigured({
@@ -120,8 +121,9 @@ class Daemon:
         assert self.queue is not None
         return {
             name: DestinationRunner(
-                name, functools.partial(destinations.build, name, config), config.destinations[name],
-                config.retry_for(name), self.queue, self.spool, self.metrics,
+                name, functools.partial(destinations.build, name, config.destinations[name], _node(config, name),
+                                        config.ae_title, DataDir(config.data_dir)),
+                config.destinations[name], config.retry_for(name), self.queue, self.spool, self.metrics,
             )
             for name in names
         }
@@ -223,7 +225,7 @@ class Daemon:
             LOGGER.error("reload refused, keeping the running configuration:\n%s", exc)
             sd_notify("READY=1")
             return
-        destinations.preload(config)
+        destinations.preload(config.destinations.values())
         if self.delivery is not None:
             self._reload_destinations(config)
         if self.intake is not None:
@@ -348,7 +350,11 @@ def _log_config(config: Config) -> None:
 
 def _built_from(config: Config, name: str) -> tuple[Any, ...]:
     """What the runner of destination ``name`` is built from; a reload that changes any of
-    it rebuilds the runner. (A destination of type dimse is also built from its node.)"""
-    settings = config.destinations[name]
-    node = getattr(settings, "node", None)
-    return settings, config.retry_for(name), config.nodes.get(node) if node else None, config.data_dir
+    it rebuilds the runner."""
+    return config.destinations[name], config.retry_for(name), _node(config, name), config.data_dir
+
+
+def _node(config: Config, name: str) -> Node | None:
+    """The node a destination of type dimse sends to; None for the other types."""
+    node = getattr(config.destinations[name], "node", None)
+    return config.nodes.get(node) if node else None

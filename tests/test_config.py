@@ -11,8 +11,8 @@ from corpus import ct_series
 from peers import storescu, wait_for
 
 from bridge.config import load_config
+from bridge.config.units import parse_duration, parse_size
 from bridge.errors import ConfigError
-from bridge.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted([*REPO.glob("config/*.yaml"), REPO / "docker" / "bridge-with-orthanc.yaml"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from peers import wait_for
 
-from bridge.config import FolderDestination, Retry
+from bridge.config import DataDir, FolderDestination, Retry
 from bridge.forward import delivery
 from bridge.forward.delivery import DestinationRunner
 from bridge.forward.queue import Queue, Route
@@ -57,7 +57,7 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Rows behind a batch in flight would otherwise be shared after SHARE_AFTER: make
     # that too long to matter, so only flush() can let them go.
     monkeypatch.setattr(delivery, "SHARE_AFTER", 60.0)
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     queue = Queue(tmp_path / "queue.sqlite")
     claims: list[int] = []  # the rows each claim took
@@ -124,7 +124,7 @@ def test_a_row_queued_while_the_worker_claims_is_not_left_for_the_poll(tmp_path:
     """The wake-up for a row that arrives while the worker is still claiming (it found
     nothing and is not waiting yet) is not lost: the row would wait for POLL."""
     monkeypatch.setattr(delivery, "POLL", 30.0)
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     queue = Queue(tmp_path / "queue.sqlite")
     sent: list[list[str]] = []
@@ -171,7 +171,7 @@ def test_a_worker_that_ends_is_restarted_and_its_batch_delivered(tmp_path: Path)
     """A delivery worker that ends anyway gives its claimed rows back; ``supervise`` (the
     daemon's housekeeping) starts another, which delivers them; the restart is counted and
     shown in the destination's state."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     queue = Queue(tmp_path / "queue.sqlite")
     sent: list[list[str]] = []
@@ -201,7 +201,7 @@ def test_an_outcome_the_locked_queue_refused_is_recorded_once_it_answers(tmp_pat
     """A batch is sent while another connection holds the queue's write lock past the busy
     timeout: its outcome cannot be recorded. The worker keeps it (the row stays in flight,
     not sent again) and records it once the lock is gone."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     queue = Queue(tmp_path / "queue.sqlite", busy_timeout=0.1)
     sent: list[list[str]] = []

@@ -15,12 +15,12 @@ from corpus import ct_series, data_set_bytes
 from peers import dcmtk, dcmtk_env, fill, spool_data, storescu, wait_for
 
 from bridge.config import ArchiveDestination as ArchiveConfig
-from bridge.config import validate
+from bridge.config import DataDir, validate
 from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dimse.listener import ruleset
 from bridge.errors import DestinationUnavailable
-from bridge.forward.ingest import Ingest, Stored
+from bridge.forward.ingest import Ingest, IngestSettings, Stored
 from bridge.forward.queue import Queue
 from bridge.forward.spool import Spool, sha256_file
 from bridge.metrics import Metrics
@@ -295,7 +295,7 @@ class Intake:
         self.config = validate({"data_dir": str(data_dir), "spool": {"min_free": "0"},
                                 "destinations": {"out": {"type": "folder", "path": str(out)}},
                                 "rules": [{"name": "all", "store": ["out"]}]}, base=out.parent)
-        self.spool = Spool(data_dir / "spool")
+        self.spool = Spool(DataDir(data_dir))
         self.spool.open()
         self.queue = Queue(data_dir / "queue.sqlite")
         self.ingest = Ingest(self.spool, self.queue, Metrics())
@@ -309,7 +309,8 @@ class Intake:
 
     def store(self, path: Path) -> Stored:
         try:
-            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), self.config, ruleset(self.config))
+            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), IngestSettings.of(self.config),
+                                     ruleset(self.config))
         finally:
             path.unlink(missing_ok=True)  # as intake does
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from peers import fill
 
+from bridge.config import DataDir
 from bridge.forward.spool import FREE_MAX, HASH_LOT, RETAIN_BYTES, HashingTempFile, Spool
 
 
@@ -29,7 +30,7 @@ def files_with_data(root: Path) -> list[Path]:
 
 
 def test_a_recycled_file_leaves_the_shards_and_receives_the_next_instance(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     first = spooled(spool, b"first instance" * 1000)
     inode = first.stat().st_ino
@@ -48,7 +49,7 @@ def test_a_recycled_file_leaves_the_shards_and_receives_the_next_instance(tmp_pa
 
 def test_a_recycled_file_is_sealed_before_it_is_closed(tmp_path: Path) -> None:
     """Intake reads a received file while it is still open: ``seal`` cuts the old content."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     spool.recycle(spooled(spool, b"an old, long instance"))
     temp = spool.new_temp()
@@ -62,7 +63,7 @@ def test_a_recycled_file_is_sealed_before_it_is_closed(tmp_path: Path) -> None:
 def test_the_blocks_kept_in_free_are_bounded(tmp_path: Path) -> None:
     """Delivered files keep their blocks for the next instances up to RETAIN_BYTES in
     all; beyond it they are emptied, and a restart holds to the same bound."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     size = RETAIN_BYTES // 3 + 1
     for path in [spooled(spool, bytes(size)) for _ in range(4)]:
@@ -74,7 +75,7 @@ def test_the_blocks_kept_in_free_are_bounded(tmp_path: Path) -> None:
     for path in spool.free.iterdir():
         with open(path, "r+b") as f:  # as if a crash had left them all full
             f.truncate(size)
-    again = Spool(tmp_path / "spool")
+    again = Spool(DataDir(tmp_path))
     again.open()
     assert sorted(p.stat().st_size for p in again.free.iterdir()) == [0, 0, size, size]
 
@@ -82,7 +83,7 @@ def test_the_blocks_kept_in_free_are_bounded(tmp_path: Path) -> None:
 def test_a_file_linked_elsewhere_is_unlinked_not_emptied(tmp_path: Path) -> None:
     """The archive and folder destinations hard-link spool files: recycling one must not
     empty what they hold."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     path = spooled(spool, b"archived instance")
     link = tmp_path / "archive.dcm"
@@ -94,14 +95,14 @@ def test_a_file_linked_elsewhere_is_unlinked_not_emptied(tmp_path: Path) -> None
 
 
 def test_the_free_files_are_bounded_and_kept_across_restarts(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     for path in [spooled(spool, b"x") for _ in range(FREE_MAX + 5)]:
         spool.recycle(path)
     assert len(list(spool.free.iterdir())) == FREE_MAX
     (spool.incoming / "partial.dcm").write_bytes(b"half an instance")
 
-    again = Spool(tmp_path / "spool")
+    again = Spool(DataDir(tmp_path))
     again.open()
     assert list(again.incoming.iterdir()) == []
     assert len(list(again.free.iterdir())) == FREE_MAX
@@ -110,7 +111,7 @@ def test_the_free_files_are_bounded_and_kept_across_restarts(tmp_path: Path) -> 
 
 
 def test_a_free_file_removed_behind_the_spools_back_is_replaced(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     spool.recycle(spooled(spool, b"x"))
     for path in spool.free.iterdir():
@@ -119,14 +120,14 @@ def test_a_free_file_removed_behind_the_spools_back_is_replaced(tmp_path: Path) 
 
 
 def test_a_free_file_that_cannot_be_written_is_replaced(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     spool.recycle(spooled(spool, b"x"))
     for path in spool.free.iterdir():
         path.unlink()
         path.mkdir()  # not a file any more: opening it fails
     assert spooled(spool, b"new").read_bytes() == b"new"
-    again = Spool(tmp_path / "spool")
+    again = Spool(DataDir(tmp_path))
     again.open()  # what is left of it in incoming/ does not stop a restart
     assert list(again.incoming.iterdir()) == []
 
@@ -149,7 +150,7 @@ def test_only_plain_files_in_free_are_reused(tmp_path: Path) -> None:
     outside.write_bytes(b"not the spool's")
     (tmp_path / "spool" / "free").mkdir(parents=True)
     (tmp_path / "spool" / "free" / "link.dcm").symlink_to(outside)
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     assert spooled(spool, b"instance").read_bytes() == b"instance"
     assert outside.read_bytes() == b"not the spool's"
@@ -175,11 +176,11 @@ def test_writeback_is_started_through_the_real_call_and_changes_nothing(tmp_path
 def test_a_free_name_left_beside_a_spooled_file_is_not_written_into(tmp_path: Path) -> None:
     """After a crash, a file moved out of free/ into a shard can still be named in free/
     as well: a restart must not write the next instance into the spooled one."""
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(DataDir(tmp_path))
     spool.open()
     kept = spooled(spool, b"acknowledged instance")
     os.link(kept, spool.free / kept.name)  # its old name, left by the crash
-    again = Spool(tmp_path / "spool")
+    again = Spool(DataDir(tmp_path))
     again.open()
     assert list(again.free.iterdir()) == []
     assert spooled(again, b"the next instance").read_bytes() == b"the next instance"
@@ -201,7 +202,7 @@ def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs
     from bridge.dimse import pynetdicom_overrides
 
     disk = tmpfs_factory("disk", "2m")
-    spool = Spool(disk / "spool")
+    spool = Spool(DataDir(disk))
     spool.open()
     if recycled:
         spool.recycle(spooled(spool, b"\1" * 4096))
@@ -247,7 +248,7 @@ def test_a_file_that_cannot_be_created_takes_the_message_and_says_why(tmp_path: 
     """No inode left for the incoming file (a full disk too): receiving into it raises
     nothing, and the error is known when the message is complete."""
     disk = tmpfs_factory("disk", "4m,nr_inodes=320")
-    spool = Spool(disk / "spool")
+    spool = Spool(DataDir(disk))
     spool.open()
     n = 0
     with pytest.raises(OSError) as full:

@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bridge.config import Config, load_config
+from bridge.config import Config, DataDir, load_config
+from bridge.config.units import parse_duration
 from bridge.errors import ConfigError
 from bridge.forward.queue import CANCELLED, DEAD, DONE, PENDING, RESUME, STATES, Queue, Row, RowFilter
 from bridge.forward.spool import Spool
-from bridge.units import parse_duration
 
 NOT_IN_CONFIG = "(not in config)"
 PURGED_BY_DEFAULT = (DONE, CANCELLED, DEAD)
@@ -130,7 +130,7 @@ def _command(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 
 
 def _open(config: Config) -> Queue:
-    path = config.data_dir / "queue.sqlite"
+    path = DataDir(config.data_dir).queue
     if not path.exists():
         raise _Refused(f"no queue at {path}: the daemon has not run with this data_dir (see --config)")
     return Queue(path)
@@ -357,7 +357,7 @@ def _purge(args: argparse.Namespace) -> int:
     where = _row_filter(args, (args.state,) if args.state else PURGED_BY_DEFAULT)
     _require_narrowing(where, args, narrowed=args.state is not None)
     config = load_config(args.config)
-    spool = Spool(config.data_dir / "spool")
+    spool = Spool(DataDir(config.data_dir))
     with closing(_open(config)) as queue:
         purged, releasable = queue.purge(where)
     deleted = 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from bridge.config import Config, Modification
+from bridge.config import Config, DataDir, Modification
 from bridge.dataset import dicomfile
 from bridge.dimse import listener as intake
 from bridge.dimse import statuses
@@ -81,7 +81,7 @@ def _leaves(raw: Any, where: str) -> Iterator[tuple[str, Any]]:
 
 def _orphaned_rows(config: Config) -> list[str]:
     """Queued rows of destinations the configuration no longer has: kept, never dropped."""
-    path = config.data_dir / "queue.sqlite"
+    path = DataDir(config.data_dir).queue
     if not path.exists():
         return []
     try:

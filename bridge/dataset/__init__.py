@@ -1,1 +1,2 @@
-"""Reading Part-10 files without Pixel Data, and the UIDs and values that may name things on disk."""
+"""Data sets: Part-10 files read without Pixel Data, tag paths and their values, new
+elements from configured values, and the UIDs and values that may name things on disk."""

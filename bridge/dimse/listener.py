@@ -58,7 +58,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from bridge.config import Config
 from bridge.dimse import pynetdicom_overrides
 from bridge.errors import IntakeError, StartError
-from bridge.forward.ingest import Ingest
+from bridge.forward.ingest import Ingest, IngestSettings
 from bridge.forward.queue import Queue
 from bridge.forward.spool import HashingTempFile, Spool
 from bridge.metrics import Metrics
@@ -492,7 +492,7 @@ class Intake:
                 raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
 
         ctx = Context(calling_ae=stats.calling_ae, called_ae=called, peer=stats.peer)
-        stored = self.ingest.store(path, ctx, config, rules, "C-STORE", check=matches_command)
+        stored = self.ingest.store(path, ctx, IngestSettings.of(config), rules, "C-STORE", check=matches_command)
         if stored.status == 0x0000 and stored.decision.await_delivery:
             return self._await_delivery(stored.sop_instance_uid, stored.sha256, stored.decision.await_delivery,
                                         stored.decision.ack_timeout)

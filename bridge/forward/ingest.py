@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,6 +69,22 @@ def examine(path: Path, ctx: Context, rules: RuleSet, check: Callable[[Dataset, 
     return header, uids, decision
 
 
+@dataclass(frozen=True)
+class IngestSettings:
+    """What ``Ingest.store`` reads of the configuration: where an instance no rule routes
+    goes (``unrouted``: a destination, or ``reject``), the spool's free-space floor, and
+    each destination's ``duplicates`` policy."""
+
+    unrouted: str
+    min_free: int
+    duplicates: Mapping[str, str]
+
+    @classmethod
+    def of(cls, config: Config) -> IngestSettings:
+        return cls(config.unrouted, config.spool.min_free,
+                   {name: destination.duplicates for name, destination in config.destinations.items()})
+
+
 class Ingest:
     """The durable path shared by C-STORE intake and watched folders."""
 
@@ -91,7 +107,7 @@ class Ingest:
             self.spool.give_back()
         return comment
 
-    def store(self, path: Path, ctx: Context, config: Config, rules: RuleSet, what: str = "C-STORE",
+    def store(self, path: Path, ctx: Context, settings: IngestSettings, rules: RuleSet, what: str = "C-STORE",
               check: Callable[[Dataset, str, str], None] | None = None,
               refusal_level: int = logging.WARNING) -> Stored:
         """Make ``path`` (a complete Part-10 file in the spool's ``incoming/``) durable and
@@ -112,16 +128,16 @@ class Ingest:
 
         destinations = decision.destinations
         if not destinations:
-            if config.unrouted == "reject":
+            if settings.unrouted == "reject":
                 LOGGER.log(refusal_level, "refused %s of %s: no rule routes it (unrouted: reject)", what,
                            sop_instance)
                 return Stored(0x0124, "no rule routes this instance", sop_instance)
-            destinations = {config.unrouted: rules.priorities.get(config.unrouted, 0)}
+            destinations = {settings.unrouted: rules.priorities.get(settings.unrouted, 0)}
 
         attributes = dicomfile.attributes(header)
         size = path.stat().st_size
         free = self.spool.free_bytes()
-        if free - size < config.spool.min_free:
+        if free - size < settings.min_free:
             LOGGER.error("refused %s: spool has %d bytes free, below spool.min_free", what, free)
             self.spool.give_back()
             return Stored(0xA700, "out of resources: spool below its free-space floor", sop_instance)
@@ -142,7 +158,7 @@ class Ingest:
             attributes=attributes,
         )
         routes = [
-            Route(name, prio, config.destinations[name].duplicates, decision.modify.get(name))
+            Route(name, prio, settings.duplicates[name], decision.modify.get(name))
             for name, prio in destinations.items()
         ]
         # The folder's fsync and the queue's commit are both waited for before the

@@ -1,10 +1,10 @@
 """The spool: durable Part-10 files waiting for their destinations.
 
-Layout under ``<data_dir>/spool``: ``incoming/`` holds files still being received
-(pynetdicom writes C-STORE data sets there, on the same file system, so taking a file
-into the spool is a rename); ``00``..``ff`` hold spooled files named by the daemon,
-never by the dataset; ``free/`` holds delivered files kept for the next instances to be
-written into (see ``Spool.recycle``).
+Layout under ``<data_dir>/spool`` (``bridge.config.DataDir`` names the folders):
+``incoming/`` holds files still being received (pynetdicom writes C-STORE data sets
+there, on the same file system, so taking a file into the spool is a rename); ``00``..
+``ff`` hold spooled files named by the daemon, never by the dataset; ``free/`` holds
+delivered files kept for the next instances to be written into (see ``Spool.recycle``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import weakref
 from concurrent import futures
 from pathlib import Path
 from typing import IO, Any
+
+from bridge.config.datadir import DataDir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -286,11 +288,11 @@ RETAIN_BYTES = 64 << 20
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._root = str(root)
-        self.incoming = root / "incoming"
-        self.free = root / "free"
+    def __init__(self, data_dir: DataDir) -> None:
+        self.root = data_dir.spool
+        self._root = str(self.root)
+        self.incoming = data_dir.incoming
+        self.free = data_dir.free
         self._incoming, self._free_dir = str(self.incoming), str(self.free)
         # (name, bytes kept) of the files in free/ (only the daemon's Spool, after open())
         self._free: list[tuple[str, int]] = []

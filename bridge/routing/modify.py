@@ -8,10 +8,10 @@ end of the file, unchanged: the pixels are never decoded, nor held in memory. A
 deflated data set cannot be cut that way; it is read and written whole.
 
 Values get the data dictionary's VR and are validated strictly against it (length,
-character repertoire, format), whatever pydicom's global validation mode. Text is
-encoded in the data set's Specific Character Set (by pydicom); a value that set cannot
-hold is an error, never a ``?``. Every such problem raises ``ModificationError``, which
-destinations turn into a ``Permanent`` outcome.
+character repertoire, format; ``bridge.dataset.elements``), whatever pydicom's global
+validation mode. Text is encoded in the data set's Specific Character Set (by pydicom);
+a value that set cannot hold is an error, never a ``?``. Every such problem raises
+``ModificationError``, which destinations turn into a ``Permanent`` outcome.
 """
 
 from __future__ import annotations
@@ -24,108 +24,27 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from pydicom import config as pydicom_config
 from pydicom import dcmread, dcmwrite
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.multival import MultiValue
-from pydicom.tag import Tag
-from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, STR_VR
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, STR_VR
 
+from bridge.config import Modification
+from bridge.dataset import tagpath
 from bridge.dataset.dicomfile import attributes, required_uids, text
+from bridge.dataset.elements import FLOAT_VRS, INT_VRS, PIXEL_TAGS, element, settable_vr
 from bridge.errors import IntakeError, ModificationError
 from bridge.model import SpooledInstance
-from bridge.routing import tagpath
-
-if TYPE_CHECKING:
-    from bridge.config import Modification
 
 _CHUNK = 1 << 20
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
-# pydicom's header read stops at the first of _PIXEL_TAGS; anything from there on is in
+# pydicom's header read stops at the first of PIXEL_TAGS; anything from there on is in
 # the copied tail, so a modification naming such a tag needs the whole data set.
-_FIRST_TAIL_TAG = min(_PIXEL_TAGS)
-_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS", "US or OW", "US or SS or OW"})
-_FLOAT_VRS = frozenset({"FL", "FD"})
-_SEE_TABLE = re.compile(r"\s*Please see <[^>]*> for allowed values for each VR\.")  # pydicom's, in every message
+_FIRST_TAIL_TAG = min(PIXEL_TAGS)
 _FILE_META_OF = {"SOPInstanceUID": "MediaStorageSOPInstanceUID", "SOPClassUID": "MediaStorageSOPClassUID"}
-
-
-def check_modifiable(tag: int) -> None:
-    """``ValueError`` for a tag no modification may name: File Meta, group lengths, Pixel Data."""
-    if tag >> 16 == 0x0002:
-        raise ValueError("File Meta elements are kept as received")
-    if tag & 0xFFFF == 0:
-        raise ValueError("group lengths are not written (PS3.5 7.2)")
-    if tag in _PIXEL_TAGS:
-        raise ValueError("Pixel Data is never modified")
-
-
-def settable_vr(tag: int) -> str:
-    """The VR an element made by ``set`` or ``copy`` gets: the dictionary's. ``ValueError``
-    for a private or unknown tag, which has none (replace or remove those instead)."""
-    if Tag(tag).is_private:
-        raise ValueError("a private element has no VR in the dictionary: it can be replaced or removed, not set")
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        raise ValueError("not in the DICOM dictionary: no VR to create it with") from None
-
-
-def element(tag: int, value: Any, ds: Dataset | None = None, vr: str | None = None) -> DataElement:
-    """A new element: ``value`` (one value, a list, or ``None`` for empty) converted to
-    ``vr`` (default: the dictionary's) and validated strictly. ``ValueError`` says why not.
-    ``ds`` resolves an ambiguous VR (US or SS by Pixel Representation)."""
-    vr = vr or settable_vr(tag)
-    values = list(value) if isinstance(value, list | tuple | MultiValue) else [] if value is None else [value]
-    if vr in AMBIGUOUS_VR and vr not in _INT_VRS or vr in ("SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"):
-        if any(v not in (None, "") for v in values):
-            raise ValueError(f"a {vr} element can only be emptied (null)")
-        values = []
-    converted = [_convert(vr, v) for v in values]
-    try:
-        new = DataElement(tag, vr, None if not converted else converted[0] if len(converted) == 1 else converted,
-                          validation_mode=pydicom_config.RAISE)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(_SEE_TABLE.sub("", str(exc).splitlines()[0]).rstrip(".")) from None
-    if vr in AMBIGUOUS_VR:
-        _resolve_vr(new, ds)
-    return new
-
-
-def _convert(vr: str, value: Any) -> Any:
-    if vr in _INT_VRS:
-        try:
-            number = float(value) if isinstance(value, float) else int(str(value).strip())
-        except ValueError:
-            raise ValueError(f"{value!r} is not an integer") from None
-        if isinstance(number, float) and not number.is_integer():
-            raise ValueError(f"{value!r} is not an integer")
-        return int(number)
-    if vr in _FLOAT_VRS:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number") from None
-    if vr == "AT":
-        return tagpath.tag_of(str(value).strip())
-    return value if isinstance(value, int | float) and vr in ("IS", "DS") else str(value)
-
-
-def _resolve_vr(new: DataElement, ds: Dataset | None) -> None:
-    if ds is not None:
-        try:
-            correct_ambiguous_vr_element(new, ds, ds.original_encoding[1] is not False)
-        except Exception:  # noqa: BLE001, S110 - pydicom cannot tell: the fallback below decides
-            pass
-    if new.VR in AMBIGUOUS_VR:
-        values = new.value if isinstance(new.value, MultiValue | list) else [new.value]
-        new.VR = "SS" if "SS" in new.VR and any(isinstance(v, int) and v < 0 for v in values) else new.VR[:2]
 
 
 def apply(ds: Dataset, modification: Modification) -> None:
@@ -205,7 +124,7 @@ def _copied(tag: int, source: DataElement, ds: Dataset, target_name: str, source
 def _texts(found: DataElement, name: str) -> list[str]:
     """An element's values as text, one per value; ``ModificationError`` for binary ones."""
     vr = str(found.VR)
-    if vr not in STR_VR and vr not in _INT_VRS and vr not in _FLOAT_VRS:
+    if vr not in STR_VR and vr not in INT_VRS and vr not in FLOAT_VRS:
         raise ModificationError(name, f"a {vr} value is not text")
     value = found.value
     if value is None or value == "":

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydicom.dataset import Dataset
 
 from bridge.config import WEEKDAYS, Modification, Rule, TagMatch
-from bridge.routing import tagpath
+from bridge.dataset import tagpath
 
 Verb = Literal["store", "find", "retrieve"]
 

@@ -61,7 +61,7 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from bridge.config import Config, Watch
-from bridge.forward.ingest import Ingest
+from bridge.forward.ingest import Ingest, IngestSettings
 from bridge.forward.spool import fsync_dir, fsync_file
 from bridge.metrics import Metrics
 from bridge.routing.rules import Context, RuleSet
@@ -402,8 +402,8 @@ class Folder:
                     temp.write(chunk)
             finally:
                 temp.close()
-            stored = watcher.ingest.store(path, self._context(), watcher.config, watcher.rules, "watched file",
-                                          refusal_level=logging.DEBUG)
+            stored = watcher.ingest.store(path, self._context(), IngestSettings.of(watcher.config), watcher.rules,
+                                          "watched file", refusal_level=logging.DEBUG)
         finally:
             path.unlink(missing_ok=True)
         if stored.status == 0x0000:

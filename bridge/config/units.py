@@ -44,10 +44,3 @@ def parse_size(value: object) -> int:
         raise ValueError("a size cannot be negative")
     return size
 
-
-def format_size(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024:
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
-    return f"{size:.1f}TiB"
