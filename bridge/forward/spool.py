@@ -91,8 +91,8 @@ def sha256_file(path: Path) -> str:
 # writeback started when the message was complete, see HashingTempFile.seal); larger
 # instances hand each full lot of ``HASH_LOT`` bytes to this thread meanwhile, so
 # hashing a 2 GB multi-frame does not hold up its receipt. hashlib releases the GIL on
-# large buffers. (A thread hop per instance, or per P-DATA fragment as at first, cost
-# more than it saved once the machine's cores were busy: measured in bench/forward.)
+# large buffers. A thread hop for every instance or fragment costs more than it saves
+# once the cores are busy (docs/performance.md).
 _HASHER = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 HASH_LOT = 8 << 20
 
@@ -274,16 +274,16 @@ def _update_all(digest: Any, chunks: list[bytes]) -> None:
 
 # Delivered files kept in ``free/`` for new instances, at most. Each instance's file would
 # otherwise be created on receipt and removed on delivery: on ext4 without a journal,
-# creating a file scans past every inode freed in the last minutes (measured here: 0.3
-# ms per file in a busy folder, for the bridge and for a PACS writing beside it), and on
-# any file system an inode reused costs less than one freed and allocated again.
+# creating a file scans past every inode freed in the last minutes (for the bridge and
+# for a PACS writing beside it), and on any file system an inode reused costs less than
+# one freed and allocated again (docs/performance.md).
 # PostgreSQL recycles its WAL segments for the same reason.
 FREE_MAX = 256
 # Of those, files whose blocks are kept (their old content, never read again, is written
 # over by the next instance): at most this many bytes in all; the others are emptied.
 # Blocks written over cost no allocation on receipt, no freeing (a discard, on a file
-# system mounted with it) on delivery, and their fdatasync no metadata write: measured
-# here, a 512 KB instance's write and sync took 0.3 ms instead of 0.5 to 0.7.
+# system mounted with it) on delivery, and their fdatasync no metadata write
+# (docs/performance.md has the figures).
 RETAIN_BYTES = 64 << 20
 
 
