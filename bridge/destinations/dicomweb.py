@@ -46,7 +46,7 @@ from requests.adapters import HTTPAdapter
 
 from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.dimse import statuses
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.model import Done, Outcome, Permanent, SpooledInstance, Transient, Warning
 from bridge.web import auth as httpauth
 from bridge.web.multipart import FilePart, MultipartBody, content_type_params
@@ -170,8 +170,8 @@ class DicomwebDestination:
                 path.unlink(missing_ok=True)
         if batch and len(refused) == len(batch):  # the server's policy, not these instances
             said = outcomes[0]
-            raise DestinationMisconfigured(f"{self.stow_url} refused every instance of a batch of {len(batch)}"
-                                           + (f" ({said.reason})" if isinstance(said, Permanent) else ""))
+            raise UpstreamMisconfigured(f"{self.stow_url} refused every instance of a batch of {len(batch)}"
+                                        + (f" ({said.reason})" if isinstance(said, Permanent) else ""))
         return [outcomes[i] for i in range(len(batch))]
 
     def _item(self, index: int, instance: SpooledInstance, temporary: list[Path]) -> _Item | Outcome:
@@ -198,7 +198,7 @@ class DicomwebDestination:
         except FileNotFoundError:
             return Permanent("spool file is missing")
         except OSError as exc:
-            raise DestinationUnavailable(f"cannot write the modified copy to {self.temp_dir}: {exc.strerror}") from exc
+            raise UpstreamUnavailable(f"cannot write the modified copy to {self.temp_dir}: {exc.strerror}") from exc
         return _Item(index, path, copy.size, copy.describe(instance).sop_instance_uid)
 
     def _store(self, items: list[_Item], outcomes: dict[int, Outcome], refused: set[int]) -> None:
@@ -225,14 +225,14 @@ class DicomwebDestination:
             for item in rest:
                 outcomes[item.index] = outcome
         elif status in (408, 429) or status >= 500:
-            raise DestinationUnavailable(f"{self.stow_url}: {what}", answer.retry_after)
+            raise UpstreamUnavailable(f"{self.stow_url}: {what}", answer.retry_after)
         elif status in (401, 403, 407):
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}"
-                                           + (" (after renewing the credentials)" if status == 401 else ""))
+            raise UpstreamMisconfigured(f"{self.stow_url}: {what}"
+                                        + (" (after renewing the credentials)" if status == 401 else ""))
         elif status == 404:
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}: is url the DICOMweb base URL?")
+            raise UpstreamMisconfigured(f"{self.stow_url}: {what}: is url the DICOMweb base URL?")
         elif 300 <= status < 400:
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}: redirected; set url to where it points")
+            raise UpstreamMisconfigured(f"{self.stow_url}: {what}: redirected; set url to where it points")
         elif 400 <= status < 500 and len(rest) > 1:
             LOGGER.info("%s: %s for %d instances; sending them again in two halves", self.name, what, len(rest))
             half = len(rest) // 2
@@ -243,7 +243,7 @@ class DicomwebDestination:
         elif 400 <= status < 500:
             outcomes[rest[0].index] = Permanent(what)
         else:
-            raise DestinationUnavailable(f"{self.stow_url}: unexpected {what}")
+            raise UpstreamUnavailable(f"{self.stow_url}: unexpected {what}")
 
     # -- one request -----------------------------------------------------------------------
 
@@ -258,13 +258,13 @@ class DicomwebDestination:
                 if isinstance(exc, requests.exceptions.SSLError):
                     raise self._tls_error(exc) from None
                 if reconnected or isinstance(exc, requests.exceptions.ConnectTimeout):
-                    raise DestinationUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
+                    raise UpstreamUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
                 reconnected = True
                 continue
             except requests.RequestException as exc:  # timeouts, and what the server's answer breaks
-                raise DestinationUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
+                raise UpstreamUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
             except OSError as exc:  # requests' own: a client certificate or CA bundle it cannot find
-                raise DestinationMisconfigured(f"{self.stow_url}: {exc}") from None
+                raise UpstreamMisconfigured(f"{self.stow_url}: {exc}") from None
             if response.status_code == 401 and not refreshed:
                 response.close()
                 refreshed = True
@@ -292,7 +292,7 @@ class DicomwebDestination:
         try:
             content = _read_capped(response)
         except requests.RequestException as exc:
-            raise DestinationUnavailable(f"{self.stow_url}: reading the answer: {_describe(exc)}") from None
+            raise UpstreamUnavailable(f"{self.stow_url}: reading the answer: {_describe(exc)}") from None
         finally:
             response.close()
         refused: set[str] = set()
@@ -304,14 +304,14 @@ class DicomwebDestination:
         return _Answer(response.status_code, response.reason or "", _retry_after(response.headers.get("Retry-After")),
                        listed=listed, detail=detail, refused=refused)
 
-    def _tls_error(self, exc: Exception) -> DestinationMisconfigured | DestinationUnavailable:
+    def _tls_error(self, exc: Exception) -> UpstreamMisconfigured | UpstreamUnavailable:
         text = str(exc)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text:
-            return DestinationMisconfigured(f"{self.stow_url}: TLS verification failed: {_describe(exc)}")
+            return UpstreamMisconfigured(f"{self.stow_url}: TLS verification failed: {_describe(exc)}")
         if any(alert in text.lower() for alert in _CLIENT_CERTIFICATE_ALERTS):
-            return DestinationMisconfigured(f"{self.stow_url}: the server refused our TLS client certificate "
-                                            f"(or its absence): {_describe(exc)}")
-        return DestinationUnavailable(f"{self.stow_url}: TLS: {_describe(exc)}")
+            return UpstreamMisconfigured(f"{self.stow_url}: the server refused our TLS client certificate "
+                                         f"(or its absence): {_describe(exc)}")
+        return UpstreamUnavailable(f"{self.stow_url}: TLS: {_describe(exc)}")
 
 
 # TLS alerts by which a server refuses the client's certificate, or its absence (RFC 8446 6.2).

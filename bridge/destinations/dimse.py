@@ -50,7 +50,7 @@ from pynetdicom.presentation import build_context
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import Node
 from bridge.dimse import scu, statuses, transcode
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable, ModificationError
+from bridge.errors import ModificationError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.model import Outcome, Permanent, SpooledInstance
 from bridge.routing.modify import write_modified
 
@@ -101,9 +101,9 @@ class DimseDestination:
             return False
         try:
             assoc = self.peer.associate([build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])])
-        except DestinationUnavailable:
+        except UpstreamUnavailable:
             return False
-        except DestinationMisconfigured:
+        except UpstreamMisconfigured:
             return True
         try:
             assoc.send_c_echo()
@@ -121,8 +121,8 @@ class DimseDestination:
             if status is not None and statuses.classify(status) is statuses.Kind.REFUSED:
                 refusals.append(status)
         if batch and len(refusals) == len(batch):
-            raise DestinationMisconfigured(f"{self.peer} refused every instance of a batch of {len(batch)} "
-                                           f"({statuses.describe(refusals[-1])})")
+            raise UpstreamMisconfigured(f"{self.peer} refused every instance of a batch of {len(batch)} "
+                                        f"({statuses.describe(refusals[-1])})")
         return outcomes
 
     # -- one instance ------------------------------------------------------------------
@@ -146,8 +146,8 @@ class DimseDestination:
             # The copy keeps the original's transfer syntax; its UIDs are the copy's own.
             return self._send(modified.describe(instance), copy, batch[i + 1:])
         except OSError as exc:
-            raise DestinationUnavailable(f"cannot write a modified copy to {self._temp_dir}: "
-                                         f"{exc.strerror or exc}") from exc
+            raise UpstreamUnavailable(f"cannot write a modified copy to {self._temp_dir}: "
+                                      f"{exc.strerror or exc}") from exc
         finally:
             if copy is not None:
                 copy.unlink(missing_ok=True)
@@ -171,12 +171,12 @@ class DimseDestination:
                     LOGGER.info("%s: the association kept from before is gone (%s); opening a new one", self.name,
                                 exc)
                     continue
-                raise DestinationUnavailable(f"{self.peer}: {exc}") from None
+                raise UpstreamUnavailable(f"{self.peer}: {exc}") from None
             except transcode.NotConvertible as exc:
                 return Permanent(f"cannot convert to a syntax {self.peer.called_ae} accepts: {exc.reason}"), None
             except OSError as exc:
-                raise DestinationUnavailable(f"cannot write a converted copy to {self._temp_dir}: "
-                                             f"{exc.strerror or exc}") from exc
+                raise UpstreamUnavailable(f"cannot write a converted copy to {self._temp_dir}: "
+                                          f"{exc.strerror or exc}") from exc
             return statuses.outcome(status, comment, self.settings.duplicates), status
         raise AssertionError("unreachable")
 

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from bridge.config import FolderDestination as FolderConfig
 from bridge.dataset.dicomfile import read_header
 from bridge.dataset.uids import is_valid_uid, sanitise
-from bridge.errors import DestinationUnavailable, IntakeError, ModificationError
+from bridge.errors import IntakeError, ModificationError, UpstreamUnavailable
 from bridge.forward.spool import fsync_dir, fsync_file, sha256_file
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
 from bridge.routing.modify import ModifiedCopy, prepare
@@ -113,7 +113,7 @@ class FileDestination:
                 for folder in dirty:
                     fsync_dir(folder)
             except OSError as exc:
-                raise DestinationUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
+                raise UpstreamUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
             self.after_batch(written)
         except BaseException:
             self.abandon(written)
@@ -166,10 +166,10 @@ class FileDestination:
         except FileNotFoundError as exc:
             if not instance.spool_path.exists():
                 raise _SourceMissing("spool file is missing") from exc
-            raise DestinationUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
+            raise UpstreamUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
         except OSError as exc:
             if exc.errno in _DESTINATION_ERRNOS:
-                raise DestinationUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
+                raise UpstreamUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
             raise
         dirty.add(target.parent)
         return Done(), target, instance
@@ -214,7 +214,7 @@ class FileDestination:
             probe = probe.parent
         for path in reversed(missing):
             if path.exists():
-                raise DestinationUnavailable(f"cannot create folder {path}: a file is in the way")
+                raise UpstreamUnavailable(f"cannot create folder {path}: a file is in the way")
             path.mkdir()
             dirty.add(path.parent)
 
