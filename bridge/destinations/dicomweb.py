@@ -25,8 +25,8 @@ destination. The HTTP status decides only for the instances the body does not me
 Orthanc answers 400 for a whole request when one part is unreadable while storing, and
 listing, the others: the listed ones are done, the unreadable one is left alone and is
 dead after its own request. An instance with a rule's modification is sent as its
-modified copy, written first to a temporary file in the spool's ``incoming`` folder so
-that its length is known.
+modified copy, written first to a temporary file in the spool's ``incoming`` folder
+(``bridge.destinations.sending``) so that its length is known.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 from bridge.config import DicomwebDestination as DicomwebConfig
+from bridge.destinations import sending
 from bridge.dimse import statuses
-from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
+from bridge.errors import UpstreamError, UpstreamMisconfigured
 from bridge.model import Done, Outcome, Permanent, SpooledInstance, Transient, Warning
 from bridge.web.client import HttpClient, HttpResponse
 from bridge.web.multipart import FilePart, MultipartBody, content_type_params
@@ -75,7 +77,7 @@ class _Answer:
     response: HttpResponse  # read and closed
     what: str  # the status, and the start of a body that is not a STOW-RS response
     listed: dict[str, Outcome] | None  # None: no STOW-RS response
-    refused: set[str]  # listed with 0x0122 or 0x0124
+    failures: dict[str, int]  # FailureReason by SOP Instance UID
 
 
 class DicomwebDestination:
@@ -112,16 +114,20 @@ class DicomwebDestination:
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        refused: set[int] = set()  # indices the server refused with 0x0122 or 0x0124
+        failures: dict[int, int] = {}  # FailureReason by index, for the instances the server failed
         items: list[_Item] = []
-        temporary: list[Path] = []
-        try:
+        with ExitStack() as files:  # modified copies, removed when the batch is over
             for index, instance in enumerate(batch):
-                item = self._item(index, instance, temporary)
-                if isinstance(item, _Item):
-                    items.append(item)
-                else:
-                    outcomes[index] = item
+                try:
+                    out = files.enter_context(sending.outgoing(instance, self.temp_dir, f"stow-{self.name}-"))
+                except sending.Unsendable as exc:
+                    outcomes[index] = exc.outcome
+                    continue
+                # The body's length is announced before its first byte: the file must hold it.
+                if instance.modify is None and out.size != instance.size:
+                    outcomes[index] = Permanent(f"spool file has {out.size} bytes, not {instance.size}")
+                    continue
+                items.append(_Item(index, out.path, out.size, out.instance.sop_instance_uid))
             # A request carries each SOP Instance UID once; a later content of the same
             # UID goes in a later request, so that the answer cannot be mistaken.
             while items:
@@ -130,52 +136,19 @@ class DicomwebDestination:
                     first.setdefault(item.uid, item)
                 now = list(first.values())
                 items = [item for item in items if first[item.uid] is not item]
-                self._store(now, outcomes, refused)
-        finally:
-            for path in temporary:
-                path.unlink(missing_ok=True)
-        if batch and len(refused) == len(batch):  # the server's policy, not these instances
-            said = outcomes[0]
-            raise UpstreamMisconfigured(f"{self.stow_url} refused every instance of a batch of {len(batch)}"
-                                        + (f" ({said.reason})" if isinstance(said, Permanent) else ""))
+                self._store(now, outcomes, failures)
+        sending.check_refusals(self.stow_url, len(batch), failures.values())
         return [outcomes[i] for i in range(len(batch))]
 
-    def _item(self, index: int, instance: SpooledInstance, temporary: list[Path]) -> _Item | Outcome:
-        try:
-            size = instance.spool_path.stat().st_size
-        except FileNotFoundError:
-            return Permanent("spool file is missing")
-        if instance.modify is None:
-            if size != instance.size:
-                return Permanent(f"spool file has {size} bytes, not {instance.size}")
-            return _Item(index, instance.spool_path, size, instance.sop_instance_uid)
-        # The copy's length must be known before the body starts: write it out first.
-        # (bridge.routing.modify, which makes copies for every destination type, is loaded by the
-        # first instance a rule modifies.)
-        from bridge.routing.modify import ModificationError, write_modified
-
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        path = self.temp_dir / f"stow-{self.name}-{instance.spool_path.stem}-{index}.dcm"
-        temporary.append(path)
-        try:
-            copy = write_modified(instance.spool_path, instance.modify, path)
-        except ModificationError as exc:
-            return Permanent(f"modify: {exc}")
-        except FileNotFoundError:
-            return Permanent("spool file is missing")
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot write the modified copy to {self.temp_dir}: {exc.strerror}") from exc
-        return _Item(index, path, copy.size, copy.describe(instance).sop_instance_uid)
-
-    def _store(self, items: list[_Item], outcomes: dict[int, Outcome], refused: set[int]) -> None:
+    def _store(self, items: list[_Item], outcomes: dict[int, Outcome], failures: dict[int, int]) -> None:
         """One STOW-RS request for ``items``; fills in their outcomes (splitting on a 4xx)."""
         answer = self._post(items)
         rest = []
         for item in items:
             if answer.listed is not None and item.uid in answer.listed:
                 outcomes[item.index] = answer.listed[item.uid]
-                if item.uid in answer.refused:
-                    refused.add(item.index)
+                if item.uid in answer.failures:
+                    failures[item.index] = answer.failures[item.uid]
             else:
                 rest.append(item)
         if not rest:
@@ -197,8 +170,8 @@ class DicomwebDestination:
         if len(rest) > 1:  # any other 4xx
             LOGGER.info("%s: %s for %d instances; sending them again in two halves", self.name, what, len(rest))
             half = len(rest) // 2
-            self._store(rest[:half], outcomes, refused)
-            self._store(rest[half:], outcomes, refused)
+            self._store(rest[:half], outcomes, failures)
+            self._store(rest[half:], outcomes, failures)
         elif status == 409:
             outcomes[rest[0].index] = statuses.outcome(0x0111, what, self.settings.duplicates)
         else:
@@ -212,17 +185,17 @@ class DicomwebDestination:
             LOGGER.debug("%s: STOW-RS of %d instances (%d bytes): HTTP %d in %.3f s", self.name, len(items),
                          len(body), response.status, time.monotonic() - started)
             content = response.read(MAX_RESPONSE_BYTES)
-        refused: set[str] = set()
-        listed = stow_outcomes(content, response.headers.get("Content-Type", ""), self.settings.duplicates, refused)
-        return _Answer(response, response.summary(content if listed is None else b""), listed, refused)
+        failures: dict[str, int] = {}
+        listed = stow_outcomes(content, response.headers.get("Content-Type", ""), self.settings.duplicates, failures)
+        return _Answer(response, response.summary(content if listed is None else b""), listed, failures)
 
 
 def stow_outcomes(content: bytes, content_type: str, duplicates: str = "supersede",
-                  refused: set[str] | None = None) -> dict[str, Outcome] | None:
+                  failures: dict[str, int] | None = None) -> dict[str, Outcome] | None:
     """Outcomes by SOP Instance UID from a STOW-RS response body in DICOM JSON (PS3.18
     F.2) or XML (PS3.19 Native DICOM Model); None when the body is neither. Orthanc
     leaves out the Content-Type of its error answers, so a body without one is tried.
-    The UIDs failed with 0x0122 or 0x0124 are added to ``refused``."""
+    The FailureReason of each failed UID is added to ``failures``."""
     media = content_type_params(content_type)[0] if content_type else ""
     start = content.lstrip()[:1]
     dataset: Any = None
@@ -251,8 +224,8 @@ def stow_outcomes(content: bytes, content_type: str, duplicates: str = "supersed
                 found[uid] = Transient("listed in FailedSOPSequence without a FailureReason")
             else:
                 found[uid] = statuses.outcome(reason, "STOW-RS FailedSOPSequence", duplicates)
-                if refused is not None and statuses.classify(reason) is statuses.Kind.REFUSED:
-                    refused.add(uid)
+                if failures is not None:
+                    failures[uid] = reason
     return found
 
 
