@@ -25,24 +25,30 @@ class StartError(BridgeError):
     use): ``dicom-bridge run`` prints it and exits 1, without a traceback."""
 
 
-class DestinationUnavailable(BridgeError):
-    """The destination cannot take anything now: back it off, charge no row.
+class UpstreamError(BridgeError):
+    """A peer the bridge calls (a destination, or a server a source asks) cannot be used:
+    what is wrong is the peer's, or the bridge's settings for it, not one instance."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The peer cannot take anything now: back off and try again later (a destination
+    charges no row).
 
     ``retry_after`` (seconds) is a hint from the peer, e.g. HTTP Retry-After.
     """
 
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        self.reason = reason
+        super().__init__(reason)
         self.retry_after = retry_after
-        super().__init__(reason)
 
 
-class DestinationMisconfigured(BridgeError):
-    """The destination refuses us for a reason only an administrator can fix: suspend it."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+class UpstreamMisconfigured(UpstreamError):
+    """The peer refuses us for a reason only an administrator can fix (a destination is
+    suspended)."""
 
 
 class IntakeError(BridgeError):

@@ -78,8 +78,8 @@ Outcome = Done | Duplicate | Warning | Transient | Permanent
 class Destination(Protocol):
     """Where stored instances go. ``send`` returns one outcome per instance, in order.
 
-    Destination-level conditions are raised, not returned: ``DestinationUnavailable``
-    (back off, charge nothing) and ``DestinationMisconfigured`` (suspend).
+    Destination-level conditions are raised, not returned: ``UpstreamUnavailable``
+    (back off, charge nothing) and ``UpstreamMisconfigured`` (suspend).
     """
 
     name: str

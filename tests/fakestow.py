@@ -3,7 +3,8 @@
 
 Each request is parsed with the standard library's MIME parser (not the bridge's
 reader) and recorded: its headers and the SOP Instance UID of every part. A test sets
-``answer`` to a function from the request to (status, headers, JSON body or None).
+``answer`` to a function from the request to (status, headers, JSON body or None, or
+bytes sent as they are). GET and OPTIONS requests get an answer too, without a body.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pydicom
 class Request:
     path: str
     headers: dict[str, str]
+    method: str = "POST"
     uids: list[str] = field(default_factory=list)  # SOP Instance UID of each part, in order
     body: bytes = b""  # a form's body (token requests); parts are not kept
     chunked: bool = False
@@ -85,13 +87,25 @@ class FakeStow:
                 else:
                     request.uids = _uids(self.headers.get("Content-Type", ""), data)
                     status, headers, body = fake.answer(request)
+                self._reply(request, status, headers, body)
+
+            def do_GET(self) -> None:
+                request = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, method=self.command)
+                self._reply(request, *fake.answer(request))
+
+            do_OPTIONS = do_GET
+
+            def _reply(self, request: Request, status: int, headers: dict[str, str], body: Any) -> None:
                 with fake._lock:
                     fake.requests.append(request)
-                content = b"" if body is None else json.dumps(body).encode()
+                content = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
                 self.send_response(status)
                 for name, value in {"Content-Type": "application/dicom+json", **headers}.items():
                     self.send_header(name, value)
-                self.send_header("Content-Length", str(len(content)))
+                if "Content-Length" in headers:  # an answer that breaks off: the connection closes after it
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 self.wfile.write(content)
 

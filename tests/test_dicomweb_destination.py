@@ -34,7 +34,7 @@ from test_intake import PROPOSE
 
 from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.destinations.dicomweb import DicomwebDestination
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.model import Done, Duplicate, Permanent, SpooledInstance, Transient, Warning
 
 # -- helpers ---------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_a_401_renews_the_token_once_then_suspends(tmp_path, monkeypatch):
         assert [type(o) for o in web.send([spooled(files[0])])] == [Done]
         assert issued == ["token-1", "token-2"]
         fake.answer = lambda r: (401, {}, None)
-        with pytest.raises(DestinationMisconfigured, match="HTTP 401"):
+        with pytest.raises(UpstreamMisconfigured, match="HTTP 401"):
             web.send([spooled(files[0])])
         assert len(issued) == 3, "one renewal per 401, not a loop"
         tokens = [r for r in fake.requests if r.path.endswith("/token")]
@@ -377,11 +377,11 @@ def test_destination_level_answers(tmp_path):
     with FakeStow() as fake:
         web = destination(fake.url, tmp_path, timeouts={"read": "1s"})
         for status, headers, error, needle in [
-            (429, {"Retry-After": "7"}, DestinationUnavailable, "HTTP 429"),
-            (503, {}, DestinationUnavailable, "HTTP 503"),
-            (404, {}, DestinationMisconfigured, "is url the DICOMweb base URL"),
-            (403, {}, DestinationMisconfigured, "HTTP 403"),
-            (307, {"Location": "https://elsewhere/"}, DestinationMisconfigured, "redirected"),
+            (429, {"Retry-After": "7"}, UpstreamUnavailable, "HTTP 429"),
+            (503, {}, UpstreamUnavailable, "HTTP 503"),
+            (404, {}, UpstreamMisconfigured, "is url the DICOMweb base URL"),
+            (403, {}, UpstreamMisconfigured, "HTTP 403"),
+            (307, {"Location": "https://elsewhere/"}, UpstreamMisconfigured, "redirected"),
         ]:
             fake.answer = lambda r, s=status, h=headers: (s, h, None)
             with pytest.raises(error) as raised:
@@ -395,11 +395,11 @@ def test_destination_level_answers(tmp_path):
             return 200, {}, stored(request.uids)
 
         fake.answer = slow
-        with pytest.raises(DestinationUnavailable, match="ReadTimeout"):
+        with pytest.raises(UpstreamUnavailable, match="ReadTimeout"):
             web.send(batch)
         web.close()
     port = fake.server.server_address[1]
-    with pytest.raises(DestinationUnavailable, match="ConnectionError"):
+    with pytest.raises(UpstreamUnavailable, match="ConnectionError"):
         destination(f"http://127.0.0.1:{port}/dicom-web", tmp_path).send(batch)
 
 
@@ -419,7 +419,7 @@ def test_what_the_status_decides_for_instances_the_body_does_not_list(tmp_path):
         fake.answer = lambda r: (202, {}, response(r.uids, warnings={r.uids[0]: 0xB006}))
         assert isinstance(destination(fake.url, tmp_path).send([spooled(files[0])])[0], Warning)
         fake.answer = lambda r: (409, {}, response(failed=dict.fromkeys(r.uids, 0x0124)))
-        with pytest.raises(DestinationMisconfigured, match="refused every instance"):
+        with pytest.raises(UpstreamMisconfigured, match="refused every instance"):
             destination(fake.url, tmp_path).send([spooled(p) for p in files])
 
 
@@ -432,7 +432,7 @@ def test_tls_is_verified_unless_a_ca_bundle_says_whom_to_trust(tmp_path):
                     "-out", str(cert)], check=True, capture_output=True)
     files = ct_series(tmp_path / "ct", 1)
     with FakeStow(certificate=(cert, key)) as fake:
-        with pytest.raises(DestinationMisconfigured, match="TLS verification failed"):
+        with pytest.raises(UpstreamMisconfigured, match="TLS verification failed"):
             destination(fake.url, tmp_path).send([spooled(files[0])])
         web = destination(fake.url, tmp_path, tls={"ca_bundle": str(cert)})
         assert [type(o) for o in web.send([spooled(files[0])])] == [Done]
@@ -469,7 +469,7 @@ def test_a_client_certificate_gets_through_mutual_tls_and_a_refused_one_suspends
         wait_for(listening, 10, "openssl s_server to listen")
         url = f"https://127.0.0.1:{port}/dicom-web"
         for refused in ({}, {"client_cert": str(stranger[0]), "client_key": str(stranger[1])}):
-            with pytest.raises(DestinationMisconfigured, match="refused our TLS client certificate"):
+            with pytest.raises(UpstreamMisconfigured, match="refused our TLS client certificate"):
                 destination(url, tmp_path, tls={**tls, **refused}).send([spooled(files[0])])
     finally:
         s_server.kill()

@@ -19,7 +19,7 @@ from bridge.config import DataDir, validate
 from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dimse.listener import ruleset
-from bridge.errors import DestinationUnavailable
+from bridge.errors import UpstreamUnavailable
 from bridge.forward.ingest import Ingest, IngestSettings, Stored
 from bridge.forward.queue import Queue
 from bridge.forward.spool import Spool, sha256_file
@@ -271,7 +271,7 @@ def test_a_keep_first_archive_whose_index_is_full_places_the_batch_again_and_ind
         archive.open()
         assert archive.send([spooled(files[0])]) == [Done()]
         filler = fill(disk, 0)
-        with pytest.raises(DestinationUnavailable, match="space"):
+        with pytest.raises(UpstreamUnavailable, match="space"):
             archive.send([spooled(f) for f in files[1:]])
         archive.close()
         filler.unlink()

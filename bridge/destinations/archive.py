@@ -6,7 +6,7 @@ archive is written as its modified copy instead (a link would be the original), 
 and indexed under the copy's values: UIDs, patient and study keys, size and hash.
 
 A full disk, or an index that cannot be opened or written, makes the archive
-unavailable (``DestinationUnavailable``: it backs off, its rows are not charged) until
+unavailable (``UpstreamUnavailable``: it backs off, its rows are not charged) until
 it can be written again; it is never an error of the instances.
 """
 
@@ -20,7 +20,7 @@ from bridge.archive.index import ArchiveIndex
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.dataset.dicomfile import attributes, read_header
 from bridge.destinations.folder import FileDestination
-from bridge.errors import DestinationUnavailable, IntakeError
+from bridge.errors import IntakeError, UpstreamUnavailable
 from bridge.model import SpooledInstance
 
 LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
@@ -40,9 +40,9 @@ class ArchiveDestination(FileDestination):
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.index = ArchiveIndex(self.root / "index.sqlite")
             except OSError as exc:
-                raise DestinationUnavailable(f"cannot create the archive {self.root}: {exc.strerror}") from exc
+                raise UpstreamUnavailable(f"cannot create the archive {self.root}: {exc.strerror}") from exc
             except sqlite3.Error as exc:
-                raise DestinationUnavailable(f"archive index: {_reason(exc)}") from exc
+                raise UpstreamUnavailable(f"archive index: {_reason(exc)}") from exc
 
     def close(self) -> None:
         if self.index is not None:
@@ -62,7 +62,7 @@ class ArchiveDestination(FileDestination):
         try:
             self.index.add(entries)
         except Exception as exc:
-            raise DestinationUnavailable(f"archive index: {_reason(exc)}") from exc
+            raise UpstreamUnavailable(f"archive index: {_reason(exc)}") from exc
 
     def abandon(self, written: list[tuple[SpooledInstance, Path]]) -> None:
         """With ``keep-first``, a file left in the archive would make the batch's retry

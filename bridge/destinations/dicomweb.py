@@ -1,6 +1,8 @@
 """``type: dicomweb``: STOW-RS (PS3.18 10.5) to ``{url}/studies``, many instances per request.
 
-The body streams from the spool files with a known Content-Length (``bridge.web.multipart``).
+The body streams from the spool files with a known Content-Length (``bridge.web.multipart``),
+over the connection of a ``bridge.web.client.HttpClient``, which also renews credentials,
+reconnects, and raises the upstream errors for what is about the server as a whole.
 Each instance's outcome comes from the response body when it is DICOM JSON (or XML),
 on every HTTP status: ReferencedSOPSequence (0008,1199) is done (or a warning with its
 WarningReason), FailedSOPSequence (0008,1198) maps its FailureReason through
@@ -23,32 +25,28 @@ destination. The HTTP status decides only for the instances the body does not me
 Orthanc answers 400 for a whole request when one part is unreadable while storing, and
 listing, the others: the listed ones are done, the unreadable one is left alone and is
 dead after its own request. An instance with a rule's modification is sent as its
-modified copy, written first to a temporary file in the spool's ``incoming`` folder so
-that its length is known.
+modified copy, written first to a temporary file in the spool's ``incoming`` folder
+(``bridge.destinations.sending``) so that its length is known.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from xml.etree import ElementTree
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from bridge.config import DicomwebDestination as DicomwebConfig
+from bridge.destinations import sending
 from bridge.dimse import statuses
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamError, UpstreamMisconfigured
 from bridge.model import Done, Outcome, Permanent, SpooledInstance, Transient, Warning
-from bridge.web import auth as httpauth
+from bridge.web.client import HttpClient, HttpResponse
 from bridge.web.multipart import FilePart, MultipartBody, content_type_params
 
 LOGGER = logging.getLogger(__name__)
@@ -76,12 +74,10 @@ class _Item:
 
 @dataclass
 class _Answer:
-    status: int
-    reason: str
-    retry_after: float | None
-    listed: dict[str, Outcome] | None = field(default=None)  # None: no DICOM JSON STOW response
-    detail: str = ""
-    refused: set[str] = field(default_factory=set)  # listed with 0x0122 or 0x0124
+    response: HttpResponse  # read and closed
+    what: str  # the status, and the start of a body that is not a STOW-RS response
+    listed: dict[str, Outcome] | None  # None: no STOW-RS response
+    failures: dict[str, int]  # FailureReason by SOP Instance UID
 
 
 class DicomwebDestination:
@@ -92,35 +88,13 @@ class DicomwebDestination:
         self.settings = settings
         self.stow_url = f"{settings.url}/studies"
         self.temp_dir = temp_dir
-        self._session: requests.Session | None = None
-        self._auth: httpauth.Auth = httpauth.NoAuth()
-        tls = settings.tls
-        self._verify: bool | str = str(tls.ca_bundle) if tls.verify and tls.ca_bundle else tls.verify
-        self._cert: str | tuple[str, str] | None = None
-        if tls.client_cert is not None:
-            self._cert = (str(tls.client_cert), str(tls.client_key)) if tls.client_key else str(tls.client_cert)
+        self.client = HttpClient(settings)
 
     def open(self) -> None:
-        if self._session is not None:
-            return
-        self._auth = httpauth.build(self.settings.auth, self.settings.timeouts, self._verify)
-        session = requests.Session()
-        # One connection per worker, kept alive between batches; no retries by urllib3:
-        # a failed POST is retried here, with a fresh body, or left to the runner.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        session.headers["User-Agent"] = "dicom-bridge"
-        # The environment (HTTPS_PROXY, NO_PROXY) is read once here: requests reads it, and
-        # looks for a .netrc, on every request otherwise (a millisecond of Python each).
-        session.trust_env = False
-        session.proxies = requests.utils.get_environ_proxies(self.stow_url)
-        self._session = session
+        self.client.open()
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        self.client.close()
 
     def probe(self) -> bool:
         """Whether the server answers HTTP again: an OPTIONS request on the STOW-RS URL,
@@ -128,34 +102,32 @@ class DicomwebDestination:
         5xx (what a proxy answers while the server behind it is down) counts, 401, 403
         and 404 included: the server is up, and the next delivery says whether it takes
         the bridge's credentials and URL (a refusal suspends the destination)."""
-        self.open()
-        assert self._session is not None
         try:
-            response = self._session.options(
-                self.stow_url, headers={"Accept": ACCEPT, **self._auth.headers()}, allow_redirects=False,
-                timeout=(self.settings.timeouts.connect, min(self.settings.timeouts.read, PROBE_READ_TIMEOUT)),
-                verify=self._verify, cert=self._cert,
-            )
-        except (requests.RequestException, OSError) as exc:
-            LOGGER.debug("%s: probe: %s", self.name, _describe(exc))
+            with self.client.request("OPTIONS", self.stow_url, headers={"Accept": ACCEPT},
+                                     read_timeout=PROBE_READ_TIMEOUT, retry=False) as response:
+                return not (response.status in (408, 429) or response.status >= 500)
+        except UpstreamError as exc:
+            LOGGER.debug("%s: probe: %s", self.name, exc)
             return False
-        response.close()
-        return not (response.status_code in (408, 429) or response.status_code >= 500)
 
     # -- a batch -------------------------------------------------------------------------
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        refused: set[int] = set()  # indices the server refused with 0x0122 or 0x0124
+        failures: dict[int, int] = {}  # FailureReason by index, for the instances the server failed
         items: list[_Item] = []
-        temporary: list[Path] = []
-        try:
+        with ExitStack() as files:  # modified copies, removed when the batch is over
             for index, instance in enumerate(batch):
-                item = self._item(index, instance, temporary)
-                if isinstance(item, _Item):
-                    items.append(item)
-                else:
-                    outcomes[index] = item
+                try:
+                    out = files.enter_context(sending.outgoing(instance, self.temp_dir, f"stow-{self.name}-"))
+                except sending.Unsendable as exc:
+                    outcomes[index] = exc.outcome
+                    continue
+                # The body's length is announced before its first byte: the file must hold it.
+                if instance.modify is None and out.size != instance.size:
+                    outcomes[index] = Permanent(f"spool file has {out.size} bytes, not {instance.size}")
+                    continue
+                items.append(_Item(index, out.path, out.size, out.instance.sop_instance_uid))
             # A request carries each SOP Instance UID once; a later content of the same
             # UID goes in a later request, so that the answer cannot be mistaken.
             while items:
@@ -164,57 +136,24 @@ class DicomwebDestination:
                     first.setdefault(item.uid, item)
                 now = list(first.values())
                 items = [item for item in items if first[item.uid] is not item]
-                self._store(now, outcomes, refused)
-        finally:
-            for path in temporary:
-                path.unlink(missing_ok=True)
-        if batch and len(refused) == len(batch):  # the server's policy, not these instances
-            said = outcomes[0]
-            raise DestinationMisconfigured(f"{self.stow_url} refused every instance of a batch of {len(batch)}"
-                                           + (f" ({said.reason})" if isinstance(said, Permanent) else ""))
+                self._store(now, outcomes, failures)
+        sending.check_refusals(self.stow_url, len(batch), failures.values())
         return [outcomes[i] for i in range(len(batch))]
 
-    def _item(self, index: int, instance: SpooledInstance, temporary: list[Path]) -> _Item | Outcome:
-        try:
-            size = instance.spool_path.stat().st_size
-        except FileNotFoundError:
-            return Permanent("spool file is missing")
-        if instance.modify is None:
-            if size != instance.size:
-                return Permanent(f"spool file has {size} bytes, not {instance.size}")
-            return _Item(index, instance.spool_path, size, instance.sop_instance_uid)
-        # The copy's length must be known before the body starts: write it out first.
-        # (bridge.routing.modify, which makes copies for every destination type, is loaded by the
-        # first instance a rule modifies.)
-        from bridge.routing.modify import ModificationError, write_modified
-
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
-        path = self.temp_dir / f"stow-{self.name}-{instance.spool_path.stem}-{index}.dcm"
-        temporary.append(path)
-        try:
-            copy = write_modified(instance.spool_path, instance.modify, path)
-        except ModificationError as exc:
-            return Permanent(f"modify: {exc}")
-        except FileNotFoundError:
-            return Permanent("spool file is missing")
-        except OSError as exc:
-            raise DestinationUnavailable(f"cannot write the modified copy to {self.temp_dir}: {exc.strerror}") from exc
-        return _Item(index, path, copy.size, copy.describe(instance).sop_instance_uid)
-
-    def _store(self, items: list[_Item], outcomes: dict[int, Outcome], refused: set[int]) -> None:
+    def _store(self, items: list[_Item], outcomes: dict[int, Outcome], failures: dict[int, int]) -> None:
         """One STOW-RS request for ``items``; fills in their outcomes (splitting on a 4xx)."""
         answer = self._post(items)
         rest = []
         for item in items:
             if answer.listed is not None and item.uid in answer.listed:
                 outcomes[item.index] = answer.listed[item.uid]
-                if item.uid in answer.refused:
-                    refused.add(item.index)
+                if item.uid in answer.failures:
+                    failures[item.index] = answer.failures[item.uid]
             else:
                 rest.append(item)
         if not rest:
             return
-        status, what = answer.status, f"HTTP {answer.status} {answer.reason}".rstrip() + answer.detail
+        status, what = answer.response.status, answer.what
         if 200 <= status < 300:
             if answer.listed is not None:
                 outcome: Outcome = Transient(f"{what}: the response does not list this instance")
@@ -224,107 +163,39 @@ class DicomwebDestination:
                 outcome = Transient(f"{what} without a list of what was stored")
             for item in rest:
                 outcomes[item.index] = outcome
-        elif status in (408, 429) or status >= 500:
-            raise DestinationUnavailable(f"{self.stow_url}: {what}", answer.retry_after)
-        elif status in (401, 403, 407):
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}"
-                                           + (" (after renewing the credentials)" if status == 401 else ""))
-        elif status == 404:
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}: is url the DICOMweb base URL?")
-        elif 300 <= status < 400:
-            raise DestinationMisconfigured(f"{self.stow_url}: {what}: redirected; set url to where it points")
-        elif 400 <= status < 500 and len(rest) > 1:
+            return
+        answer.response.raise_for_upstream(what)  # what is about the server, not these instances
+        if status == 404:
+            raise UpstreamMisconfigured(f"{self.stow_url}: {what}: is url the DICOMweb base URL?")
+        if len(rest) > 1:  # any other 4xx
             LOGGER.info("%s: %s for %d instances; sending them again in two halves", self.name, what, len(rest))
             half = len(rest) // 2
-            self._store(rest[:half], outcomes, refused)
-            self._store(rest[half:], outcomes, refused)
+            self._store(rest[:half], outcomes, failures)
+            self._store(rest[half:], outcomes, failures)
         elif status == 409:
             outcomes[rest[0].index] = statuses.outcome(0x0111, what, self.settings.duplicates)
-        elif 400 <= status < 500:
-            outcomes[rest[0].index] = Permanent(what)
         else:
-            raise DestinationUnavailable(f"{self.stow_url}: unexpected {what}")
-
-    # -- one request -----------------------------------------------------------------------
+            outcomes[rest[0].index] = Permanent(what)
 
     def _post(self, items: list[_Item]) -> _Answer:
-        """POST the items; after a 401, once more with renewed credentials, and after a
-        dropped connection (a keep-alive the server had closed), once more at once."""
-        refreshed = reconnected = False
-        while True:
-            try:
-                response = self._request(items)
-            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                if isinstance(exc, requests.exceptions.SSLError):
-                    raise self._tls_error(exc) from None
-                if reconnected or isinstance(exc, requests.exceptions.ConnectTimeout):
-                    raise DestinationUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
-                reconnected = True
-                continue
-            except requests.RequestException as exc:  # timeouts, and what the server's answer breaks
-                raise DestinationUnavailable(f"{self.stow_url}: {_describe(exc)}") from None
-            except OSError as exc:  # requests' own: a client certificate or CA bundle it cannot find
-                raise DestinationMisconfigured(f"{self.stow_url}: {exc}") from None
-            if response.status_code == 401 and not refreshed:
-                response.close()
-                refreshed = True
-                if self._auth.refresh():
-                    continue
-            return self._answer(response)
-
-    def _request(self, items: list[_Item]) -> requests.Response:
-        self.open()
-        assert self._session is not None
         body = MultipartBody([FilePart(i.path, i.size) for i in items])
-        headers = {"Content-Type": body.content_type, "Accept": ACCEPT, **self._auth.headers()}
         started = time.monotonic()
-        response = self._session.post(
-            # an iterable of bytearrays, which requests and urllib3 send like bytes
-            self.stow_url, data=cast(Iterable[bytes], body), headers=headers, stream=True, allow_redirects=False,
-            timeout=(self.settings.timeouts.connect, self.settings.timeouts.read),
-            verify=self._verify, cert=self._cert,
-        )
-        LOGGER.debug("%s: STOW-RS of %d instances (%d bytes): HTTP %d in %.3f s", self.name, len(items),
-                     len(body), response.status_code, time.monotonic() - started)
-        return response
-
-    def _answer(self, response: requests.Response) -> _Answer:
-        try:
-            content = _read_capped(response)
-        except requests.RequestException as exc:
-            raise DestinationUnavailable(f"{self.stow_url}: reading the answer: {_describe(exc)}") from None
-        finally:
-            response.close()
-        refused: set[str] = set()
-        listed = stow_outcomes(content, response.headers.get("Content-Type", ""), self.settings.duplicates, refused)
-        detail = ""
-        if listed is None and response.status_code >= 300 and content:
-            text = " ".join(content[:200].decode("utf-8", "replace").split())
-            detail = f": {text}" if text.isprintable() else ""
-        return _Answer(response.status_code, response.reason or "", _retry_after(response.headers.get("Retry-After")),
-                       listed=listed, detail=detail, refused=refused)
-
-    def _tls_error(self, exc: Exception) -> DestinationMisconfigured | DestinationUnavailable:
-        text = str(exc)
-        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text:
-            return DestinationMisconfigured(f"{self.stow_url}: TLS verification failed: {_describe(exc)}")
-        if any(alert in text.lower() for alert in _CLIENT_CERTIFICATE_ALERTS):
-            return DestinationMisconfigured(f"{self.stow_url}: the server refused our TLS client certificate "
-                                            f"(or its absence): {_describe(exc)}")
-        return DestinationUnavailable(f"{self.stow_url}: TLS: {_describe(exc)}")
-
-
-# TLS alerts by which a server refuses the client's certificate, or its absence (RFC 8446 6.2).
-_CLIENT_CERTIFICATE_ALERTS = ("alert certificate required", "alert bad certificate", "alert unknown ca",
-                              "alert certificate unknown", "alert certificate expired", "alert certificate revoked")
+        with self.client.request("POST", self.stow_url, body=body,
+                                 headers={"Content-Type": body.content_type, "Accept": ACCEPT}) as response:
+            LOGGER.debug("%s: STOW-RS of %d instances (%d bytes): HTTP %d in %.3f s", self.name, len(items),
+                         len(body), response.status, time.monotonic() - started)
+            content = response.read(MAX_RESPONSE_BYTES)
+        failures: dict[str, int] = {}
+        listed = stow_outcomes(content, response.headers.get("Content-Type", ""), self.settings.duplicates, failures)
+        return _Answer(response, response.summary(content if listed is None else b""), listed, failures)
 
 
 def stow_outcomes(content: bytes, content_type: str, duplicates: str = "supersede",
-                  refused: set[str] | None = None) -> dict[str, Outcome] | None:
+                  failures: dict[str, int] | None = None) -> dict[str, Outcome] | None:
     """Outcomes by SOP Instance UID from a STOW-RS response body in DICOM JSON (PS3.18
     F.2) or XML (PS3.19 Native DICOM Model); None when the body is neither. Orthanc
     leaves out the Content-Type of its error answers, so a body without one is tried.
-    The UIDs failed with 0x0122 or 0x0124 are added to ``refused``."""
+    The FailureReason of each failed UID is added to ``failures``."""
     media = content_type_params(content_type)[0] if content_type else ""
     start = content.lstrip()[:1]
     dataset: Any = None
@@ -353,8 +224,8 @@ def stow_outcomes(content: bytes, content_type: str, duplicates: str = "supersed
                 found[uid] = Transient("listed in FailedSOPSequence without a FailureReason")
             else:
                 found[uid] = statuses.outcome(reason, "STOW-RS FailedSOPSequence", duplicates)
-                if refused is not None and statuses.classify(reason) is statuses.Kind.REFUSED:
-                    refused.add(uid)
+                if failures is not None:
+                    failures[uid] = reason
     return found
 
 
@@ -391,43 +262,3 @@ def _code(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return None
-
-
-def _read_capped(response: requests.Response) -> bytes:
-    pieces, total = [], 0
-    for piece in response.iter_content(64 * 1024):
-        pieces.append(piece)
-        total += len(piece)
-        if total >= MAX_RESPONSE_BYTES:
-            break
-    return b"".join(pieces)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After (RFC 9110 10.2.3): seconds, or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _describe(exc: Exception) -> str:
-    """A requests error in one line, without the noise of urllib3's nesting: the reason
-    urllib3 gives (``Caused by NewConnectionError("...: Connection refused")``) unquoted,
-    without the connection object's repr in front of it."""
-    text = str(exc)
-    for marker in ("Caused by ", "(Caused by "):
-        if marker in text:
-            text = text.split(marker, 1)[1].rstrip(")")
-    if quoted := re.fullmatch(r"\w+\(([\"'])(.*)\1\)?", text, re.DOTALL):
-        text = quoted.group(2)
-    text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
-    return f"{type(exc).__name__}: {' '.join(text.split())}"

@@ -23,7 +23,8 @@ spool's file system, sent, and the copy removed. What cannot be converted exactl
 ``Permanent`` with the reason.
 
 Statuses become outcomes in ``bridge.dimse.statuses``; 0x0122 or 0x0124 for every instance of
-a batch suspends the destination. Association failures are raised by ``bridge.dimse.scu``.
+a batch suspends the destination (``bridge.destinations.sending``, which also writes the
+modified copies). Association failures are raised by ``bridge.dimse.scu``.
 Losing the association during a C-STORE (no response within the node's DIMSE timeout,
 an A-ABORT, a closed connection) makes the destination unavailable: the batch goes back
 to the queue uncharged, and instances already stored are sent again later (a harmless
@@ -49,10 +50,10 @@ from pynetdicom.presentation import build_context
 
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import Node
+from bridge.destinations import sending
 from bridge.dimse import scu, statuses, transcode
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable, ModificationError
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.model import Outcome, Permanent, SpooledInstance
-from bridge.routing.modify import write_modified
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,9 +102,9 @@ class DimseDestination:
             return False
         try:
             assoc = self.peer.associate([build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])])
-        except DestinationUnavailable:
+        except UpstreamUnavailable:
             return False
-        except DestinationMisconfigured:
+        except UpstreamMisconfigured:
             return True
         try:
             assoc.send_c_echo()
@@ -113,44 +114,22 @@ class DimseDestination:
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        refusals: list[int] = []
+        answered: list[int] = []
         self._untried = self._assoc is not None
         for i in range(len(batch)):
-            outcome, status = self._store(batch, i)
+            try:
+                with sending.outgoing(batch[i], self._temp_dir, f"modified-{self.name}-") as out:
+                    # A modified copy keeps the original's transfer syntax; its UIDs are its own.
+                    outcome, status = self._send(out.instance, out.path, batch[i + 1:])
+            except sending.Unsendable as exc:
+                outcome, status = exc.outcome, None
             outcomes.append(outcome)
-            if status is not None and statuses.classify(status) is statuses.Kind.REFUSED:
-                refusals.append(status)
-        if batch and len(refusals) == len(batch):
-            raise DestinationMisconfigured(f"{self.peer} refused every instance of a batch of {len(batch)} "
-                                           f"({statuses.describe(refusals[-1])})")
+            if status is not None:
+                answered.append(status)
+        sending.check_refusals(str(self.peer), len(batch), answered)
         return outcomes
 
     # -- one instance ------------------------------------------------------------------
-
-    def _store(self, batch: Sequence[SpooledInstance], i: int) -> tuple[Outcome, int | None]:
-        """The outcome of one instance, and the peer's status if it answered one."""
-        instance = batch[i]
-        if not instance.spool_path.exists():
-            return Permanent("spool file is missing"), None
-        if instance.modify is None:
-            return self._send(instance, instance.spool_path, batch[i + 1:])
-        copy: Path | None = None
-        try:
-            copy = self._temporary("modified-")
-            try:
-                modified = write_modified(instance.spool_path, instance.modify, copy)
-            except ModificationError as exc:
-                return Permanent(f"modify: {exc}"), None
-            except FileNotFoundError:
-                return Permanent("spool file is missing"), None
-            # The copy keeps the original's transfer syntax; its UIDs are the copy's own.
-            return self._send(modified.describe(instance), copy, batch[i + 1:])
-        except OSError as exc:
-            raise DestinationUnavailable(f"cannot write a modified copy to {self._temp_dir}: "
-                                         f"{exc.strerror or exc}") from exc
-        finally:
-            if copy is not None:
-                copy.unlink(missing_ok=True)
 
     def _send(self, instance: SpooledInstance, source: Path,
               rest: Sequence[SpooledInstance]) -> tuple[Outcome, int | None]:
@@ -171,12 +150,12 @@ class DimseDestination:
                     LOGGER.info("%s: the association kept from before is gone (%s); opening a new one", self.name,
                                 exc)
                     continue
-                raise DestinationUnavailable(f"{self.peer}: {exc}") from None
+                raise UpstreamUnavailable(f"{self.peer}: {exc}") from None
             except transcode.NotConvertible as exc:
                 return Permanent(f"cannot convert to a syntax {self.peer.called_ae} accepts: {exc.reason}"), None
             except OSError as exc:
-                raise DestinationUnavailable(f"cannot write a converted copy to {self._temp_dir}: "
-                                             f"{exc.strerror or exc}") from exc
+                raise UpstreamUnavailable(f"cannot write a converted copy to {self._temp_dir}: "
+                                          f"{exc.strerror or exc}") from exc
             return statuses.outcome(status, comment, self.settings.duplicates), status
         raise AssertionError("unreachable")
 

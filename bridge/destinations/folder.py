@@ -28,10 +28,11 @@ from pydicom.dataset import Dataset
 from bridge.config import FolderDestination as FolderConfig
 from bridge.dataset.dicomfile import read_header
 from bridge.dataset.uids import is_valid_uid, sanitise
-from bridge.errors import DestinationUnavailable, IntakeError, ModificationError
+from bridge.destinations import sending
+from bridge.errors import IntakeError, UpstreamUnavailable
 from bridge.forward.spool import fsync_dir, fsync_file, sha256_file
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
-from bridge.routing.modify import ModifiedCopy, prepare
+from bridge.routing.modify import ModifiedCopy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class FileDestination:
             for instance in batch:
                 try:
                     outcome, target, kept = self._write(instance, dirty)
-                except _SourceMissing as exc:
-                    outcomes.append(Permanent(str(exc)))
+                except sending.Unsendable as exc:
+                    outcomes.append(exc.outcome)
                     continue
                 outcomes.append(outcome)
                 if target is not None:
@@ -113,7 +114,7 @@ class FileDestination:
                 for folder in dirty:
                     fsync_dir(folder)
             except OSError as exc:
-                raise DestinationUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
+                raise UpstreamUnavailable(f"cannot sync {self.name}: {exc.strerror}") from exc
             self.after_batch(written)
         except BaseException:
             self.abandon(written)
@@ -130,21 +131,19 @@ class FileDestination:
 
     def _write(self, instance: SpooledInstance, dirty: set[Path]) -> tuple[Outcome, Path | None, SpooledInstance]:
         if not instance.spool_path.exists():
-            raise _SourceMissing("spool file is missing")
+            raise sending.spool_file_missing()
         copy: ModifiedCopy | None = None
         try:
             if instance.modify is not None:
-                copy = prepare(instance.spool_path, instance.modify)
+                copy = sending.modified_copy(instance)
                 header: Dataset | None = copy.header
                 instance = copy.describe(instance)  # the path is rendered from the copy's values
             else:
                 header = read_header(instance.spool_path) if self._needs_header else None
         except IntakeError as exc:
             return Permanent(f"cannot read header: {exc.comment}"), None, instance
-        except ModificationError as exc:
-            return Permanent(f"modify: {exc}"), None, instance
         except FileNotFoundError as exc:
-            raise _SourceMissing("spool file is missing") from exc
+            raise sending.spool_file_missing() from exc
         folder = self.root.joinpath(*(self._render(c, instance, header) for c in self._components))
         target = folder / self._render(self.filename_template, instance, header)
         if not _inside(target, self.root):
@@ -165,11 +164,11 @@ class FileDestination:
                 instance = replace(instance, sha256=self._place_copy(copy, target))
         except FileNotFoundError as exc:
             if not instance.spool_path.exists():
-                raise _SourceMissing("spool file is missing") from exc
-            raise DestinationUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
+                raise sending.spool_file_missing() from exc
+            raise UpstreamUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
         except OSError as exc:
             if exc.errno in _DESTINATION_ERRNOS:
-                raise DestinationUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
+                raise UpstreamUnavailable(f"cannot write to {self.name}: {exc.strerror}") from exc
             raise
         dirty.add(target.parent)
         return Done(), target, instance
@@ -214,7 +213,7 @@ class FileDestination:
             probe = probe.parent
         for path in reversed(missing):
             if path.exists():
-                raise DestinationUnavailable(f"cannot create folder {path}: a file is in the way")
+                raise UpstreamUnavailable(f"cannot create folder {path}: a file is in the way")
             path.mkdir()
             dirty.add(path.parent)
 
@@ -230,10 +229,6 @@ class FileDestination:
             values[keyword] = raw if is_valid_uid(raw) else sanitise(raw)
         rendered = template.format(**values)
         return sanitise(rendered, max_length=255) if "/" in rendered or rendered in ("", ".", "..") else rendered
-
-
-class _SourceMissing(Exception):
-    pass
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -1,15 +1,16 @@
 """Associations the bridge requests (its SCU role), to a node of the configuration.
 
 One place opens them with the node's timeouts and TCP_NODELAY, and turns what can go
-wrong while opening one into the destination errors of ``bridge.errors``:
+wrong while opening one into the upstream errors of ``bridge.errors`` (a destination
+backs off or is suspended by them):
 
 | what happens | raised |
 | --- | --- |
-| A-ASSOCIATE-RJ permanent (result 1) | ``DestinationMisconfigured``: only an administrator can fix it |
-| the peer accepts none of the proposed presentation contexts | ``DestinationMisconfigured`` |
-| A-ASSOCIATE-RJ transient (result 2) | ``DestinationUnavailable`` |
-| connection refused, unreachable, no answer within ``timeouts.connect`` | ``DestinationUnavailable`` |
-| no A-ASSOCIATE-AC within ``timeouts.acse``, or an A-ABORT instead | ``DestinationUnavailable`` |
+| A-ASSOCIATE-RJ permanent (result 1) | ``UpstreamMisconfigured``: only an administrator can fix it |
+| the peer accepts none of the proposed presentation contexts | ``UpstreamMisconfigured`` |
+| A-ASSOCIATE-RJ transient (result 2) | ``UpstreamUnavailable`` |
+| connection refused, unreachable, no answer within ``timeouts.connect`` | ``UpstreamUnavailable`` |
+| no A-ASSOCIATE-AC within ``timeouts.acse``, or an A-ABORT instead | ``UpstreamUnavailable`` |
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pynetdicom.presentation import PresentationContext
 
 from bridge.config import Node
 from bridge.dimse import pynetdicom_overrides
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Peer:
         return f"node {self.name} ({self.called_ae} at {self.node.host}:{self.node.port})"
 
     def associate(self, contexts: Sequence[PresentationContext]) -> Association:
-        """An established association with ``contexts`` proposed, or a destination error."""
+        """An established association with ``contexts`` proposed, or an upstream error."""
         timeouts = self.node.timeouts
         ae = AE(ae_title=self.calling_ae)
         ae.connection_timeout = timeouts.connect
@@ -90,15 +91,15 @@ class Peer:
             text = (f"A-ASSOCIATE-RJ {result}/{source}/{reason} ({_RESULTS.get(result, result)}, "
                     f"{answer.source_str}: {answer.reason_str})")
             if result == 0x01:
-                return DestinationMisconfigured(f"{self} rejected the association from {self.calling_ae}: {text}")
-            return DestinationUnavailable(f"{self} rejected the association for now: {text}")
+                return UpstreamMisconfigured(f"{self} rejected the association from {self.calling_ae}: {text}")
+            return UpstreamUnavailable(f"{self} rejected the association for now: {text}")
         if not connected:
-            return DestinationUnavailable(f"cannot connect to {self}: refused, unreachable, or no answer within "
-                                          f"{self.node.timeouts.connect:g}s")
+            return UpstreamUnavailable(f"cannot connect to {self}: refused, unreachable, or no answer within "
+                                       f"{self.node.timeouts.connect:g}s")
         if answer is not None and answer.result == 0x00:
-            return DestinationMisconfigured(f"{self} accepted none of the {proposed} presentation contexts proposed")
-        return DestinationUnavailable(f"{self} did not accept the association within "
-                                      f"{self.node.timeouts.acse:g}s (no answer, or aborted)")
+            return UpstreamMisconfigured(f"{self} accepted none of the {proposed} presentation contexts proposed")
+        return UpstreamUnavailable(f"{self} did not accept the association within "
+                                   f"{self.node.timeouts.acse:g}s (no answer, or aborted)")
 
 
 def release(assoc: Association) -> None:

@@ -1,9 +1,9 @@
 """Delivery: one worker pool per destination.
 
 Each worker claims a batch, calls ``Destination.send`` and records one outcome per
-row. This module is the one place where destination errors become queue outcomes:
-``DestinationUnavailable`` backs the whole destination off (circuit breaker) without
-charging rows; ``DestinationMisconfigured`` suspends it until a reload or ``queue
+row. This module is the one place where upstream errors become queue outcomes:
+``UpstreamUnavailable`` backs the whole destination off (circuit breaker) without
+charging rows; ``UpstreamMisconfigured`` suspends it until a reload or ``queue
 resume``; any other exception is a bug in a destination and is charged to the rows as
 a transient failure, so it cannot loop forever.
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from bridge.config import DestinationBase, Retry
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.forward.queue import Batch, Queue, Row, backoff
 from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
@@ -401,12 +401,12 @@ class DestinationRunner:
             outcomes = list(destination.send([r.instance for r in rows]))
             if len(outcomes) != len(rows):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(rows)} instances")
-        except DestinationUnavailable as exc:
+        except UpstreamUnavailable as exc:
             until = self._back_off(exc.reason, exc.retry_after)
             self._close(destination)
             self._settle(functools.partial(self._queue.release, rows, until, exc.reason))
             return None
-        except DestinationMisconfigured as exc:
+        except UpstreamMisconfigured as exc:
             self._suspend(exc.reason)
             self._close(destination)
             self._settle(functools.partial(self._queue.release, rows, time.time(), exc.reason))

@@ -1,1 +1,1 @@
-"""HTTP to upstream peers: streaming multipart, authentication."""
+"""HTTP to upstream peers: the client (``client``), streaming multipart, authentication."""

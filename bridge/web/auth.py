@@ -8,8 +8,8 @@ secret file is ignored.
 
 Each ``Auth`` gives the headers of the next request (``headers``) and, after a 401,
 tries to get better credentials once (``refresh``: a changed file, a new token). Errors
-are raised as the destination errors: ``DestinationMisconfigured`` when only an
-administrator can fix it (a missing secret, a refused client), ``DestinationUnavailable``
+are raised as the upstream errors: ``UpstreamMisconfigured`` when only an
+administrator can fix it (a missing secret, a refused client), ``UpstreamUnavailable``
 when the token endpoint is down.
 """
 
@@ -26,7 +26,7 @@ from typing import Protocol
 import requests
 
 from bridge.config import BasicAuth, BearerAuth, HttpAuth, HttpTimeouts, OAuth2Auth
-from bridge.errors import DestinationMisconfigured, DestinationUnavailable
+from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ def read_secret(file: Path | None, reference: str | None, what: str) -> str:
         try:
             value = file.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            raise DestinationMisconfigured(f"{what}: cannot read {file}: {exc.strerror}") from None
+            raise UpstreamMisconfigured(f"{what}: cannot read {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise DestinationMisconfigured(f"{what}: {file} is not UTF-8 text") from None
+            raise UpstreamMisconfigured(f"{what}: {file} is not UTF-8 text") from None
         if not value:
-            raise DestinationMisconfigured(f"{what}: {file} is empty")
+            raise UpstreamMisconfigured(f"{what}: {file} is empty")
         return value
     assert reference is not None
     name = reference.removeprefix("env:")
     value = os.environ.get(name, "")
     if not value:
-        raise DestinationMisconfigured(f"{what}: environment variable {name} is not set")
+        raise UpstreamMisconfigured(f"{what}: environment variable {name} is not set")
     return value
 
 
@@ -108,7 +108,7 @@ class Bearer:
         try:
             st = file.stat()
         except OSError as exc:
-            raise DestinationMisconfigured(f"auth.token_file: cannot read {file}: {exc.strerror}") from None
+            raise UpstreamMisconfigured(f"auth.token_file: cannot read {file}: {exc.strerror}") from None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._stamp:
             self._token = read_secret(file, None, "auth.token_file")
@@ -172,9 +172,9 @@ class OAuth2ClientCredentials:
                 timeout=(self._timeouts.connect, self._timeouts.read), verify=self._verify, allow_redirects=False,
             )
         except requests.exceptions.SSLError as exc:
-            raise DestinationMisconfigured(f"token endpoint {s.token_url}: TLS: {_short(exc)}") from None
+            raise UpstreamMisconfigured(f"token endpoint {s.token_url}: TLS: {_short(exc)}") from None
         except requests.RequestException as exc:
-            raise DestinationUnavailable(f"token endpoint {s.token_url}: {type(exc).__name__}") from None
+            raise UpstreamUnavailable(f"token endpoint {s.token_url}: {type(exc).__name__}") from None
         status = response.status_code
         try:
             answer = response.json()
@@ -183,12 +183,12 @@ class OAuth2ClientCredentials:
         if not isinstance(answer, dict):
             answer = {}
         if status == 429 or status >= 500:
-            raise DestinationUnavailable(f"token endpoint {s.token_url}: HTTP {status}")
+            raise UpstreamUnavailable(f"token endpoint {s.token_url}: HTTP {status}")
         if status != 200 or not isinstance(answer.get("access_token"), str):
             # RFC 6749 5.2: ``error`` and ``error_description`` say why; neither holds a secret.
             why = " ".join(str(answer[k]) for k in ("error", "error_description") if answer.get(k))
-            raise DestinationMisconfigured(f"token endpoint {s.token_url} refused the client {s.client_id}: "
-                                           f"HTTP {status}{': ' + why[:200] if why else ''}")
+            raise UpstreamMisconfigured(f"token endpoint {s.token_url} refused the client {s.client_id}: "
+                                        f"HTTP {status}{': ' + why[:200] if why else ''}")
         self._token = answer["access_token"]
         lifetime = answer.get("expires_in")
         now = time.monotonic()
