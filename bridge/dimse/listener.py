@@ -32,7 +32,6 @@ import fnmatch
 import ipaddress
 import itertools
 import logging
-import re
 import socket
 import sqlite3
 import struct
@@ -514,13 +513,13 @@ class Intake:
                 states, unknown = {}, True
             else:
                 unknown = False
-            dead = {name: error or "" for name, (state, error) in states.items() if state == "dead"}
+            dead = {name: (error or "", status) for name, (state, error, status) in states.items() if state == "dead"}
             if dead:
-                name, error = next(iter(dead.items()))
+                name, (error, status) = next(iter(dead.items()))
                 LOGGER.warning("C-STORE of %s answered as failed: delivery to %s failed: %s", sop_instance, name,
                                error)
-                return _failure_status(error), f"delivery to {name} failed: {error}"
-            if all(states.get(name, ("", None))[0] == "done" for name in destinations):
+                return _delivery_failure(status), f"delivery to {name} failed: {error}"
+            if all(states.get(name, ("", None, None))[0] == "done" for name in destinations):
                 return 0x0000, ""
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -530,12 +529,13 @@ class Intake:
             self.queue.wait_recorded(generation, min(remaining, 1.0) if unknown else remaining)
 
 
-def _failure_status(reason: str) -> int:
-    """The destination's own failure status when the reason starts with one (``0xA900 ...``,
-    from bridge.dimse.statuses), else 0xC000."""
-    m = re.match(r"0x([0-9A-Fa-f]{4})\b", reason)
-    status = int(m.group(1), 16) if m else 0
-    return status if status & 0xF000 in (0xA000, 0xC000) or status in (0x0117, 0x0122, 0x0124) else 0xC000
+def _delivery_failure(status: int | None) -> int:
+    """The status of a C-STORE whose delivery failed (``ack: delivered``): the status the
+    destination failed it with, when it gave one that says failure to a modality too
+    (0xA7xx, 0xA9xx, 0xCxxx, 0x0117, 0x0122, 0x0124), else 0xC000."""
+    if status is not None and (status & 0xF000 in (0xA000, 0xC000) or status in (0x0117, 0x0122, 0x0124)):
+        return status
+    return 0xC000
 
 
 def ruleset(config: Config) -> RuleSet:
