@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from corpus import ct_series
 from peers import echoscu, wait_for
+from rawpeer import IMPLICIT_LE, VERIFICATION, RawPeer, command_set, element, p_data
 from test_store import dcm_files, folder_config
 
 
@@ -99,3 +100,34 @@ def test_echoes_and_stores_interleaved_on_one_association(tmp_path, bridge_facto
     finally:
         assoc.release()
     wait_for(lambda: len(dcm_files(bridge.data_dir / "archive")) == 3, 30, "the archive")
+
+
+# (Command Field, its elements besides Affected SOP Class UID and Command Data Set Type)
+_UNSERVED = {
+    "C-FIND-RQ": (0x0020, {0x0110: 1, 0x0700: 0}),  # with an identifier (below)
+    "C-ECHO-RSP": (0x8030, {0x0120: 1, 0x0900: 0}),
+    "C-STORE-RSP": (0x8001, {0x0110: 1, 0x0900: 0}),  # a Message ID where the response's belongs
+}
+
+
+@pytest.mark.parametrize("message", list(_UNSERVED))
+def test_a_message_no_service_of_the_listener_answers_is_aborted(tmp_path, bridge_factory, message):
+    """On an accepted context, a request of a service the listener does not provide (or a
+    response, which nothing asked for) gets an A-ABORT, not silence; the listener goes on."""
+    bridge = bridge_factory(folder_config(tmp_path / "out"))
+    command_field, values = _UNSERVED[message]
+    peer = RawPeer(bridge.port)
+    try:
+        assert peer.associate([(1, VERIFICATION, IMPLICIT_LE)]) == [1]
+        with_identifier = command_field == 0x0020
+        elements = {0x0002: b"1.2.840.10008.1.1\x00", 0x0100: struct.pack("<H", command_field),
+                    0x0800: struct.pack("<H", 0x0000 if with_identifier else 0x0101)}
+        elements |= {key: struct.pack("<H", value) for key, value in values.items()}
+        peer.send(p_data(1, 0x03, command_set(elements)))
+        if with_identifier:  # (0008,0052) Query/Retrieve Level
+            peer.send(p_data(1, 0x02, element(0x0008, 0x0052, b"STUDY ")))
+        assert peer.answer().kind in ("abort", "closed")
+    finally:
+        peer.close()
+    wait_for(lambda: "is not a service the listener provides" in bridge.log(), 10, "the abort in the log")
+    assert echoscu(bridge.port, called_ae="BRIDGE").returncode == 0
