@@ -7,11 +7,11 @@ UIDs; ask the rules for destinations (``unrouted`` when none); check the free-sp
 floor; fsync the file, rename it into the spool and fsync the folder; insert the queue
 rows in one transaction. Any failure raises an ``InboundError`` saying what it is (the
 caller decides what it means: a C-STORE's status, a watched file failed or retried)
-and leaves nothing in the spool. The file's fsync runs in the calling thread: for a received instance the disk
-has been writing the file since the message was complete (``HashingTempFile.seal``),
-so it waits for what is left (a thread beside the header's parsing, as before, cost a
-wake-up each way for no shorter wait). The folder's fsync runs in a thread beside the
-queue's commit: the two waits overlap.
+and leaves nothing in the spool. The file's fsync runs in the calling thread: for a
+received instance the disk has been writing the file since the message was complete
+(``HashingTempFile.seal``), so it waits for what is left (in a thread beside the
+header's parsing, it cost a wake-up each way for no shorter wait). The folder's fsync
+runs in a thread beside the queue's commit: the two waits overlap.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def examine(path: Path, ctx: Context, rules: RuleSet, check: Callable[[Dataset, 
     """What intake reads and decides of a file before anything is written: its header,
     its required UIDs (SOP Class, SOP Instance, Study, Series) and the rules' decision.
     Raises the ``InboundError`` that refuses it (``check`` may raise its own).
-    ``dicom-bridge route`` asks the same (``explain``: every rule's verdict), so it says what the listener would."""
+    ``dicom-bridge route`` asks the same (``explain``: every rule's verdict), so it says
+    what the listener would."""
     header = dicomfile.read_header(path)
     uids = dicomfile.required_uids(header)
     if check is not None:
