@@ -1,5 +1,5 @@
-"""The daemon: opens the spool and queue, starts delivery, intake and watched folders, and
-handles signals.
+"""The daemon: opens the spool and queue, starts delivery, the DIMSE listener and watched
+folders, and handles signals.
 
 Signal handlers only note the signal; the main loop acts on it (SIGTERM/SIGINT: stop
 watching, drain and exit 0; SIGHUP: reload, watched folders included). systemd is told
@@ -26,9 +26,12 @@ from prometheus_client import start_http_server
 
 from bridge import destinations
 from bridge.config import Config, DataDir, Node, load_config
-from bridge.dimse.listener import Intake, bind_failure, configure_pynetdicom
+from bridge.dimse.listener import Listener, bind_failure, configure_pynetdicom
+from bridge.dimse.store import Store
+from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
 from bridge.forward.delivery import SUSPENDED, Delivery, DestinationRunner
+from bridge.forward.ingest import Ingest
 from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
@@ -66,7 +69,8 @@ class Daemon:
         self.spool = Spool(self.data_dir)  # nothing is written before start() has bound
         self.queue: Queue | None = None
         self.delivery: Delivery | None = None
-        self.intake: Intake | None = None
+        self.listener: Listener | None = None
+        self.ingest: Ingest | None = None
         self.watcher: Watcher | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -78,9 +82,9 @@ class Daemon:
         _log_config(self.config)
         configure_pynetdicom(self.spool, self.config.accept.any_sop_class)
         # The listening sockets first: an address in use (another instance) fails here,
-        # before anything is written. No association is served before intake.start().
-        self.intake = Intake(self.config, self.metrics)
-        self.intake.bind()
+        # before anything is written. No association is served before listener.start().
+        self.listener = Listener(self.config, self.metrics, self.spool)
+        self.listener.bind()
         if self.config.metrics.port:
             self._serve_metrics()
         self.data_dir.root.mkdir(parents=True, exist_ok=True)
@@ -101,9 +105,13 @@ class Daemon:
             d for (d, state), n in self.queue.counts().items()
             if d not in self.config.destinations and state in _UNDELIVERED and n
         })
-        self.intake.start(self.spool, self.queue, on_queued=self.delivery.wake, on_finished=self.delivery.flush)
-        # Watched files go through the intake's durable path (bridge.forward.ingest), with its rules.
-        self.watcher = Watcher(self.config, self.intake.rules, self.intake.ingest, self.metrics)
+        # The durable path of C-STOREs and watched files alike (bridge.forward.ingest).
+        self.ingest = Ingest(self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
+        # The DIMSE services the listener provides: a module of bridge.dimse each.
+        self.listener.start([Verification(self.metrics), Store(self.ingest, self.queue, self.metrics)],
+                            on_finished=self.delivery.flush)
+        # Watched files are taken with the listener's rules.
+        self.watcher = Watcher(self.config, self.listener.rules, self.ingest, self.metrics)
         self.watcher.start()
         self.housekeeping()
         sd_notify("READY=1")
@@ -151,7 +159,7 @@ class Daemon:
         if orphans:
             LOGGER.info("removed %d spool file(s) that no queue row needs", len(orphans))
         # Rows whose file is gone: a crash after the queue's commit but before the file's
-        # folder entry reached the disk (intake syncs the two side by side, and answers
+        # folder entry reached the disk (ingest syncs the two side by side, and answers
         # only once both are durable), or files removed by hand. Left pending, such a row
         # would make the modality's resend of that instance look like a harmless
         # duplicate, acknowledged and then lost; dead, it says what happened.
@@ -205,9 +213,11 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         LOGGER.info("stopping: no new associations; waiting for those in progress")
-        if self.intake is not None:
-            self.intake.stop_accepting()
-            self.intake.drain(time.monotonic() + DRAIN_TIMEOUT)
+        if self.listener is not None:
+            self.listener.stop_accepting()
+            self.listener.drain(time.monotonic() + DRAIN_TIMEOUT)
+        if self.ingest is not None:
+            self.ingest.close()
         if self.delivery is not None:
             self.delivery.stop(DRAIN_TIMEOUT)
         if self.queue is not None:
@@ -228,10 +238,10 @@ class Daemon:
         destinations.preload(config.destinations.values())
         if self.delivery is not None:
             self._reload_destinations(config)
-        if self.intake is not None:
-            self.intake.reload(config)
-        if self.watcher is not None and self.intake is not None:
-            self.watcher.reload(config, self.intake.rules)
+        if self.listener is not None:
+            self.listener.reload(config)
+        if self.watcher is not None and self.listener is not None:
+            self.watcher.reload(config, self.listener.rules)
         self.config = config
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         _log_config(config)
@@ -332,8 +342,8 @@ class Daemon:
 
     @property
     def port(self) -> int:
-        assert self.intake is not None
-        return self.intake.port
+        assert self.listener is not None
+        return self.listener.port
 
 
 _UNDELIVERED = (PENDING, IN_FLIGHT, DEAD)

@@ -51,13 +51,60 @@ class UpstreamMisconfigured(UpstreamError):
     suspended)."""
 
 
-class IntakeError(BridgeError):
-    """An incoming instance is refused; ``status`` is the DIMSE status to answer with."""
+class InboundError(BridgeError):
+    """An instance received (by C-STORE, or from a watched folder) cannot be taken, for
+    ``reason`` (one line, for whoever sent it). What it becomes is decided by type where
+    it is caught: a DIMSE status (``bridge.dimse.store``), a failed file's reason
+    (``bridge.watch.watcher``)."""
 
-    def __init__(self, status: int, comment: str) -> None:
-        self.status = status
-        self.comment = comment[:64]  # ErrorComment is LO: 64 characters at most
-        super().__init__(comment)
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Unparseable(InboundError):
+    """The data set cannot be parsed, or a value the rules ask for cannot be converted."""
+
+
+class NotDicom(Unparseable):
+    """The file is not Part 10: no ``DICM`` prefix and File Meta Information."""
+
+
+class Truncated(Unparseable):
+    """The file ends before its data set does: cut short, or still being written."""
+
+
+class InvalidUid(InboundError):
+    """A required UID (``keyword``) is not a UID (PS3.5 9.1)."""
+
+    problem = "invalid"
+
+    def __init__(self, keyword: str) -> None:
+        self.keyword = keyword
+        super().__init__(f"{self.problem} {keyword}")
+
+
+class MissingUid(InvalidUid):
+    """A required UID is absent or empty."""
+
+    problem = "missing"
+
+
+class SopClassMismatch(InboundError):
+    """The data set's SOP Class UID is not the one its C-STORE request names."""
+
+
+class SopInstanceMismatch(InboundError):
+    """The data set's SOP Instance UID is not the one its C-STORE request names."""
+
+
+class Unrouted(InboundError):
+    """No rule routes the instance, and ``unrouted`` is ``reject``."""
+
+
+class OutOfResources(InboundError):
+    """The instance cannot be made durable now (a write to the spool or the queue failed,
+    or the spool is below its free-space floor); the same instance may be taken later."""
 
 
 class ModificationError(BridgeError):

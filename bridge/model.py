@@ -62,6 +62,7 @@ class Transient:
 
     reason: str
     retry_after: float | None = None
+    status: int | None = None  # the destination's DIMSE status (or STOW FailureReason), when it gave one
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Permanent:
     """This instance can never be delivered here as it is: dead-letter it with the reason."""
 
     reason: str
+    status: int | None = None  # the destination's DIMSE status (or STOW FailureReason), when it gave one
 
 
 Outcome = Done | Duplicate | Warning | Transient | Permanent

@@ -1,5 +1,5 @@
-"""Intake's header reader gives what pydicom's reader gives, on every file pydicom ships,
-and on headers longer than the bytes it reads at once."""
+"""The header reader of C-STORE and watched files gives what pydicom's reader gives, on every file
+pydicom ships, and on headers longer than the bytes it reads at once."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from corpus import BROKEN, ct_series
 from pydicom import dcmread
 
 from bridge.dataset import dicomfile
-from bridge.errors import IntakeError
-from tests.corpus import BROKEN, ct_series
+from bridge.errors import InboundError, Truncated
 
 TEST_FILES = sorted(p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*") if p.is_file())
 
@@ -52,7 +52,7 @@ def test_read_header_reads_what_pydicom_reads(path: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             mine = dicomfile.read_header(path)
-        except IntakeError:
+        except InboundError:
             # refused: only what pydicom cannot read either, or a file cut short
             ref, _ = _pydicom(path)
             assert isinstance(ref, type) or path.name in BROKEN, f"refused {path.name}, which pydicom reads"
@@ -79,7 +79,7 @@ def test_a_header_longer_than_the_first_read_is_read_whole(tmp_path: Path, fille
     whole = path.read_bytes()
     for cut in (stop + 4, stop + 6, stop + 8, stop + 100, len(whole) - 1):
         path.write_bytes(whole[:cut])
-        with pytest.raises(IntakeError):
+        with pytest.raises(InboundError):
             dicomfile.read_header(path)
 
 
@@ -90,7 +90,7 @@ def test_a_file_cut_in_pixel_data_within_the_first_read_is_refused(tmp_path: Pat
     _same_header(dicomfile.read_header(path), ref)
     for cut in (stop + 4, stop + 7, stop + 10, stop + 12, len(whole) - 2):  # from within its tag's header
         path.write_bytes(whole[:cut])
-        with pytest.raises(IntakeError):
+        with pytest.raises(InboundError):
             dicomfile.read_header(path)
 
 
@@ -104,14 +104,14 @@ def test_a_file_cut_in_its_header_is_refused_as_cut_there(tmp_path: Path) -> Non
     reasons = {}
     for cut in (meta_end - 20, meta_end + 3, meta_end + 30, pixel_data - 5, pixel_data - 1, pixel_data + 2):
         path.write_bytes(whole[:cut])
-        with pytest.raises(IntakeError) as refused:
+        with pytest.raises(Truncated) as refused:
             dicomfile.read_header(path)
         reasons[cut] = str(refused.value)
     assert reasons[meta_end - 20] == "data set is truncated in its File Meta Information"
     for cut in (meta_end + 3, meta_end + 30, pixel_data - 5, pixel_data - 1, pixel_data + 2):
         assert reasons[cut].startswith("data set is truncated in its header"), (cut, reasons[cut])
     path.write_bytes(whole[:pixel_data + 6])
-    with pytest.raises(IntakeError, match="truncated in Pixel Data"):
+    with pytest.raises(Truncated, match="truncated in Pixel Data"):
         dicomfile.read_header(path)
 
 

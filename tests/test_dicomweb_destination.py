@@ -30,7 +30,7 @@ from fakestow import FakeStow, Request, form, response, stored
 from peers import Bridge, free_port, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from test_intake import PROPOSE
+from test_store import PROPOSE
 
 from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.destinations.dicomweb import DicomwebDestination

@@ -13,7 +13,7 @@ from peers import Bridge, StoreSCP, run_dcmtk, storescu, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, generate_uid
-from test_intake import PROPOSE
+from test_store import PROPOSE
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -19,8 +20,9 @@ from bridge.config import DataDir, validate
 from bridge.dataset.dicomfile import attributes
 from bridge.destinations.archive import ArchiveDestination
 from bridge.dimse.listener import ruleset
-from bridge.errors import UpstreamUnavailable
-from bridge.forward.ingest import Ingest, IngestSettings, Stored
+from bridge.dimse.store import refusal
+from bridge.errors import InboundError, UpstreamUnavailable
+from bridge.forward.ingest import Ingest, IngestSettings
 from bridge.forward.queue import Queue
 from bridge.forward.spool import Spool, sha256_file
 from bridge.metrics import Metrics
@@ -287,6 +289,13 @@ def test_a_keep_first_archive_whose_index_is_full_places_the_batch_again_and_ind
     assert indexed == {sop_uid(f) for f in files}
 
 
+@dataclass
+class Answer:
+    status: int
+    comment: str = ""
+    rows: int = 0
+
+
 class Intake:
     """The durable path of a C-STORE (``bridge.forward.ingest``) on its own, over a spool and a
     queue in ``data_dir``: what intake does once pynetdicom has received a data set."""
@@ -307,12 +316,16 @@ class Intake:
         temp.close()
         return Path(temp.name)
 
-    def store(self, path: Path) -> Stored:
+    def store(self, path: Path) -> Answer:
+        """What a C-STORE of ``path`` is answered."""
         try:
-            return self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), IngestSettings.of(self.config),
-                                     ruleset(self.config))
+            stored = self.ingest.store(path, Context("CT1", "BRIDGE", "127.0.0.1"), IngestSettings.of(self.config),
+                                       ruleset(self.config))
+        except InboundError as exc:
+            return Answer(*refusal(exc))
         finally:
-            path.unlink(missing_ok=True)  # as intake does
+            path.unlink(missing_ok=True)  # as the store service does
+        return Answer(0x0000, "", stored.rows)
 
     def close(self) -> None:
         self.ingest.close()

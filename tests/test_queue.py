@@ -197,3 +197,25 @@ def test_a_queue_of_schema_version_1_gains_the_attributes_column(tmp_path):
         assert [r.instance.attributes for r in q.claim("archive", 10, 1 << 30)] == [{}, {}]
     finally:
         q.close()
+
+
+def test_a_dead_row_keeps_the_status_that_failed_it_also_in_a_queue_of_schema_version_3(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "queue.sqlite"
+    Queue(path).close()
+    db = sqlite3.connect(path)  # what version 3 wrote: no failure_status column
+    db.execute("ALTER TABLE queue DROP COLUMN failure_status")
+    db.commit()
+    db.close()
+    q = Queue(path)
+    try:
+        q.enqueue(instance("1.1"), [Route("a"), Route("b"), Route("c")])
+        for name, outcome in (("a", Permanent("0xA900 refused", 0xA900)), ("b", Permanent("modify: no")),
+                              ("c", Transient("0xA700 busy", status=0xA700))):
+            q.record(q.claim(name, 1, 10**9), [outcome], Retry(initial=60, max=600, max_attempts=1, max_age=3600))
+        found = q.delivery_states("1.1", "a" * 64, ["a", "b", "c"])
+        assert found == {"a": ("dead", "0xA900 refused", 0xA900), "b": ("dead", "modify: no", None),
+                          "c": ("dead", "0xA700 busy (after 1 attempts)", 0xA700)}
+    finally:
+        q.close()

@@ -14,9 +14,8 @@ import yaml
 
 from bridge.config import Config, DataDir, Modification
 from bridge.dataset import dicomfile
-from bridge.dimse import listener as intake
-from bridge.dimse import statuses
-from bridge.errors import IntakeError
+from bridge.dimse import listener, statuses, store
+from bridge.errors import InboundError
 from bridge.forward import ingest
 from bridge.routing import rules
 
@@ -116,18 +115,19 @@ def route_lines(config: Config, path: Path, ctx: rules.Context,
     """The explanation of one file's routing, a line each, and the status a C-STORE of it
     would get (0 for a find or retrieve identifier that parses). A C-STORE goes through
     the listener's own checks (``ingest.examine``): header, required UIDs, rules."""
-    ruleset = intake.ruleset(config)  # the listener's rules, built as the listener builds them
+    ruleset = listener.ruleset(config)  # the listener's rules, built as the listener builds them
     try:
         if verb == "store":
             header, (sop_class, *_), decision = ingest.examine(path, ctx, ruleset, explain=True)
-            if not config.accept.any_sop_class and sop_class not in intake.storage_sop_classes(config):
+            if not config.accept.any_sop_class and sop_class not in store.storage_sop_classes(config):
                 return [f"{path}: would be refused: its SOP class {sop_class} is not accepted (no presentation "
                         "context for it: see accept.extra_sop_classes, accept.any_sop_class)"], 0x0122
         else:
             header = dicomfile.read_header(path)
             decision = ruleset.route(verb, ctx, header, explain=True)
-    except IntakeError as exc:
-        return [f"{path}: would be refused: {statuses.describe(exc.status, exc.comment)}"], exc.status
+    except InboundError as exc:
+        status, comment = store.refusal(exc)
+        return [f"{path}: would be refused: {statuses.describe(status, comment)}"], status
     summary = ", ".join(f"{k} {v}" for k, v in (
         ("Modality", dicomfile.text(header, "Modality")),
         ("study", dicomfile.text(header, "StudyInstanceUID")),

@@ -18,7 +18,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from bridge.dataset.uids import is_valid_uid
-from bridge.errors import IntakeError
+from bridge.errors import InboundError, InvalidUid, MissingUid, NotDicom, Truncated, Unparseable
 
 # Values longer than this stay on disk until asked for: the header of a 2 GB
 # multi-frame instance costs kilobytes.
@@ -28,7 +28,8 @@ _DEFER = 16 * 1024
 def read_header(path: Path) -> Dataset:
     """The file's meta and data set up to, not including, Pixel Data.
 
-    Raises ``IntakeError(0xC000)`` when the file cannot be parsed.
+    Raises ``Truncated`` when the file ends before its data set does, ``Unparseable``
+    (or ``NotDicom``) when it cannot be parsed otherwise.
     """
     try:
         with open(path, "rb") as f:
@@ -45,17 +46,23 @@ def read_header(path: Path) -> Dataset:
             # Values are converted lazily, when a rule or the index asks for them:
             # converting all of them here would double the cost of a C-STORE.
             if not _pixel_data_complete(f, ds, stop, end, head):
-                raise IntakeError(0xC000, "data set is truncated in Pixel Data")
+                raise Truncated("data set is truncated in Pixel Data")
             cut = _cut_after_last(f, ds, end) if stop >= end else None
             if cut:
-                raise IntakeError(0xC000, cut)
-    except IntakeError:
+                raise Truncated(cut)
+    except InboundError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError) as exc:
-        raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean the same here
-        raise IntakeError(0xC000, f"cannot parse data set: {type(exc).__name__}") from exc
+        raise unparseable("cannot parse data set", exc) from exc
     return ds
+
+
+def unparseable(what: str, exc: Exception) -> Unparseable:
+    """``what`` failed with ``exc`` while pydicom read a file: ``Truncated`` when the file
+    ended first (``EOFError``), ``NotDicom`` when it is not Part 10, else ``Unparseable``;
+    the reason names the exception's type."""
+    kind = Truncated if isinstance(exc, EOFError) else NotDicom if isinstance(exc, InvalidDicomError) else Unparseable
+    return kind(f"{what}: {type(exc).__name__}")
 
 
 # The header is parsed from the file's first bytes, read at once: pydicom asks the file
@@ -156,7 +163,8 @@ def _read_plain_part10(f: BinaryIO) -> FileDataset | None:
 
 
 def required_uids(ds: Dataset) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study, Series) UIDs, each valid, or ``IntakeError(0xC000)``."""
+    """(SOP Class, SOP Instance, Study, Series) UIDs, each valid; else ``MissingUid`` or
+    ``InvalidUid``."""
     values = []
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         # ``text`` reads the raw value without pydicom's conversion, whose own validation
@@ -164,15 +172,15 @@ def required_uids(ds: Dataset) -> tuple[str, str, str, str]:
         # the check below.
         value = text(ds, keyword)
         if not value:
-            raise IntakeError(0xC000, f"missing {keyword}")
+            raise MissingUid(keyword)
         if not is_valid_uid(value):
-            raise IntakeError(0xC000, f"invalid {keyword}")
+            raise InvalidUid(keyword)
         values.append(value)
     return values[0], values[1], values[2], values[3]
 
 
 # What the archive index and queue listings keep of each instance besides its UIDs
-# (SpooledInstance.attributes). Intake reads them from the header it has parsed anyway,
+# (SpooledInstance.attributes). Ingest reads them from the header it has parsed anyway,
 # so no destination needs to parse the file again.
 INDEX_KEYWORDS = (
     "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",

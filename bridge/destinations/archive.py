@@ -20,7 +20,7 @@ from bridge.archive.index import ArchiveIndex
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.dataset.dicomfile import attributes, read_header
 from bridge.destinations.folder import FileDestination
-from bridge.errors import IntakeError, UpstreamUnavailable
+from bridge.errors import InboundError, UpstreamUnavailable
 from bridge.model import SpooledInstance
 
 LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}"
@@ -55,7 +55,7 @@ class ArchiveDestination(FileDestination):
             if not instance.attributes:  # not read at intake (e.g. a row queued by an older version)
                 try:
                     instance = replace(instance, attributes=attributes(read_header(path)))
-                except IntakeError:
+                except InboundError:
                     pass  # intake parsed it; only a file changed behind our back gets here
             entries.append((instance, path))
         assert self.index is not None, "open() comes before send()"

@@ -29,7 +29,7 @@ from bridge.config import FolderDestination as FolderConfig
 from bridge.dataset.dicomfile import read_header
 from bridge.dataset.uids import is_valid_uid, sanitise
 from bridge.destinations import sending
-from bridge.errors import IntakeError, UpstreamUnavailable
+from bridge.errors import InboundError, UpstreamUnavailable
 from bridge.forward.spool import fsync_dir, fsync_file, sha256_file
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
 from bridge.routing.modify import ModifiedCopy
@@ -140,8 +140,8 @@ class FileDestination:
                 instance = copy.describe(instance)  # the path is rendered from the copy's values
             else:
                 header = read_header(instance.spool_path) if self._needs_header else None
-        except IntakeError as exc:
-            return Permanent(f"cannot read header: {exc.comment}"), None, instance
+        except InboundError as exc:
+            return Permanent(f"cannot read header: {exc.reason}"), None, instance
         except FileNotFoundError as exc:
             raise sending.spool_file_missing() from exc
         folder = self.root.joinpath(*(self._render(c, instance, header) for c in self._components))

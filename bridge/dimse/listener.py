@@ -1,8 +1,10 @@
-"""Intake: the DIMSE listener that turns associations into durable, queued instances.
+"""The DIMSE listener: association policy, socket tuning, pynetdicom's AE and server, the
+bounds on pending connections, each association's snapshot of the configuration and
+rules, drain, reload and stop.
 
-C-STORE answers 0x0000 only once the instance is durable: the file fsynced, renamed
-into the spool, the folder fsynced, and its queue rows committed (``bridge.forward.ingest``,
-the path it shares with watched folders).
+What it serves are the services handed to ``start``, one module each beside this one
+(``verification``, ``store``): each adds its presentation contexts to the AE, answers
+one pynetdicom event, and decides its own statuses (``Service``). The daemon lists them.
 
 pynetdicom is used through documented switches and pinned overrides, all set in
 ``configure_pynetdicom`` (pynetdicom keeps them as process globals; the overrides made
@@ -32,41 +34,32 @@ import fnmatch
 import ipaddress
 import itertools
 import logging
-import re
 import socket
-import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pynetdicom
 import pynetdicom.dimse_messages
 from pydicom import config as pydicom_config
-from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AE, _config, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge.config import Config
 from bridge.dimse import pynetdicom_overrides
-from bridge.errors import IntakeError, StartError
-from bridge.forward.ingest import Ingest, IngestSettings
-from bridge.forward.queue import Queue
+from bridge.errors import StartError
 from bridge.forward.spool import HashingTempFile, Spool
 from bridge.metrics import Metrics
-from bridge.routing.rules import Context, RuleSet
+from bridge.routing.rules import RuleSet
 
 LOGGER = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 _UNLIMITED = 1_000_000
 
 # A-ASSOCIATE-RJ (result, source, reason) per docs/conformance.md
@@ -127,24 +120,39 @@ def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
 
 
 @dataclass
-class _AssocStats:
-    label: str
+class AssociationState:
+    """What the listener knows of one association, handed to its services with each request."""
+
+    label: str  # A<n>, the name of its threads
+    config: Config  # the configuration and rules it started with: a reload applies to
+    rules: RuleSet  # associations that start after it, never to one in progress
     calling_ae: str = ""
+    called_ae: str = ""
     peer: str = ""
-    stored: int = 0
-    failed: int = 0
+    stored: int = 0  # C-STOREs answered 0x0000
+    failed: int = 0  # C-STOREs answered with an error status
     started: float = 0.0
-    # The configuration and rules the association started with: a reload applies to
-    # associations that start after it, never to one in progress.
-    config: Config | None = None
-    rules: RuleSet | None = None
 
 
-def storage_sop_classes(config: Config) -> list[str]:
-    """The storage SOP classes the listener accepts contexts for (with
-    ``accept.any_sop_class``, pynetdicom accepts any other abstract syntax as storage too)."""
-    sop_classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-    return sop_classes + [uid for uid in config.accept.extra_sop_classes if uid not in sop_classes]
+class Service(Protocol):
+    """A DIMSE service the listener provides (a module of ``bridge.dimse`` each).
+
+    ``add_contexts`` adds its presentation contexts to the listener's AE, once, before
+    any association; ``handle`` answers ``event`` (pynetdicom's, for each request of it)
+    as pynetdicom's handler of that event returns; ``serves`` says whether a DIMSE
+    message (its primitive) is a request of this service. A message no service claims
+    is aborted (``pynetdicom_overrides.prepare``), never handed to pynetdicom's service
+    classes, which would leave it unanswered; C-STORE and C-CANCEL requests are taken by
+    the seam before it asks.
+    """
+
+    event: evt.InterventionEvent
+
+    def add_contexts(self, ae: AE, config: Config) -> None: ...
+
+    def serves(self, primitive: Any) -> bool: ...
+
+    def handle(self, event: evt.Event, association: AssociationState) -> Any: ...
 
 
 def bind_failure(settings: str, host: str, port: int, exc: OSError) -> str:
@@ -174,35 +182,33 @@ def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
 class _AssociationServer(ThreadedAssociationServer):
     """pynetdicom's server, with a listen backlog for bursts of modalities (socketserver's
     default is 5: 300 simultaneous connects took 47 s to be accepted) and a bound on the
-    connections that have not yet asked for an association (``Intake._may_connect``)."""
+    connections that have not yet asked for an association (``Listener._may_connect``)."""
 
     request_queue_size = 128
-    intake: Intake
+    listener: Listener
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.intake._may_connect(client_address)
+        return self.listener._may_connect(client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.intake._handed_over()
+            self.listener._handed_over()
 
 
-class Intake:
-    """The listener: associations, C-ECHO and C-STORE."""
+class Listener:
+    """The DIMSE listener: associations, and the services handed to ``start``."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, spool: Spool) -> None:
         self.config = config
         self.rules = ruleset(config)
         self.metrics = metrics
-        # Set by start(), once the spool and queue are ready.
-        self.spool: Spool
-        self.queue: Queue
-        self.ingest: Ingest
+        self.spool = spool  # where pynetdicom writes the data sets it receives
+        self.services: Sequence[Service] = ()  # set by start()
         self.on_finished: Callable[[], None] = lambda: None  # an association that stored something ended
         self._ids = itertools.count(1)
-        self._stats: dict[int, _AssocStats] = {}
+        self._states: dict[int, AssociationState] = {}
         self._server: Any = None
         self._serving = False
         # Connections accepted whose handling thread has not ended yet; after that, a
@@ -227,21 +233,13 @@ class Intake:
         ae.dimse_timeout = cfg.listen.timeouts.dimse
         # pynetdicom has one "network" timer: no PDU for this long ends the association.
         ae.network_timeout = min(cfg.listen.timeouts.network, cfg.listen.timeouts.idle)
-        ae.add_supported_context(VERIFICATION)
-        for uid in storage_sop_classes(cfg):
-            # pynetdicom serves a request by the service class of its SOP Class UID, and
-            # aborts one whose class it does not know: a private storage class must be
-            # registered with it (process-wide; registering again is harmless).
-            if uid in cfg.accept.extra_sop_classes and uid_to_service_class(uid) is not StorageServiceClass:
-                register_uid(uid, "BridgeStorage_" + uid.replace(".", "_"), StorageServiceClass)
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         return ae
 
     def bind(self) -> None:
         """Bind and listen, without serving: the daemon does this before it writes
         anything, so an address in use fails the start at once, naming it. Connections
         that arrive before ``start`` wait in the listen backlog: none is served before
-        the spool and queue are ready."""
+        the spool, the queue and the services are ready."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -249,28 +247,32 @@ class Intake:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
         ]
         listen = self.config.listen
         try:
-            # AE.start_server(block=False), with the bridge's server class; served from start().
-            server = cast(_AssociationServer, self.ae.make_server((listen.host, listen.port), evt_handlers=handlers,
-                                                                  server_class=_AssociationServer))
+            # AE.start_server(block=False) with the bridge's server class, served from
+            # start(); built directly, as AE.make_server would, because the services'
+            # presentation contexts are added only then.
+            server = _AssociationServer(self.ae, (listen.host, listen.port), self.config.ae_title, [],
+                                        evt_handlers=handlers)
         except OSError as exc:
             raise StartError(bind_failure("listen.host, listen.port", listen.host, listen.port, exc)) from exc
-        server.intake = self
+        server.listener = self
         self.ae._servers.append(server)  # AE.shutdown() and the server's shutdown() look for it there
         self._server = server
 
-    def start(self, spool: Spool, queue: Queue, on_queued: Any = None,
-              on_finished: Callable[[], None] | None = None) -> None:
-        """Serve associations (bound first if ``bind`` was not called)."""
-        self.spool, self.queue = spool, queue
-        self.ingest = Ingest(spool, queue, self.metrics, on_queued)
+    def start(self, services: Sequence[Service], on_finished: Callable[[], None] | None = None) -> None:
+        """Serve ``services`` (bound first if ``bind`` was not called). ``on_finished``:
+        an association that stored something has ended."""
         self.on_finished = on_finished or (lambda: None)
         if self._server is None:
             self.bind()
+        self.services = services
+        for service in services:
+            service.add_contexts(self.ae, self.config)
+            self._server.bind(service.event, self._handler(service))
+        # An association takes the server's contexts when it is requested: none was yet.
+        self._server.contexts = self.ae.supported_contexts
         threading.Thread(target=self._server.serve_forever, name="AcceptorServer", daemon=True).start()
         self._serving = True
         LOGGER.info("listening on %s:%d as %s", self.config.listen.host, self.port, self.config.ae_title)
@@ -298,7 +300,6 @@ class Intake:
         for assoc in self.ae.active_associations:
             LOGGER.warning("aborting association %s at shutdown", assoc.name)
             assoc.abort()
-        self.ingest.close()
 
     def reload(self, config: Config) -> None:
         """New rules apply to associations that start after this."""
@@ -369,7 +370,8 @@ class Intake:
         # Until its A-ASSOCIATE-RQ: ARTIM, and the association thread's wait for it
         # (pynetdicom takes both from acse_timeout), restored in _on_requested.
         event.assoc.acse_timeout = timeouts.association_request
-        pynetdicom_overrides.prepare(event.assoc, serve_inline=True, on_refused=self._on_refused)
+        pynetdicom_overrides.prepare(event.assoc, serve_inline=True, on_refused=self._on_refused,
+                                     serves=self._serves)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -388,8 +390,8 @@ class Intake:
         calling, called = primitive.calling_ae_title.strip(), primitive.called_ae_title.strip()
         peer = str(rq.address)
         config, rules = self.config, self.rules
-        self._stats[id(assoc)] = _AssocStats(label, calling, peer, started=time.monotonic(), config=config,
-                                             rules=rules)
+        self._states[id(assoc)] = AssociationState(label, config, rules, calling, called, peer,
+                                                   started=time.monotonic())
         accept = config.accept
         reject = None
         if accept.hosts is not None and not _in_networks(peer, accept.hosts):
@@ -408,23 +410,23 @@ class Intake:
             assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
-        stats = self._stats.pop(id(event.assoc), None)
+        state = self._states.pop(id(event.assoc), None)
         rj = event.assoc.acceptor.primitive
         rsd = cast(tuple[int, int, int], (rj.result, rj.result_source, rj.diagnostic) if rj else (0, 0, 0))
         reason = _REJECT_REASONS.get(rsd, "rejected")
         self.metrics.associations.labels("rejected").inc()
         LOGGER.info(
             "rejected association from %s at %s: %s (A-ASSOCIATE-RJ %d/%d/%d)",
-            stats.calling_ae if stats else "?", stats.peer if stats else "?", reason, *rsd,
+            state.calling_ae if state else "?", state.peer if state else "?", reason, *rsd,
         )
 
     def _on_established(self, event: evt.Event) -> None:
-        stats = self._stats.get(id(event.assoc))
+        state = self._states.get(id(event.assoc))
         self.metrics.associations.labels("accepted").inc()
         self.metrics.active_associations.inc()
         accepted = len(event.assoc.accepted_contexts)
         LOGGER.info("association from %s at %s to %s accepted (%d contexts)",
-                    stats.calling_ae if stats else "?", stats.peer if stats else "?",
+                    state.calling_ae if state else "?", state.peer if state else "?",
                     event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else "",
                     accepted)
 
@@ -435,107 +437,37 @@ class Intake:
         partial = getattr(getattr(event.assoc.dimse, "message", None), "_data_set_path", None)
         if partial is not None:
             self.spool.discard(Path(partial))
-        stats = self._stats.pop(id(event.assoc), None)
-        if stats is None:
+        state = self._states.pop(id(event.assoc), None)
+        if state is None:
             return
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         LOGGER.info("association %s after %.1fs: %d stored, %d refused",
-                    how, time.monotonic() - stats.started, stats.stored, stats.failed)
-        if stats.stored:
+                    how, time.monotonic() - state.started, state.stored, state.failed)
+        if state.stored:
             self.on_finished()
 
     def _on_refused(self, assoc: Any, status: int, reason: str) -> None:
-        """A C-STORE request refused before it reached ``_on_store`` (its command is wrong:
-        bridge.dimse.pynetdicom_overrides logs it with the peer's address and answers it)."""
+        """A C-STORE request refused before it reached the store service (its command is
+        wrong: bridge.dimse.pynetdicom_overrides logs it with the peer's address and answers it)."""
         self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
-        stats = self._stats.get(id(assoc))
-        if stats is not None:
-            stats.failed += 1
+        state = self._states.get(id(assoc))
+        if state is not None:
+            state.failed += 1
 
-    # -- DIMSE services ----------------------------------------------------------------
+    # -- services ----------------------------------------------------------------------
 
-    def _on_echo(self, event: evt.Event) -> int:
-        self.metrics.dimse_requests.labels("C-ECHO", "0x0000").inc()
-        return 0x0000
+    def _serves(self, primitive: Any) -> bool:
+        return any(service.serves(primitive) for service in self.services)
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        stats = self._stats.get(id(event.assoc)) or _AssocStats("?")
-        path = event.dataset_path
-        status = -1
-        try:
-            status, comment = self._store(event, path, stats)
-        finally:
-            if status != 0x0000:  # refused: nothing half-written is kept (stored: moved into the spool)
-                path.unlink(missing_ok=True)
-        self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
-        if status == 0x0000:
-            stats.stored += 1
-        else:
-            stats.failed += 1
-        if not comment:
-            return status  # an int: no pydicom Dataset to build and take apart again
-        rsp = Dataset()
-        rsp.Status = status
-        rsp.ErrorComment = comment[:64]
-        return rsp
+    def _handler(self, service: Service) -> Callable[[evt.Event], Any]:
+        """pynetdicom's handler of ``service.event``: the service, with its association's state."""
 
-    def _store(self, event: evt.Event, path: Path, stats: _AssocStats) -> tuple[int, str]:
-        request = cast(C_STORE, event.request)
-        config, rules = stats.config or self.config, stats.rules or self.rules
-        called = event.assoc.acceptor.primitive.called_ae_title.strip() if event.assoc.acceptor.primitive else ""
+        def handler(event: evt.Event) -> Any:
+            state = self._states.get(id(event.assoc)) or AssociationState("?", self.config, self.rules)
+            return service.handle(event, state)
 
-        def matches_command(header: Dataset, sop_class: str, sop_instance: str) -> None:
-            if sop_class != str(request.AffectedSOPClassUID):
-                raise IntakeError(0xA900, "SOP Class differs from the command's")
-            if sop_instance != str(request.AffectedSOPInstanceUID):
-                raise IntakeError(0xC000, "SOP Instance UID differs from the command's")
-
-        ctx = Context(calling_ae=stats.calling_ae, called_ae=called, peer=stats.peer)
-        stored = self.ingest.store(path, ctx, IngestSettings.of(config), rules, "C-STORE", check=matches_command)
-        if stored.status == 0x0000 and stored.decision.await_delivery:
-            return self._await_delivery(stored.sop_instance_uid, stored.sha256, stored.decision.await_delivery,
-                                        stored.decision.ack_timeout)
-        return stored.status, stored.comment
-
-    def _await_delivery(self, sop_instance: str, sha256: str, destinations: set[str],
-                        timeout: float) -> tuple[int, str]:
-        """``ack: delivered``: answer once every destination holds the instance; a dead row
-        is a failure status, and no answer in time is 0xA700 'delivery pending' (the row
-        stays queued, so the modality's resend is a harmless duplicate)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            generation = self.queue.generation()
-            try:
-                states = self.queue.delivery_states(sop_instance, sha256, destinations)
-            except sqlite3.Error as exc:  # not known now: look again, until the deadline
-                self.metrics.queue_errors.labels("intake").inc()
-                LOGGER.warning("C-STORE of %s: cannot read its delivery state: %s", sop_instance, exc)
-                states, unknown = {}, True
-            else:
-                unknown = False
-            dead = {name: error or "" for name, (state, error) in states.items() if state == "dead"}
-            if dead:
-                name, error = next(iter(dead.items()))
-                LOGGER.warning("C-STORE of %s answered as failed: delivery to %s failed: %s", sop_instance, name,
-                               error)
-                return _failure_status(error), f"delivery to {name} failed: {error}"
-            if all(states.get(name, ("", None))[0] == "done" for name in destinations):
-                return 0x0000, ""
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                LOGGER.info("C-STORE of %s answered 0xA700: not yet delivered to %s after %.0fs (stays queued)",
-                            sop_instance, ", ".join(sorted(destinations)), timeout)
-                return 0xA700, "delivery pending"
-            self.queue.wait_recorded(generation, min(remaining, 1.0) if unknown else remaining)
-
-
-def _failure_status(reason: str) -> int:
-    """The destination's own failure status when the reason starts with one (``0xA900 ...``,
-    from bridge.dimse.statuses), else 0xC000."""
-    m = re.match(r"0x([0-9A-Fa-f]{4})\b", reason)
-    status = int(m.group(1), 16) if m else 0
-    return status if status & 0xF000 in (0xA000, 0xC000) or status in (0x0117, 0x0122, 0x0124) else 0xC000
+        return handler
 
 
 def ruleset(config: Config) -> RuleSet:

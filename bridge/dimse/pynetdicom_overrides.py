@@ -128,7 +128,7 @@ from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_STORE, N_EVENT_REPORT
+from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_P_ABORT, P_DATA
@@ -726,8 +726,9 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
     if problem is not None:
         _refuse_store(self, message, d_primitive, context_id, *problem)
         return
-    if getattr(self.assoc, "_bridge_serve_inline", False) and type(message) is not C_STORE_RQ \
-            and not _listener_serves(d_primitive):
+    serves = getattr(self.assoc, "_bridge_serves", None)
+    if serves is not None and type(message) is not C_STORE_RQ and not isinstance(d_primitive, C_CANCEL) \
+            and not serves(d_primitive):
         _drop_message(self, f"{type(message).__name__} is not a service the listener provides")
         return
     inline = False
@@ -747,20 +748,6 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
     self.message = None
     if inline:
         self.assoc._serve_request(d_primitive, context_id)
-
-
-def _listener_serves(primitive: Any) -> bool:
-    """Whether the bridge's listener answers ``primitive`` (C-STORE aside): C-ECHO under
-    the Verification SOP Class, and C-CANCEL, which has no answer (PS3.7 9.3.2.3).
-    pynetdicom would hand anything else to the service class of its SOP Class UID, and
-    leave it unanswered (a response) or abort from within the handler."""
-    if isinstance(primitive, C_CANCEL):
-        return True
-    return isinstance(primitive, C_ECHO) and primitive.MessageIDBeingRespondedTo is None \
-        and primitive.AffectedSOPClassUID == _VERIFICATION
-
-
-_VERIFICATION = "1.2.840.10008.1.1"
 
 
 def _describe(exc: BaseException) -> str:
@@ -1059,7 +1046,8 @@ def _kill(self: Any) -> None:
 
 
 def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
-            on_refused: Callable[[Any, int, str], None] | None = None) -> None:
+            on_refused: Callable[[Any, int, str], None] | None = None,
+            serves: Callable[[Any], bool] | None = None) -> None:
     """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait,
     and wake-ups for the association thread's wait (``QUIET_WAIT``).
 
@@ -1071,10 +1059,15 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     (``_serve_inline``); for the bridge's listener, whose handlers never call ``send_*``.
     ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
     without its handler, because its command is wrong (``_refuse_store``).
+    ``serves(primitive)``: whether a request other than C-STORE and C-CANCEL (which has no
+    answer, PS3.7 9.3.2.3) has a handler; one that has none is aborted, not handed to
+    pynetdicom's service class of its SOP Class UID, which would leave it unanswered (a
+    response) or abort from within the handler.
     """
     dul = assoc.dul
     assoc._bridge_serve_inline = serve_inline
     assoc._bridge_on_refused = on_refused
+    assoc._bridge_serves = serves
     if getattr(dul, "_bridge_wake", None) is not None:
         return
     # The objects stay (a requestor's association thread may be waiting in

@@ -79,5 +79,5 @@ def outcome(status: int, comment: str = "", duplicates: str = "supersede") -> Ou
             return Duplicate(f"{reason}; the destination keeps the instance it holds")
         return Duplicate(reason)
     if kind is Kind.TRANSIENT:
-        return Transient(reason)
-    return Permanent(reason)
+        return Transient(reason, status=status)
+    return Permanent(reason, status)

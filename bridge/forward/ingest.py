@@ -5,13 +5,13 @@ both come through here, so both give the same guarantees.
 The steps, in order: parse the header (never Pixel Data) and validate the required
 UIDs; ask the rules for destinations (``unrouted`` when none); check the free-space
 floor; fsync the file, rename it into the spool and fsync the folder; insert the queue
-rows in one transaction. Any failure answers a DIMSE status (the one a modality sees;
-a watched file goes to its ``failed`` folder or is retried) and leaves nothing in the
-spool. The file's fsync runs in the calling thread: for a received instance the disk
-has been writing the file since the message was complete (``HashingTempFile.seal``),
-so it waits for what is left (a thread beside the header's parsing, as before, cost a
-wake-up each way for no shorter wait). The folder's fsync runs in a thread beside the
-queue's commit: the two waits overlap.
+rows in one transaction. Any failure raises an ``InboundError`` saying what it is (the
+caller decides what it means: a C-STORE's status, a watched file failed or retried)
+and leaves nothing in the spool. The file's fsync runs in the calling thread: for a
+received instance the disk has been writing the file since the message was complete
+(``HashingTempFile.seal``), so it waits for what is left (in a thread beside the
+header's parsing, it cost a wake-up each way for no shorter wait). The folder's fsync
+runs in a thread beside the queue's commit: the two waits overlap.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from bridge.config import Config
 from bridge.dataset import dicomfile
-from bridge.errors import IntakeError
+from bridge.errors import OutOfResources, Unrouted
 from bridge.forward.queue import Queue, Route
 from bridge.forward.spool import HashingTempFile, Spool, fsync_dir, sha256_file
 from bridge.metrics import Metrics
@@ -40,13 +40,10 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class Stored:
-    """What ``Ingest.store`` did: a DIMSE status (0x0000 when durable) and its comment;
-    for a stored instance, its UID, hash, the rules' decision and how many rows it got
-    (none: every destination already had the same content)."""
+    """What ``Ingest.store`` made durable: the instance's UID, hash, the rules' decision
+    and how many rows it got (none: every destination already had the same content)."""
 
-    status: int
-    comment: str = ""
-    sop_instance_uid: str = ""
+    sop_instance_uid: str
     sha256: str = ""
     decision: Decision = field(default_factory=Decision)
     rows: int = 0
@@ -56,8 +53,9 @@ def examine(path: Path, ctx: Context, rules: RuleSet, check: Callable[[Dataset, 
             explain: bool = False) -> tuple[Dataset, tuple[str, str, str, str], Decision]:
     """What intake reads and decides of a file before anything is written: its header,
     its required UIDs (SOP Class, SOP Instance, Study, Series) and the rules' decision.
-    Raises ``IntakeError`` with the status a C-STORE of it gets. ``dicom-bridge route``
-    asks the same (``explain``: every rule's verdict), so it says what the listener would."""
+    Raises the ``InboundError`` that refuses it (``check`` may raise its own).
+    ``dicom-bridge route`` asks the same (``explain``: every rule's verdict), so it says
+    what the listener would."""
     header = dicomfile.read_header(path)
     uids = dicomfile.required_uids(header)
     if check is not None:
@@ -65,7 +63,7 @@ def examine(path: Path, ctx: Context, rules: RuleSet, check: Callable[[Dataset, 
     try:
         decision = rules.store(ctx, header, explain)
     except Exception as exc:  # a value pydicom cannot convert, asked for by a rule
-        raise IntakeError(0xC000, f"cannot read a routed tag: {type(exc).__name__}") from exc
+        raise dicomfile.unparseable("cannot read a routed tag", exc) from exc
     return header, uids, decision
 
 
@@ -111,27 +109,24 @@ class Ingest:
               check: Callable[[Dataset, str, str], None] | None = None,
               refusal_level: int = logging.WARNING) -> Stored:
         """Make ``path`` (a complete Part-10 file in the spool's ``incoming/``) durable and
-        queued. ``check(header, sop_class, sop_instance)`` may refuse it with an
-        ``IntakeError`` once the UIDs are valid (C-STORE: do they match the command?).
-        ``what`` names the operation in log lines; a refused instance (an error status) is
-        logged at ``refusal_level`` (a watched folder logs its own line when a file fails
-        for good). The caller removes ``path`` afterwards if it is still there."""
+        queued, or raise the ``InboundError`` that refuses it. ``check(header, sop_class,
+        sop_instance)`` may refuse it too, once the UIDs are valid (C-STORE: do they match
+        the command?). What the file holds wrong is the caller's to log (it knows what
+        that means to it); the rest is logged here, with ``what`` naming the operation:
+        ``OutOfResources`` at ERROR, ``Unrouted`` at ``refusal_level``. The caller removes
+        ``path`` afterwards if it is still there."""
         failed = HashingTempFile.write_error(path)
         if failed is not None:  # the file is incomplete: say why, not what is missing from it
             LOGGER.error("refused %s: cannot write to the spool: %s", what, failed.strerror or failed)
-            return Stored(0xA700, self._out_of_resources(failed))
-        try:
-            header, (sop_class, sop_instance, study, series), decision = examine(path, ctx, rules, check)
-        except IntakeError as exc:
-            LOGGER.log(refusal_level, "refused %s: %s (0x%04X)", what, exc, exc.status)
-            return Stored(exc.status, exc.comment)
+            raise OutOfResources(self._out_of_resources(failed))
+        header, (sop_class, sop_instance, study, series), decision = examine(path, ctx, rules, check)
 
         destinations = decision.destinations
         if not destinations:
             if settings.unrouted == "reject":
                 LOGGER.log(refusal_level, "refused %s of %s: no rule routes it (unrouted: reject)", what,
                            sop_instance)
-                return Stored(0x0124, "no rule routes this instance", sop_instance)
+                raise Unrouted("no rule routes this instance")
             destinations = {settings.unrouted: rules.priorities.get(settings.unrouted, 0)}
 
         attributes = dicomfile.attributes(header)
@@ -140,14 +135,14 @@ class Ingest:
         if free - size < settings.min_free:
             LOGGER.error("refused %s: spool has %d bytes free, below spool.min_free", what, free)
             self.spool.give_back()
-            return Stored(0xA700, "out of resources: spool below its free-space floor", sop_instance)
+            raise OutOfResources("out of resources: spool below its free-space floor")
 
         sha256 = HashingTempFile.hash_of(path) or sha256_file(path)
         try:
             spooled = self.spool.take(path, sync_folder=False)
         except OSError as exc:
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
+            raise OutOfResources(self._out_of_resources(exc)) from exc
         instance = SpooledInstance(
             spool_path=spooled, size=size, sha256=sha256, sop_class_uid=sop_class,
             sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
@@ -171,14 +166,14 @@ class Ingest:
             self.spool.discard(spooled)
             LOGGER.error("refused %s: queue error: %s", what, exc)
             self.metrics.queue_errors.labels("intake").inc()
-            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
+            raise OutOfResources(self._out_of_resources(exc)) from exc
         try:
             folder_synced.result()
         except OSError as exc:
             self.queue.cancel(enqueued.row_ids, "the spool folder could not be synced")
             self.spool.discard(spooled)
             LOGGER.error("refused %s: cannot persist to the spool: %s", what, exc.strerror)
-            return Stored(0xA700, self._out_of_resources(exc), sop_instance)
+            raise OutOfResources(self._out_of_resources(exc)) from exc
         if not enqueued.row_ids:  # a resend of what is queued or delivered
             self.spool.recycle(spooled)
         for superseded in enqueued.released:  # older content that no row needs any more
@@ -190,7 +185,7 @@ class Ingest:
         self.metrics.received_bytes.labels(label).inc(size)
         LOGGER.debug("stored %s (%d bytes) for %s", sop_instance, size, ", ".join(destinations))
         self.on_queued(list(destinations))
-        return Stored(0x0000, "", sop_instance, sha256, decision, len(enqueued.row_ids))
+        return Stored(sop_instance, sha256, decision, len(enqueued.row_ids))
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -199,8 +194,8 @@ QUEUE_FULL = "out of resources: out of space for the queue database"
 
 
 def out_of_resources(exc: BaseException) -> str:
-    """The ErrorComment of a 0xA700 for a failed write to the spool (an ``OSError``) or
-    to the queue (an ``sqlite3.Error``; SQLite's own, or the failed rollback after it)."""
+    """The reason of the ``OutOfResources`` for a failed write to the spool (an ``OSError``)
+    or to the queue (an ``sqlite3.Error``; SQLite's own, or the failed rollback after it)."""
     chain: BaseException | None = exc
     for _ in range(4):
         if chain is None:

@@ -23,7 +23,7 @@ from typing import Any
 from bridge.config import Modification, Retry
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance, Transient, Warning
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS queue (
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  REAL NOT NULL,
     last_error       TEXT,
+    failure_status   INTEGER,                    -- a dead row's: the destination's status that failed it, if any
     priority         INTEGER NOT NULL DEFAULT 0,
     content_hash     TEXT NOT NULL,
     size             INTEGER NOT NULL,
@@ -151,6 +152,8 @@ class Queue:
             self._db.execute("ALTER TABLE queue ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
         if "modify" not in columns:  # versions 1 and 2
             self._db.execute("ALTER TABLE queue ADD COLUMN modify TEXT")
+        if "failure_status" not in columns:  # versions 1 to 3
+            self._db.execute("ALTER TABLE queue ADD COLUMN failure_status INTEGER")
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -281,9 +284,11 @@ class Queue:
                 elif isinstance(outcome, Transient):
                     attempts = row.attempts + 1
                     if attempts >= retry.max_attempts:
-                        self._dead(row.id, attempts, f"{outcome.reason} (after {attempts} attempts)", now)
+                        self._dead(row.id, attempts, f"{outcome.reason} (after {attempts} attempts)", outcome.status,
+                                   now)
                     elif now - row.age_from > retry.max_age:
-                        self._dead(row.id, attempts, f"{outcome.reason} (expired: older than max_age)", now)
+                        self._dead(row.id, attempts, f"{outcome.reason} (expired: older than max_age)",
+                                   outcome.status, now)
                     else:
                         delay = max(backoff(attempts, retry), outcome.retry_after or 0)
                         self._db.execute(
@@ -292,7 +297,7 @@ class Queue:
                             (attempts, now + delay, outcome.reason, row.id),
                         )
                 elif isinstance(outcome, Permanent):
-                    self._dead(row.id, row.attempts + 1, outcome.reason, now)
+                    self._dead(row.id, row.attempts + 1, outcome.reason, outcome.status, now)
                 else:
                     raise TypeError(f"not an Outcome: {outcome!r}")
             releasable = self._releasable([r.instance.spool_path for r in rows])
@@ -314,22 +319,25 @@ class Queue:
             self._recorded.wait_for(lambda: self._generation != since, max(0.0, timeout))
 
     def delivery_states(self, sop_instance_uid: str, content_hash: str,
-                        destinations: Iterable[str]) -> dict[str, tuple[str, str | None]]:
-        """Per destination, the state and last error of the newest row holding this content."""
+                        destinations: Iterable[str]) -> dict[str, tuple[str, str | None, int | None]]:
+        """Per destination, the state, last error and (dead) failure status of the newest row
+        holding this content."""
         names = list(destinations)
         marks = ", ".join("?" * len(names))
         with self._lock:
             found = self._db.execute(
-                "SELECT destination, state, last_error FROM queue WHERE sop_instance_uid = ? AND content_hash = ?"
+                "SELECT destination, state, last_error, failure_status FROM queue"
+                " WHERE sop_instance_uid = ? AND content_hash = ?"
                 f" AND destination IN ({marks}) ORDER BY id",
                 (sop_instance_uid, content_hash, *names),
             ).fetchall()
-        return {r["destination"]: (r["state"], r["last_error"]) for r in found}
+        return {r["destination"]: (r["state"], r["last_error"], r["failure_status"]) for r in found}
 
-    def _dead(self, row_id: int, attempts: int, reason: str, now: float) -> None:
+    def _dead(self, row_id: int, attempts: int, reason: str, status: int | None, now: float) -> None:
         self._db.execute(
-            "UPDATE queue SET state = 'dead', attempts = ?, last_error = ?, done_at = ? WHERE id = ?",
-            (attempts, reason, now, row_id),
+            "UPDATE queue SET state = 'dead', attempts = ?, last_error = ?, failure_status = ?, done_at = ?"
+            " WHERE id = ?",
+            (attempts, reason, status, now, row_id),
         )
 
     def cancel(self, row_ids: Sequence[int], reason: str) -> None:
@@ -346,7 +354,8 @@ class Queue:
         with self._lock, self._transaction():
             return sum(
                 self._db.execute(
-                    "UPDATE queue SET state = 'dead', done_at = ?, last_error = ? WHERE spool_path = ?"
+                    "UPDATE queue SET state = 'dead', done_at = ?, last_error = ?, failure_status = NULL"
+                    " WHERE spool_path = ?"
                     " AND state = 'pending'", (time.time(), reason, path),
                 ).rowcount
                 for path in spool_paths
@@ -368,7 +377,7 @@ class Queue:
         with self._lock, self._transaction():
             for destination, retry in retry_for.items():
                 count += self._db.execute(
-                    "UPDATE queue SET state = 'dead', done_at = ?,"
+                    "UPDATE queue SET state = 'dead', done_at = ?, failure_status = NULL,"
                     " last_error = 'expired: older than max_age' || coalesce(' (last error: ' || last_error || ')', '')"
                     " WHERE destination = ? AND state = 'pending' AND coalesce(retried_at, received_at) < ?",
                     (now, destination, now - retry.max_age),

@@ -37,7 +37,7 @@ from bridge.config import Modification
 from bridge.dataset import tagpath
 from bridge.dataset.dicomfile import attributes, required_uids, text
 from bridge.dataset.elements import FLOAT_VRS, INT_VRS, PIXEL_TAGS, element, settable_vr
-from bridge.errors import IntakeError, ModificationError
+from bridge.errors import InvalidUid, ModificationError
 from bridge.model import SpooledInstance
 
 _CHUNK = 1 << 20
@@ -95,8 +95,8 @@ def apply(ds: Dataset, modification: Modification) -> None:
         _check_encodable(ds, ((name, ds.get(tag)) for tag, name in touched.items()))
     try:
         required_uids(ds)
-    except IntakeError as exc:
-        raise ModificationError(exc.comment.split()[-1], f"{exc.comment.split()[0]} in the modified copy") from None
+    except InvalidUid as exc:
+        raise ModificationError(exc.keyword, f"{exc.problem} in the modified copy") from None
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         for keyword, meta_keyword in _FILE_META_OF.items():

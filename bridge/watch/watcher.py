@@ -61,6 +61,7 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from bridge.config import Config, Watch
+from bridge.errors import InboundError, MissingUid, NotDicom, OutOfResources, Truncated
 from bridge.forward.ingest import Ingest, IngestSettings
 from bridge.forward.spool import fsync_dir, fsync_file
 from bridge.metrics import Metrics
@@ -386,9 +387,9 @@ class Folder:
         if result in self.counts:
             self.counts[result] += 1
 
-    def _ingest(self, source: IO[bytes], limit: int | None = None) -> tuple[str, str]:
-        """Copy ``source`` into the spool's incoming folder and ingest it: (result, reason).
-        ``limit``: the most bytes to copy (a zip member), else ``_TooLarge``."""
+    def _ingest(self, source: IO[bytes], limit: int | None = None) -> tuple[str, InboundError | None]:
+        """Copy ``source`` into the spool's incoming folder and ingest it: (result, what
+        refused it). ``limit``: the most bytes to copy (a zip member), else ``_TooLarge``."""
         watcher = self.watcher
         temp = watcher.ingest.spool.new_temp()
         path = Path(temp.name)
@@ -404,15 +405,13 @@ class Folder:
                 temp.close()
             stored = watcher.ingest.store(path, self._context(), IngestSettings.of(watcher.config), watcher.rules,
                                           "watched file", refusal_level=logging.DEBUG)
+        except OutOfResources as exc:
+            return RETRIED, exc
+        except InboundError as exc:
+            return FAILED, exc
         finally:
             path.unlink(missing_ok=True)
-        if stored.status == 0x0000:
-            return (QUEUED if stored.rows else DUPLICATE), ""
-        if stored.status == 0xA700:
-            return RETRIED, stored.comment
-        if "InvalidDicomError" in stored.comment:
-            return FAILED, "not a DICOM file: no Part-10 'DICM' prefix and File Meta Information"
-        return FAILED, stored.comment
+        return (QUEUED if stored.rows else DUPLICATE), None
 
     def _take_file(self, path: Path) -> str:
         try:
@@ -420,7 +419,7 @@ class Folder:
             if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
                 return self._fail(path, "not a regular file (symbolic links are not followed)")
             with open(path, "rb") as f:
-                result, reason = self._ingest(f)
+                result, refused = self._ingest(f)
                 after = os.fstat(f.fileno())
         except FileNotFoundError:
             return GONE
@@ -431,8 +430,10 @@ class Folder:
         if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             return WAIT  # written to while it was copied: look again once it settles
         if result == FAILED:
+            assert refused is not None
+            reason = _reason(refused)
             age = time.time() - st.st_mtime
-            if age < self.settings.incomplete_timeout and _looks_incomplete(path, reason):
+            if age < self.settings.incomplete_timeout and _looks_incomplete(path, refused):
                 LOGGER.debug("watch %s: %s looks incomplete (%s); waiting", self.label, path, reason)
                 return WAIT
             return self._fail(path, self._zip_reason(path) or reason)
@@ -508,11 +509,10 @@ class Folder:
         except FileNotFoundError:
             return GONE
         except Exception as exc:
-            reason = f"cannot read DICOMDIR: {type(exc).__name__}"
-            if time.time() - _mtime(path) < self.settings.incomplete_timeout and _looks_incomplete(path, reason):
+            if time.time() - _mtime(path) < self.settings.incomplete_timeout and _looks_incomplete(path, exc):
                 return WAIT
             self.rescan_soon()
-            return self._fail(path, reason, count=False)
+            return self._fail(path, f"cannot read DICOMDIR: {type(exc).__name__}", count=False)
         references: list[list[str]] = []
         for record in records:
             file_id = record.get("ReferencedFileID")  # CS, one value per path component
@@ -576,7 +576,8 @@ class Folder:
                     continue
                 try:
                     with archive.open(member) as source:
-                        result, reason = self._ingest(source, min(member.file_size, limit - expanded))
+                        result, refused = self._ingest(source, min(member.file_size, limit - expanded))
+                    reason = _reason(refused) if refused is not None else ""
                 except _TooLarge:
                     return self._fail(path, f"member {shown} expands beyond its declared size or the limit "
                                             f"of {limit} bytes")
@@ -725,10 +726,18 @@ class Watcher:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _looks_incomplete(path: Path, reason: str) -> bool:
-    """Whether a file that failed may still be being written: empty or all zeros so far, a
-    short Pixel Data, or a Part-10 file whose data set ends without the required UIDs."""
-    if "truncated" in reason or "EOFError" in reason:
+def _reason(refused: InboundError) -> str:
+    """What a failed file's ``.reason`` says of what refused it."""
+    if isinstance(refused, NotDicom):
+        return "not a DICOM file: no Part-10 'DICM' prefix and File Meta Information"
+    return refused.reason
+
+
+def _looks_incomplete(path: Path, failure: Exception) -> bool:
+    """Whether a file that failed with ``failure`` may still be being written: cut short
+    (empty or all zeros so far, a short Pixel Data, pydicom met its end), or a Part-10 file
+    whose data set ends without the required UIDs."""
+    if isinstance(failure, Truncated | EOFError):
         return True
     try:
         with open(path, "rb") as f:
@@ -743,7 +752,7 @@ def _looks_incomplete(path: Path, reason: str) -> bool:
                 pydicom.dcmread(f, stop_before_pixels=True, defer_size=16384)
             except Exception:
                 return True  # the header itself is cut
-            return f.tell() >= size and reason.startswith("missing ")
+            return f.tell() >= size and isinstance(failure, MissingUid)
     except OSError:
         return False
 
