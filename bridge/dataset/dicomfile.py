@@ -38,7 +38,7 @@ def read_header(path: Path) -> Dataset:
             ds, stop = _read_from_head(head, end)
             if ds is None:
                 f.seek(0)
-                ds = _read_plain_part10(f)
+                ds = read_plain_part10(f)
                 if ds is None:
                     f.seek(0)
                     ds = dcmread(f, stop_before_pixels=True, defer_size=_DEFER)
@@ -78,7 +78,7 @@ def _read_from_head(head: bytes, size: int) -> tuple[FileDataset | None, int]:
     ``size`` bytes; (None, 0) unless the header is plain Part 10 and ends within them."""
     buffer = io.BytesIO(head)
     try:
-        ds = _read_plain_part10(buffer)
+        ds = read_plain_part10(buffer)
     except Exception:
         return None, 0  # the file will say what is wrong
     stop = buffer.tell()
@@ -104,7 +104,7 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAGS
 
 
-def _read_plain_part10(f: BinaryIO) -> FileDataset | None:
+def read_plain_part10(f: BinaryIO) -> FileDataset | None:
     """``dcmread(f, stop_before_pixels=True)`` for the common case, or None to let
     pydicom read the file (anything else: no preamble, File Meta not explicit VR little
     endian, an unknown, deflated or private transfer syntax, a Command Set in the file).
