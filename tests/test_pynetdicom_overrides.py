@@ -1,5 +1,5 @@
-"""The pinned pynetdicom overrides still find what they replace (see bridge/dimse/pynetdicom_overrides.py
-and bridge/dimse/listener.py). These fail first when pynetdicom is upgraded under us."""
+"""The pinned pynetdicom overrides still find what they replace (see bridge/dimse/pynetdicom_overrides/).
+These fail first when pynetdicom is upgraded under us."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pytest
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
-from bridge.dimse import pynetdicom_overrides
+from bridge.dimse.pynetdicom_overrides import encoders, fast_path, messages, negotiation, reads, waits
 
 
 def test_pynetdicom_still_polls_where_the_overrides_expect():
@@ -65,11 +65,11 @@ def test_recv_reads_exactly_what_is_asked_across_short_reads():
 
         sender = threading.Thread(target=send_slowly)
         sender.start()
-        assert pynetdicom_overrides._recv(fake, len(payload)) == payload
+        assert reads._recv(fake, len(payload)) == payload
         sender.join()
         a.sendall(b"abc")
         a.close()
-        assert pynetdicom_overrides._recv(fake, 10) == b"abc"  # the peer closed: what there was
+        assert reads._recv(fake, 10) == b"abc"  # the peer closed: what there was
     finally:
         b.close()
 
@@ -78,14 +78,14 @@ def test_recv_reads_a_pdu_longer_than_its_growth_step_and_what_arrived_of_a_long
     a, b = socket.socketpair()
     try:
         fake = type("FakeAssociationSocket", (), {"socket": b})()
-        payload = os.urandom(3 * pynetdicom_overrides._RECV_CHUNK + 12345)
+        payload = os.urandom(3 * reads._RECV_CHUNK + 12345)
         sender = threading.Thread(target=a.sendall, args=(payload,))
         sender.start()
-        assert pynetdicom_overrides._recv(fake, len(payload)) == payload
+        assert reads._recv(fake, len(payload)) == payload
         sender.join()
         a.sendall(payload[:5000])
         a.close()
-        assert pynetdicom_overrides._recv(fake, 0xFFFFFFF0) == payload[:5000]  # announced 4 GiB, sent 5000 bytes
+        assert reads._recv(fake, 0xFFFFFFF0) == payload[:5000]  # announced 4 GiB, sent 5000 bytes
     finally:
         b.close()
 
@@ -118,7 +118,7 @@ def test_what_the_listeners_bounds_rely_on_is_still_there():
     assert "timeout=self.acse_timeout" in inspect.getsource(pynetdicom.association.Association.run_reactor)
     assert "artim_timer.timeout = value" in inspect.getsource(pynetdicom.association.Association.acse_timeout.fset)
     # do_action stops the reactor and raises when an action fails (_do_action aborts instead)
-    do_action = inspect.getsource(pynetdicom_overrides._pynetdicom_do_action)
+    do_action = inspect.getsource(reads._pynetdicom_do_action)
     assert "self.dul.kill_dul()" in do_action and "raise" in do_action
     # the server's connections go through socketserver's verify_request and
     # process_request_thread, and listen() takes request_queue_size
@@ -141,7 +141,7 @@ def test_file_meta_bytes_are_those_pydicom_writes():
         kwargs = dict(zip(("sop_class_uid", "sop_instance_uid", "transfer_syntax"), args, strict=True))
         expected = io.BytesIO()
         write_file_meta_info(expected, create_file_meta(**kwargs))
-        assert pynetdicom_overrides._create_file_meta(**kwargs) == expected.getvalue()
+        assert encoders._create_file_meta(**kwargs) == expected.getvalue()
     assert "write_file_meta_info(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
     assert "create_file_meta(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
 
@@ -161,13 +161,13 @@ def test_store_response_bytes_are_those_pynetdicom_sends():
         message.primitive_to_message(rsp)
         (pdata,) = message.encode_msg(1, 16384)
         ((context_id, pdv),) = pdata.presentation_data_value_list
-        assert pdv == b"\x03" + pynetdicom_overrides._store_response_command(rsp)
+        assert pdv == b"\x03" + encoders._store_response_command(rsp)
         # sent directly by a network thread that served the request: the PDU the state
         # machine's DT-1 would send
-        assert pynetdicom_overrides._p_data_tf(1, pynetdicom_overrides._store_response_command(rsp)) \
+        assert encoders._p_data_tf(1, encoders._store_response_command(rsp)) \
             == P_DATA_TF(pdata).encode()
     rsp.OffendingElement = [0x00100010]  # a field the direct encoder does not write: pynetdicom's way
-    assert pynetdicom_overrides._store_response_command(rsp) is None
+    assert encoders._store_response_command(rsp) is None
     source = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.send_msg)
     assert "self.dul.send_pdu(pdata)" in source and "EVT_DIMSE_SENT" in source
     assert "dul._send(P_DATA_TF(primitive))" in inspect.getsource(pynetdicom.fsm.DT_1)
@@ -204,7 +204,7 @@ def test_the_reactors_wait_passes_a_wake_up_on_to_a_waiting_get():
         dimse = types.SimpleNamespace(msg_queue=messages)
 
         def run(self) -> None:
-            pynetdicom_overrides._association_sleep(0.001)
+            waits._association_sleep(0.001)
 
     Reactor().start()
     waiter.join(5)
@@ -225,13 +225,13 @@ def test_copied_contexts_are_equal_and_independent():
 
     contexts = [build_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
                 for cx in AllStoragePresentationContexts[:5]]
-    copies = pynetdicom_overrides._copy_contexts(contexts)
+    copies = negotiation._copy_contexts(contexts)
     assert copies == contexts and all(a is not b for a, b in zip(copies, contexts, strict=True))
     copies[0].add_transfer_syntax("1.2.840.10008.1.2.2")
     copies[1].context_id = 3
     assert "1.2.840.10008.1.2.2" not in contexts[0].transfer_syntax
     assert contexts[1].context_id is None
-    assert pynetdicom_overrides._copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
+    assert negotiation._copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: deepcopy
 
 
 # Overrides that are pynetdicom 3.0's own methods with a change (see each one's
@@ -239,15 +239,15 @@ def test_copied_contexts_are_equal_and_independent():
 # looked at, and the override brought in line with it.
 PINNED_COPIES = {
     "StorageServiceClass.SCP -> _storage_scp": (
-        pynetdicom_overrides._pynetdicom_storage_scp,
+        messages._pynetdicom_storage_scp,
         "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
     ),
     "DULServiceProvider._read_pdu_data -> _read_pdu_data": (
-        pynetdicom_overrides._pynetdicom_read_pdu_data,
+        reads._pynetdicom_read_pdu_data,
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
     ),
     "DIMSEServiceProvider.receive_primitive -> _receive_primitive": (
-        pynetdicom_overrides._pynetdicom_receive_primitive,
+        messages._pynetdicom_receive_primitive,
         "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
     ),
 }
@@ -304,7 +304,7 @@ _PRIMITIVE_FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID
                          ids=["plain", "medium", "low-last-id", "move-originator"])
 def test_store_requests_read_directly_are_what_pynetdicom_makes_of_them(fields: dict) -> None:
     message = _store_request_message(**fields)
-    direct = pynetdicom_overrides._c_store_request(message)
+    direct = fast_path._c_store_request(message)
     expected = message.message_to_primitive()
     if "MoveOriginatorMessageID" in fields:
         assert direct is None  # left to pynetdicom
@@ -316,7 +316,7 @@ def test_store_requests_read_directly_are_what_pynetdicom_makes_of_them(fields: 
 
 
 def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
-    remembered = pynetdicom_overrides._set_uid_remembered
+    remembered = negotiation._set_uid_remembered
     first = remembered("1.2.840.10008.1.2.1", "Transfer Syntax Name")
     assert first == "1.2.840.10008.1.2.1" and remembered("1.2.840.10008.1.2.1", "Transfer Syntax Name") is first
     assert remembered(b"1.2.840.10008.1.2", "Transfer Syntax Name") == "1.2.840.10008.1.2"
@@ -326,8 +326,10 @@ def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
             remembered("x" * 65, "Abstract Syntax Name")
     # once installed (in a process of its own: this one's pynetdicom stays as it is),
     # the negotiation's modules use it
-    check = ("from bridge.dimse import pynetdicom_overrides as o; o.install(); import pynetdicom.pdu_items as i, "
-             "pynetdicom.presentation as p; assert i.set_uid is p.set_uid is o._set_uid_remembered")
+    check = ("from bridge.dimse import pynetdicom_overrides as o; "
+             "from bridge.dimse.pynetdicom_overrides import negotiation as n; o.install(); "
+             "import pynetdicom.pdu_items as i, pynetdicom.presentation as p; "
+             "assert i.set_uid is p.set_uid is n._set_uid_remembered")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
 
 
@@ -339,9 +341,10 @@ import socket, sys, threading, time
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from bridge.dimse import pynetdicom_overrides as o
+from bridge.dimse.pynetdicom_overrides import waits
 
 o.install()
-o.QUIET_WAIT = 30.0
+waits.QUIET_WAIT = 30.0
 
 def prepared(event):
     o.prepare(event.assoc, serve_inline=True)

@@ -1,0 +1,142 @@
+"""The one seam between dicom-bridge and pynetdicom: everything that changes how pynetdicom behaves.
+
+``install()`` is called once, at start (``bridge.daemon``), before any association is
+made; nothing else in dicom-bridge sets pynetdicom's process globals or replaces its
+functions (pynetdicom keeps its settings as module globals: they can only be set for the
+whole process). It
+
+- refuses any pynetdicom other than ``REQUIRED_VERSION`` (pinned in pyproject.toml) with
+  a ``StartError``: the overrides below replace internals that change between releases,
+  and an operator who upgraded pynetdicom by hand must learn that at start, not through
+  a wrong image;
+- sets pynetdicom's switches: ``STORE_RECV_CHUNKED_DATASET`` (data sets are written to a
+  file as they arrive, never held in memory), with the temporary file factory of
+  ``pynetdicom.dimse_messages`` replaced by ``new_temp`` (the spool's: the file lands on
+  the spool's file system, so taking it is a rename, and is hashed as it is written);
+  ``STORE_SEND_CHUNKED_DATASET`` (the ``dimse`` destination sends from spool files, read
+  in PDU-sized pieces, not decoded); ``UNRESTRICTED_STORAGE_SERVICE`` for
+  ``accept.any_sop_class``; no per-event log handlers; pydicom's value validation off
+  and pynetdicom's loggers quieter (see ``install``);
+- replaces pynetdicom internals, for speed and against hostile peers, one module per
+  group, each with its reasons (docs/performance.md has what each saved):
+
+  - ``reads``: whole PDUs read at once, each one's length bounded before its body is
+    read, a failing state-machine action aborting the association;
+  - ``waits``: waits that end when there is work instead of 1 ms polling, in both
+    threads of an association;
+  - ``fast_path``: P-DATA PDUs that continue a C-STORE data set written straight to its
+    file by the network thread; plain C-STORE commands read from their bytes;
+  - ``messages``: C-STORE requests served and answered by the network thread on the
+    listener, wrong ones answered with a status that says why, undecodable messages
+    aborted; a ``send_*()`` call's wait for its response kept from the reactor;
+  - ``encoders``: File Meta Information and C-STORE responses encoded directly;
+  - ``negotiation``: presentation contexts copied and UIDs validated once, not for every
+    association.
+
+``prepare(assoc, ...)``, from each association's ``EVT_CONN_OPEN``, turns on what only
+some associations take: the waits' wake-ups, the network thread serving C-STOREs on the
+listener, a bound on the PDUs queued for sending on the bridge's own requests.
+
+Every intake test runs through these overrides; tests/test_pynetdicom_overrides.py
+checks that each one still finds what it replaces, and runs associations through them
+that send from a handler (as C-GET and Storage Commitment do) and over TLS.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom.association
+import pynetdicom.dimse
+import pynetdicom.dimse_messages
+import pynetdicom.dul
+import pynetdicom.fsm
+import pynetdicom.pdu_items
+import pynetdicom.presentation
+import pynetdicom.service_class
+import pynetdicom.transport
+
+from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _write_file_meta_info
+from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
+from bridge.dimse.pynetdicom_overrides.negotiation import _copy_contexts, _set_uid_remembered
+from bridge.dimse.pynetdicom_overrides.reads import _do_action, _read_pdu_data, _recv, awaiting_request, peer_name
+from bridge.dimse.pynetdicom_overrides.waits import (
+    _association_sleep,
+    _dul_sleep,
+    _kill,
+    _waking_reactor,
+    _WakingQueue,
+)
+
+__all__ = ["awaiting_request", "install", "peer_name", "prepare"]
+
+
+def install() -> None:
+    """Apply the overrides (idempotent)."""
+    pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
+    pynetdicom.association.Association.kill = _kill  # type: ignore[method-assign]
+    pynetdicom.transport.deepcopy = _copy_contexts  # type: ignore[assignment]
+    pynetdicom.dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+    pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
+    pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+    pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    pynetdicom.fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider._bridge_aborted = False  # type: ignore[attr-defined]
+    pynetdicom.dul.DULServiceProvider._bridge_data_limit = 0  # type: ignore[attr-defined]
+    pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
+    pynetdicom.pdu_items.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
+    pynetdicom.presentation.set_uid = _set_uid_remembered  # type: ignore[attr-defined]
+    pynetdicom.association.time = types.SimpleNamespace(  # type: ignore[assignment]
+        sleep=_association_sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter
+    )
+    pynetdicom.dul.time = types.SimpleNamespace(  # type: ignore[assignment]
+        sleep=_dul_sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter
+    )
+
+
+
+def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
+            on_refused: Callable[[Any, int, str], None] | None = None,
+            serves: Callable[[Any], bool] | None = None) -> None:
+    """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait,
+    and wake-ups for the association thread's wait (``QUIET_WAIT``).
+
+    An acceptor's DUL thread has not started yet; a requestor's is the one running the
+    handler, between taking the A-ASSOCIATE request off its queue and sending it, so the
+    queue it replaces is empty either way. ``max_queued`` bounds the outgoing queue (PDUs;
+    0 = unbounded), for associations that send data sets read from files.
+    ``serve_inline``: the network thread may serve C-STORE requests itself
+    (``_serve_inline``); for the bridge's listener, whose handlers never call ``send_*``.
+    ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
+    without its handler, because its command is wrong (``_refuse_store``).
+    ``serves(primitive)``: whether a request other than C-STORE and C-CANCEL (which has no
+    answer, PS3.7 9.3.2.3) has a handler; one that has none is aborted, not handed to
+    pynetdicom's service class of its SOP Class UID, which would leave it unanswered (a
+    response) or abort from within the handler.
+    """
+    dul = assoc.dul
+    assoc._bridge_serve_inline = serve_inline
+    assoc._bridge_on_refused = on_refused
+    assoc._bridge_serves = serves
+    if getattr(dul, "_bridge_wake", None) is not None:
+        return
+    # The objects stay (a requestor's association thread may be waiting in
+    # to_user_queue.get() already): their methods that change what the reactor looks at
+    # wake it too.
+    dul.to_user_queue.put = _waking_reactor(dul.to_user_queue.put, assoc)
+    assoc._reactor_checkpoint.clear = _waking_reactor(assoc._reactor_checkpoint.clear, assoc)
+    assoc._bridge_quiet = True
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    dul._bridge_wake = reader
+    dul.to_provider_queue = _WakingQueue(writer, max_queued, dul)
+    weakref.finalize(dul, reader.close)
+    weakref.finalize(dul, writer.close)
