@@ -327,7 +327,7 @@ def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
     # once installed (in a process of its own: this one's pynetdicom stays as it is),
     # the negotiation's modules use it
     check = ("from bridge.dimse import pynetdicom_overrides as o; "
-             "from bridge.dimse.pynetdicom_overrides import negotiation as n; o.install(); "
+             "from bridge.dimse.pynetdicom_overrides import negotiation as n; o.install(lambda: None, False); "
              "import pynetdicom.pdu_items as i, pynetdicom.presentation as p; "
              "assert i.set_uid is p.set_uid is n._set_uid_remembered")
     assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
@@ -337,13 +337,13 @@ def test_remembered_uids_are_the_same_and_failures_still_fail() -> None:
 # fallback wait made 30 s: anything the reactor must notice that does not wake it would
 # take that long (or time the association out) instead of milliseconds.
 _QUIET_SCENARIOS = r'''
-import socket, sys, threading, time
+import functools, socket, sys, tempfile, threading, time
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from bridge.dimse import pynetdicom_overrides as o
 from bridge.dimse.pynetdicom_overrides import waits
 
-o.install()
+o.install(functools.partial(tempfile.NamedTemporaryFile, delete=False), any_sop_class=False)
 waits.QUIET_WAIT = 30.0
 
 def prepared(event):

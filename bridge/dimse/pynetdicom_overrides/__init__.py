@@ -15,7 +15,8 @@ whole process). It
   the spool's file system, so taking it is a rename, and is hashed as it is written);
   ``STORE_SEND_CHUNKED_DATASET`` (the ``dimse`` destination sends from spool files, read
   in PDU-sized pieces, not decoded); ``UNRESTRICTED_STORAGE_SERVICE`` for
-  ``accept.any_sop_class``; no per-event log handlers; pydicom's value validation off
+  ``accept.any_sop_class``; private storage SOP classes registered
+  (``accept.extra_sop_classes``); no per-event log handlers; pydicom's value validation off
   and pynetdicom's loggers quieter (see ``install``);
 - replaces pynetdicom internals, for speed and against hostile peers, one module per
   group, each with its reasons (docs/performance.md has what each saved):
@@ -44,13 +45,15 @@ that send from a handler (as C-GET and Storage Commitment do) and over TLS.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import pynetdicom
 import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
@@ -60,6 +63,10 @@ import pynetdicom.pdu_items
 import pynetdicom.presentation
 import pynetdicom.service_class
 import pynetdicom.transport
+from pydicom import config as pydicom_config
+from pynetdicom import _config, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _write_file_meta_info
 from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
@@ -72,12 +79,47 @@ from bridge.dimse.pynetdicom_overrides.waits import (
     _waking_reactor,
     _WakingQueue,
 )
+from bridge.errors import StartError
 
-__all__ = ["awaiting_request", "install", "peer_name", "prepare"]
+__all__ = ["REQUIRED_VERSION", "awaiting_request", "check_version", "install", "peer_name", "prepare"]
+
+# The pynetdicom release whose internals the overrides were read against and tested with.
+REQUIRED_VERSION = "3.0.4"
 
 
-def install() -> None:
-    """Apply the overrides (idempotent)."""
+def check_version(installed: str) -> None:
+    """Raise ``StartError`` unless ``installed`` is ``REQUIRED_VERSION``."""
+    if installed != REQUIRED_VERSION:
+        raise StartError(
+            f"pynetdicom {installed} is installed, but dicom-bridge changes pynetdicom internals that were checked "
+            f"against {REQUIRED_VERSION} only (another release may move what they replace, and receive or answer "
+            f"wrongly); reinstall pynetdicom=={REQUIRED_VERSION}"
+        )
+
+
+def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_classes: Iterable[str] = ()) -> None:
+    """Check pynetdicom's version, then set its switches and apply the overrides (see the
+    module docstring). Once, at start, before any association.
+
+    ``new_temp()``: a new file for an incoming data set, open for writing, with a ``name``
+    (pynetdicom's chunked receive writes to it; the file may have a ``seal()``, called
+    once the data set is complete, before anything reads it). ``any_sop_class``:
+    accept any abstract syntax as storage; pynetdicom reads it on every association and
+    every request, including those in progress, so it is set here once and a reload
+    does not change it. ``extra_storage_classes``: private SOP classes to serve as
+    storage; pynetdicom serves a request by the service class of its SOP Class UID, and
+    aborts one whose class it does not know, so each is registered with it.
+    """
+    check_version(pynetdicom.__version__)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = any_sop_class
+    _config.LOG_HANDLER_LEVEL = "none"
+    pynetdicom.dimse_messages.NamedTemporaryFile = lambda *_, **__: new_temp()  # type: ignore[assignment]
+    for uid in extra_storage_classes:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, "BridgeStorage_" + uid.replace(".", "_"), StorageServiceClass)
+
     pynetdicom.dimse.DIMSEServiceProvider.get_msg = _get_msg  # type: ignore[method-assign]
     pynetdicom.association.Association.kill = _kill  # type: ignore[method-assign]
     pynetdicom.transport.deepcopy = _copy_contexts  # type: ignore[assignment]
@@ -100,6 +142,18 @@ def install() -> None:
         sleep=_dul_sleep, time=time.time, monotonic=time.monotonic, perf_counter=time.perf_counter
     )
 
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom.utils logs a traceback for every value of a PDU it cannot decode, then
+    # raises; what catches it logs one line naming the peer (reads, messages). A hostile
+    # peer would otherwise write a traceback per connection.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    # pydicom checks every value it converts against its VR (a regular expression per
+    # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
+    # of an association request that way (a storage SCU proposes hundreds), and intake
+    # each UID of each C-STORE command. The bridge checks what it relies on itself
+    # (bridge.dataset.dicomfile.required_uids; pynetdicom its own UID check), and forwards
+    # other values as they came: the checks bought only log noise.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
