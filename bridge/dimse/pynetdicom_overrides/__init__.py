@@ -40,7 +40,13 @@ listener, a bound on the PDUs queued for sending on the bridge's own requests.
 
 Every intake test runs through these overrides; tests/test_pynetdicom_overrides.py
 checks that each one still finds what it replaces, and runs associations through them
-that send from a handler (as C-GET and Storage Commitment do) and over TLS.
+that send from a handler (as C-GET and Storage Commitment do) and over TLS. Two of
+those first failed and shaped the overrides: the listener took nothing but C-STORE,
+C-ECHO and C-CANCEL, so it aborted the responses to what a C-GET or N-ACTION handler
+sends; it now takes the responses to its own requests (``messages._awaited``). And the DUL thread's wait watched the
+socket only, which over TLS does not show bytes already decrypted: a PDU sent in the same
+write as the one before waited out the whole 1 ms turn; it no longer waits while the
+TLS connection holds such bytes (``waits._dul_sleep``).
 """
 
 from __future__ import annotations
@@ -167,16 +173,20 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     queue it replaces is empty either way. ``max_queued`` bounds the outgoing queue (PDUs;
     0 = unbounded), for associations that send data sets read from files.
     ``serve_inline``: the network thread may serve C-STORE requests itself
-    (``_serve_inline``); for the bridge's listener, whose handlers never call ``send_*``.
+    (``messages._serve_inline``); for the bridge's listener.
     ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
     without its handler, because its command is wrong (``_refuse_store``).
     ``serves(primitive)``: whether a request other than C-STORE and C-CANCEL (which has no
     answer, PS3.7 9.3.2.3) has a handler; one that has none is aborted, not handed to
     pynetdicom's service class of its SOP Class UID, which would leave it unanswered (a
-    response) or abort from within the handler.
+    response) or abort from within the handler. A response is taken, without asking,
+    when it answers a request sent on the association (``messages._awaited``): handlers
+    may send on their association, as C-GET and Storage Commitment do.
     """
     dul = assoc.dul
     assoc._bridge_serve_inline = serve_inline
+    # Message IDs of the requests sent where messages are checked, awaiting their final response.
+    assoc._bridge_awaiting = set() if serves is not None else None
     assoc._bridge_on_refused = on_refused
     assoc._bridge_serves = serves
     if getattr(dul, "_bridge_wake", None) is not None:

@@ -19,8 +19,17 @@
   its error handling (0xC211) and the status checks are pynetdicom's.
 - For hostile and broken peers (docs/conformance.md): a DIMSE message that cannot be
   decoded or grows too long in memory is aborted instead of ending the network thread,
-  and a C-STORE request whose command is wrong is answered with a failure status that
-  names what is wrong (``_refuse_store``), where pynetdicom sent nothing or aborted.
+  a C-STORE request whose command is wrong is answered with a failure status that
+  names what is wrong (``_refuse_store``), where pynetdicom sent nothing or aborted,
+  and the listener aborts what it does not serve (``prepare(serves=...)``, ``_awaited``):
+  a request for a service without a handler, a response to nothing it asked.
+- Handlers on the listener may send on their own association, as C-GET (C-STORE
+  sub-operations) and Storage Commitment (N-EVENT-REPORT) do: the responses to what
+  they send reach the ``send_*()`` call that waits for them (tests/test_pynetdicom_overrides.py
+  runs both). A request the peer sends while such a call waits fares as
+  without the overrides (pynetdicom hands it to the call as if it were the response),
+  except a C-STORE request while the association thread has nothing in hand, which the
+  network thread serves.
 - On associations where a ``send_*()`` call waits for its response beside the reactor
   thread, the reactor takes no message while that call has paused it, and the call
   stops waiting when the association is aborted (``_get_msg``).
@@ -71,6 +80,9 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
     if command is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or (
         self.maximum_pdu_size and len(command) > self.maximum_pdu_size - 6
     ):
+        awaiting = getattr(self.assoc, "_bridge_awaiting", None)
+        if awaiting is not None and getattr(primitive, "MessageIDBeingRespondedTo", 0) is None:
+            awaiting.add(primitive.MessageID)  # a request: its responses may come (_awaited)
         _pynetdicom_send_msg(self, primitive, context_id)
         return
     dul = self.dul
@@ -215,7 +227,7 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
         return
     serves = getattr(self.assoc, "_bridge_serves", None)
     if serves is not None and type(message) is not C_STORE_RQ and not isinstance(d_primitive, C_CANCEL) \
-            and not serves(d_primitive):
+            and not _awaited(self.assoc, d_primitive) and not serves(d_primitive):
         _drop_message(self, f"{type(message).__name__} is not a service the listener provides")
         return
     inline = False
@@ -235,6 +247,22 @@ def _receive_primitive(self: Any, primitive: P_DATA) -> None:
     self.message = None
     if inline:
         self.assoc._serve_request(d_primitive, context_id)
+
+
+def _awaited(assoc: Any, primitive: Any) -> bool:
+    """Whether ``primitive`` is a response to a request sent on ``assoc`` whose final
+    response has not come yet (a C-GET's C-STORE sub-operations, Storage Commitment's
+    N-EVENT-REPORT): the ``send_*()`` call that sent the request waits for it. The final
+    response ends the wait."""
+    responding_to = primitive.MessageIDBeingRespondedTo
+    if responding_to is None or responding_to not in assoc._bridge_awaiting:
+        return False
+    if primitive.Status not in _PENDING:
+        assoc._bridge_awaiting.discard(responding_to)
+    return True
+
+
+_PENDING = (0xFF00, 0xFF01)
 
 
 def _discard_data_set(message: Any) -> None:

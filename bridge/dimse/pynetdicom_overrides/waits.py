@@ -12,9 +12,14 @@ thread several times per image. Everything its reactor looks for wakes it: a mes
 queued, a primitive from the DUL (release, abort, the peer gone), a ``send_*()`` call
 pausing it, ``kill()``; only the idle timer (seconds) waits for the next turn.
 
+The DUL thread's wait holds over TLS too: a TLS connection may hold bytes already
+decrypted, in its own buffer, that ``select`` on the socket cannot see (a peer that
+writes several PDUs at once), so there it does not wait while ``SSLSocket.pending()``.
+
 On associations where a ``send_*()`` call waits for its response beside the reactor
-thread (the bridge's requests, ``bridge.dimse.scu``), the reactor's wait passes a
-wake-up on instead of swallowing it.
+thread (the bridge's requests, ``bridge.dimse.scu``; a handler of the listener that
+sends, as C-GET and Storage Commitment do), the reactor's wait passes a wake-up on
+instead of swallowing it.
 """
 
 from __future__ import annotations
@@ -92,13 +97,19 @@ def _association_sleep(seconds: float) -> None:
 
 
 def _dul_sleep(seconds: float) -> None:
-    """``time.sleep`` as the DUL thread uses it: end early on incoming data or an outgoing PDU."""
+    """``time.sleep`` as the DUL thread uses it: end early on incoming data or an outgoing
+    PDU. Not at all while a TLS connection holds decrypted bytes not yet read: a peer that
+    writes several PDUs at once leaves them there, and the socket shows nothing until the
+    peer sends again (after the answer it waits for)."""
     dul = threading.current_thread()
     wake: socket.socket | None = getattr(dul, "_bridge_wake", None)
     sock = getattr(getattr(dul, "socket", None), "socket", None)
     if wake is None or sock is None or seconds > 0.01:
         _real_sleep(seconds)
         return
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return  # TLS: bytes already decrypted, which select() on the socket cannot see
     try:
         ready, _, _ = select.select([sock, wake], [], [], seconds)
         if wake in ready:
