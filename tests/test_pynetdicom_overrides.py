@@ -38,6 +38,49 @@ from pynetdicom.pdu import P_DATA_TF
 from bridge.dimse.pynetdicom_overrides import encoders, fast_path, messages, negotiation, reads, waits
 
 
+def test_the_installed_pynetdicom_is_the_one_pinned_and_checked_against() -> None:
+    from bridge.dimse.pynetdicom_overrides import REQUIRED_VERSION, check_version
+
+    assert pynetdicom.__version__ == REQUIRED_VERSION
+    check_version(pynetdicom.__version__)
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert f'"pynetdicom=={REQUIRED_VERSION}"' in pyproject
+
+
+def test_any_other_pynetdicom_is_refused_with_the_reason() -> None:
+    from bridge.dimse.pynetdicom_overrides import REQUIRED_VERSION, check_version
+    from bridge.errors import StartError
+
+    for other in ("3.0.5", "3.1.0", "2.1.1"):
+        with pytest.raises(StartError) as refused:
+            check_version(other)
+        message = str(refused.value)
+        assert f"pynetdicom {other} is installed" in message and f"checked against {REQUIRED_VERSION}" in message
+        assert f"reinstall pynetdicom=={REQUIRED_VERSION}" in message
+
+
+def test_dicom_bridge_run_with_another_pynetdicom_says_why_and_exits_1(tmp_path: Path) -> None:
+    """As an operator who upgraded pynetdicom by hand would see it: before anything is
+    bound or written."""
+    from peers import free_port
+
+    from bridge.dimse.pynetdicom_overrides import REQUIRED_VERSION
+
+    config = tmp_path / "bridge.yaml"
+    port = free_port()
+    config.write_text(f"listen: {{port: {port}}}\ndata_dir: {tmp_path / 'data'}\n")
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, pynetdicom; pynetdicom.__version__ = '3.1.0'; "
+                               "from bridge.cli.main import main; sys.exit(main(sys.argv[1:]))",
+         "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "cannot start: pynetdicom 3.1.0 is installed" in run.stderr
+    assert f"reinstall pynetdicom=={REQUIRED_VERSION}" in run.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_pynetdicom_still_polls_where_the_overrides_expect():
     assert "time.sleep(self._run_loop_delay)" in inspect.getsource(pynetdicom.dul.DULServiceProvider.run_reactor)
     assert "time.sleep(0.001)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
