@@ -38,15 +38,16 @@ whole process). It
 some associations take: the waits' wake-ups, the network thread serving C-STOREs on the
 listener, a bound on the PDUs queued for sending on the bridge's own requests.
 
+Where they hold beyond C-STORE: a handler on the listener may send on its own
+association, as C-GET (C-STORE sub-operations) and Storage Commitment (N-EVENT-REPORT)
+do; the listener takes the requests its services claim (``prepare(serves=...)``) and the
+responses to its own requests (``messages._awaited``), and aborts anything else. Over
+TLS, the DUL thread does not wait while the TLS layer holds bytes it has decrypted and
+``select`` on the socket cannot see (``waits._dul_sleep``).
+
 Every intake test runs through these overrides; tests/test_pynetdicom_overrides.py
-checks that each one still finds what it replaces, and runs associations through them
-that send from a handler (as C-GET and Storage Commitment do) and over TLS. Two of
-those first failed and shaped the overrides: the listener took nothing but C-STORE,
-C-ECHO and C-CANCEL, so it aborted the responses to what a C-GET or N-ACTION handler
-sends; it now takes the responses to its own requests (``messages._awaited``). And the DUL thread's wait watched the
-socket only, which over TLS does not show bytes already decrypted: a PDU sent in the same
-write as the one before waited out the whole 1 ms turn; it no longer waits while the
-TLS connection holds such bytes (``waits._dul_sleep``).
+checks that each one still finds what it replaces, and runs C-GET, Storage Commitment
+and TLS associations through them.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
             on_refused: Callable[[Any, int, str], None] | None = None,
             serves: Callable[[Any], bool] | None = None) -> None:
     """Per association, from its ``EVT_CONN_OPEN``: a socket pair to wake the DUL's wait,
-    and wake-ups for the association thread's wait (``QUIET_WAIT``).
+    and wake-ups for the association thread's wait (``waits.QUIET_WAIT``).
 
     An acceptor's DUL thread has not started yet; a requestor's is the one running the
     handler, between taking the A-ASSOCIATE request off its queue and sending it, so the
@@ -175,7 +176,7 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     ``serve_inline``: the network thread may serve C-STORE requests itself
     (``messages._serve_inline``); for the bridge's listener.
     ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
-    without its handler, because its command is wrong (``_refuse_store``).
+    without its handler, because its command is wrong (``messages._refuse_store``).
     ``serves(primitive)``: whether a request other than C-STORE and C-CANCEL (which has no
     answer, PS3.7 9.3.2.3) has a handler; one that has none is aborted, not handed to
     pynetdicom's service class of its SOP Class UID, which would leave it unanswered (a

@@ -3,7 +3,7 @@
 - Each accepted association gets its own copy of the acceptor's presentation contexts
   through ``copy.deepcopy``, which builds every transfer syntax UID again, validating
   each with pydicom's regular expressions: with every storage SOP class in every syntax
-  (170 x 39), tens of milliseconds of GIL-holding Python per association, which a
+  (170 x 39), GIL-holding Python on every association (docs/performance.md), which a
   modality that opens one association per image pays for every image.
   ``_copy_contexts`` copies each context object and its list of syntaxes; UIDs are
   immutable strings, so sharing them is safe.
