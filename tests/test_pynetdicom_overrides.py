@@ -656,10 +656,14 @@ def scenario_c_get_without_a_handler(tmp: str) -> None:
     _report(started, answers=answers, aborted=assoc.is_aborted)
 
 
+COMMITMENTS = 20  # transactions per scenario, one after the other on one association
+
+
 def scenario_storage_commitment(tmp: str, when: str) -> None:
-    """N-ACTION to a listener whose handler sends the N-EVENT-REPORT on the same
+    """N-ACTIONs to a listener whose handler sends the N-EVENT-REPORT on the same
     association: from the handler itself (``when == "in-handler"``, before the N-ACTION
-    response) or from a thread it starts (``"after"``, as a commitment that takes time)."""
+    response) or from a thread it starts (``"after"``, as a commitment that takes time,
+    racing the N-ACTION response)."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StorageCommitmentPushModel
 
@@ -675,7 +679,7 @@ def scenario_storage_commitment(tmp: str, when: str) -> None:
 
         def send() -> None:
             status, _ = event.assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, instance)
-            reported.append(status.Status)
+            reported.append(status.get("Status"))
 
         if when == "in-handler":
             send()
@@ -688,12 +692,12 @@ def scenario_storage_commitment(tmp: str, when: str) -> None:
     server = _listener(ae, [(evt.EVT_N_ACTION, on_action)])
 
     received: list[Any] = []
-    report_seen = threading.Event()
+    reports = threading.Semaphore(0)
 
     def on_report(event: Any) -> tuple[int, None]:
         received.append((event.event_type, event.event_information.TransactionUID,
                          [item.ReferencedSOPInstanceUID for item in event.event_information.ReferencedSOPSequence]))
-        report_seen.set()
+        reports.release()
         return 0x0000, None
 
     scu = AE(ae_title="MODALITY")
@@ -703,21 +707,24 @@ def scenario_storage_commitment(tmp: str, when: str) -> None:
     assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SEAM",
                           evt_handlers=_requestor_handlers((evt.EVT_N_EVENT_REPORT, on_report)))
     assert assoc.is_established
-    request = Dataset()
-    request.TransactionUID = "1.2.3.4.5.6"
-    request.ReferencedSOPSequence = [Dataset(), Dataset()]
-    for item, uid in zip(request.ReferencedSOPSequence, ("1.2.3.1", "1.2.3.2"), strict=True):
-        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        item.ReferencedSOPInstanceUID = uid
-    status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, instance)
-    assert status.Status == 0x0000, status
-    assert report_seen.wait(SCENARIO_DEADLINE), "no N-EVENT-REPORT"
+    actions = []
+    for number in range(COMMITMENTS):
+        request = Dataset()
+        request.TransactionUID = f"1.2.3.4.5.{number}"
+        request.ReferencedSOPSequence = [Dataset(), Dataset()]
+        for item, uid in zip(request.ReferencedSOPSequence, ("1.2.3.1", "1.2.3.2"), strict=True):
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            item.ReferencedSOPInstanceUID = uid
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, instance, msg_id=number + 1)
+        actions.append(status.get("Status"))
+        if not reports.acquire(timeout=SCENARIO_DEADLINE):
+            break  # no N-EVENT-REPORT: the association is probably gone
     deadline = time.monotonic() + SCENARIO_DEADLINE
-    while not reported and time.monotonic() < deadline:  # the listener's send_n_event_report returns
+    while len(reported) < len(received) and time.monotonic() < deadline:  # the last send_n_event_report returns
         time.sleep(0.01)
     assoc.release()
     server.shutdown()
-    _report(started, received=received, answered=reported)
+    _report(started, actions=actions, received=received, answered=reported)
 
 
 def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -841,8 +848,9 @@ def test_a_request_for_a_service_without_a_handler_is_still_aborted(tmp_path: Pa
 @pytest.mark.parametrize("when", ["in-handler", "after"])
 def test_an_n_action_handler_sends_an_n_event_report_on_the_listeners_association(tmp_path: Path, when: str) -> None:
     result = _run_scenario("scenario_storage_commitment", tmp_path, when)
-    assert result["received"] == [[1, "1.2.3.4.5.6", ["1.2.3.1", "1.2.3.2"]]]
-    assert result["answered"] == [0x0000]
+    assert result["actions"] == [0x0000] * COMMITMENTS
+    assert result["received"] == [[1, f"1.2.3.4.5.{n}", ["1.2.3.1", "1.2.3.2"]] for n in range(COMMITMENTS)]
+    assert result["answered"] == [0x0000] * COMMITMENTS
 
 
 def test_tls_carries_echo_and_large_stores_through_the_overrides(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import types
 import weakref
@@ -175,6 +176,9 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     0 = unbounded), for associations that send data sets read from files.
     ``serve_inline``: the network thread may serve C-STORE requests itself
     (``messages._serve_inline``); for the bridge's listener.
+    Where the outgoing queue is unbounded, the listener's, messages are sent whole under
+    a lock, for handlers that send from threads of their own (``messages._send_msg``);
+    a put to a bounded queue waits for the network thread, which may have to send itself.
     ``on_refused(assoc, status, reason)``: told of each C-STORE request answered here,
     without its handler, because its command is wrong (``messages._refuse_store``).
     ``serves(primitive)``: whether a request other than C-STORE and C-CANCEL (which has no
@@ -190,6 +194,7 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     assoc._bridge_awaiting = set() if serves is not None else None
     assoc._bridge_on_refused = on_refused
     assoc._bridge_serves = serves
+    assoc._bridge_send_lock = None if max_queued else threading.Lock()
     if getattr(dul, "_bridge_wake", None) is not None:
         return
     # The objects stay (a requestor's association thread may be waiting in

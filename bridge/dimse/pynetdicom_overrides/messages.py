@@ -26,7 +26,13 @@
 - Handlers on the listener may send on their own association, as C-GET (C-STORE
   sub-operations) and Storage Commitment (N-EVENT-REPORT) do: the responses to what
   they send reach the ``send_*()`` call that waits for them (tests/test_pynetdicom_overrides.py
-  runs both). A request the peer sends while such a call waits fares as
+  runs both), and each message goes out whole (``_send_msg``). pynetdicom puts a
+  message's PDUs on the outgoing queue one by one, unguarded, and a ``send_*()`` call
+  from another thread does not wait for the handler's response, which it takes for a
+  paused reactor: an N-EVENT-REPORT sent from a thread that the N-ACTION handler started
+  could have the N-ACTION response's PDU between its command and its data set, and the
+  peer abort. Each put of the outgoing queue here wakes the network thread through a
+  socket, letting another thread run, which made that likely. A request the peer sends while such a call waits fares as
   without the overrides (pynetdicom hands it to the call as if it were the response),
   except a C-STORE request while the association thread has nothing in hand, which the
   network thread serves.
@@ -73,7 +79,17 @@ _pynetdicom_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
 
 def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
     """``DIMSEServiceProvider.send_msg``: C-STORE responses encoded directly, and sent
-    directly by a network thread that served the request itself."""
+    directly by a network thread that served the request itself; on the listener, each
+    message whole, never interleaved with another thread's (see ``prepare``)."""
+    lock = getattr(self.assoc, "_bridge_send_lock", None)
+    if lock is None:
+        _send_whole(self, primitive, context_id)
+    else:
+        with lock:
+            _send_whole(self, primitive, context_id)
+
+
+def _send_whole(self: Any, primitive: Any, context_id: int) -> None:
     command = None
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
         command = _store_response_command(primitive)
