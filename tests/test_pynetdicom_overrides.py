@@ -89,11 +89,11 @@ def test_pynetdicom_still_polls_where_the_overrides_expect():
     assert "self.to_provider_queue.queue[0]" in inspect.getsource(
         pynetdicom.dul.DULServiceProvider._process_recv_primitive
     )
-    assert "msg_queue" in inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.get_msg)
+    assert "msg_queue" in inspect.getsource(messages._pynetdicom_get_msg)
     # what wakes a prepared association's reactor (QUIET_WAIT) is all its loop looks at
     reactor = inspect.getsource(pynetdicom.association.Association._run_reactor)
     assert "while not self._kill" in reactor and "self.acse.is_release_requested()" in reactor
-    assert "self._kill = True" in inspect.getsource(pynetdicom.association.Association.kill)
+    assert "self._kill = True" in inspect.getsource(waits._pynetdicom_kill)
     assert "peek_next_pdu()" in inspect.getsource(pynetdicom.acse.ACSE.is_release_requested)
     assert "dul.to_user_queue.put(" in inspect.getsource(pynetdicom.fsm)
 
@@ -219,7 +219,7 @@ def test_store_response_bytes_are_those_pynetdicom_sends():
             == P_DATA_TF(pdata).encode()
     rsp.OffendingElement = [0x00100010]  # a field the direct encoder does not write: pynetdicom's way
     assert encoders._store_response_command(rsp) is None
-    source = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.send_msg)
+    source = inspect.getsource(messages._pynetdicom_send_msg)
     assert "self.dul.send_pdu(pdata)" in source and "EVT_DIMSE_SENT" in source
     assert "dul._send(P_DATA_TF(primitive))" in inspect.getsource(pynetdicom.fsm.DT_1)
     assert 'return "Sta6"' in inspect.getsource(pynetdicom.fsm.DT_1)
