@@ -26,7 +26,8 @@ from prometheus_client import start_http_server
 
 from bridge import destinations
 from bridge.config import Config, DataDir, Node, load_config
-from bridge.dimse.listener import Listener, bind_failure, configure_pynetdicom
+from bridge.dimse import pynetdicom_overrides
+from bridge.dimse.listener import Listener, bind_failure
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
@@ -80,7 +81,8 @@ class Daemon:
 
     def start(self) -> None:
         _log_config(self.config)
-        configure_pynetdicom(self.spool, self.config.accept.any_sop_class)
+        pynetdicom_overrides.install(self.spool.new_temp, self.config.accept.any_sop_class,
+                                     self.config.accept.extra_sop_classes)
         # The listening sockets first: an address in use (another instance) fails here,
         # before anything is written. No association is served before listener.start().
         self.listener = Listener(self.config, self.metrics, self.spool)

@@ -199,7 +199,7 @@ def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs
     from pynetdicom import _config
     from pynetdicom.dimse_primitives import C_STORE
 
-    from bridge.dimse import pynetdicom_overrides
+    from bridge.dimse.pynetdicom_overrides import encoders
 
     disk = tmpfs_factory("disk", "2m")
     spool = Spool(DataDir(disk))
@@ -207,8 +207,8 @@ def test_pynetdicoms_own_receive_path_survives_a_full_disk(tmp_path: Path, tmpfs
     if recycled:
         spool.recycle(spooled(spool, b"\1" * 4096))
     monkeypatch.setattr(dm, "NamedTemporaryFile", lambda *_, **__: spool.new_temp())
-    monkeypatch.setattr(dm, "create_file_meta", pynetdicom_overrides._create_file_meta)
-    monkeypatch.setattr(dm, "write_file_meta_info", pynetdicom_overrides._write_file_meta_info)
+    monkeypatch.setattr(dm, "create_file_meta", encoders._create_file_meta)
+    monkeypatch.setattr(dm, "write_file_meta_info", encoders._write_file_meta_info)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
     accepted = type("Context", (), {"transfer_syntax": [ImplicitVRLittleEndian]})()
     assoc = type("Association", (), {"_accepted_cx": {1: accepted}})()

@@ -17,7 +17,7 @@ more SOP classes than fit goes out over consecutive associations, in order.
 An instance with a rule's modification goes out as its modified copy (``bridge.routing.modify``),
 written to a temporary file first. An instance goes out in its own syntax when the peer
 accepted it, read from the spool (or copy) file in PDU-sized pieces (pynetdicom's
-``STORE_SEND_CHUNKED_DATASET``, set in ``bridge.dimse.listener.configure_pynetdicom``);
+``STORE_SEND_CHUNKED_DATASET``, set by ``bridge.dimse.pynetdicom_overrides.install``);
 otherwise it is converted exactly (``bridge.dimse.transcode``) into a temporary file on the
 spool's file system, sent, and the copy removed. What cannot be converted exactly is
 ``Permanent`` with the reason.

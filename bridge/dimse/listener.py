@@ -6,19 +6,8 @@ What it serves are the services handed to ``start``, one module each beside this
 (``verification``, ``store``): each adds its presentation contexts to the AE, answers
 one pynetdicom event, and decides its own statuses (``Service``). The daemon lists them.
 
-pynetdicom is used through documented switches and pinned overrides, all set in
-``configure_pynetdicom`` (pynetdicom keeps them as process globals; the overrides made
-for speed are in ``bridge.dimse.pynetdicom_overrides``):
-
-- ``STORE_RECV_CHUNKED_DATASET``: data sets are written to a file as they arrive,
-  never held in memory;
-- the temporary file factory of ``pynetdicom.dimse_messages`` is replaced by one that
-  writes into the spool's ``incoming/`` folder (same file system, so taking the file
-  is a rename) and hashes the bytes as they are written (no second read). pynetdicom
-  is pinned to 3.0.x in pyproject.toml and ``tests/test_pynetdicom_overrides.py`` checks the
-  override still takes effect;
-- ``UNRESTRICTED_STORAGE_SERVICE`` for ``accept.any_sop_class``;
-- pydicom's ``reading_validation_mode`` set to ``IGNORE`` (see ``configure_pynetdicom``).
+pynetdicom's switches and the overrides made for speed and against hostile peers are
+set once, at start, by ``bridge.dimse.pynetdicom_overrides.install``.
 
 Association accept/reject decisions use pynetdicom's public ``EVT_REQUESTED`` hook:
 a handler may send the A-ASSOCIATE-RJ itself, and pynetdicom then skips negotiation.
@@ -43,18 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-import pynetdicom
-import pynetdicom.dimse_messages
-from pydicom import config as pydicom_config
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge.config import Config
 from bridge.dimse import pynetdicom_overrides
 from bridge.errors import StartError
-from bridge.forward.spool import HashingTempFile, Spool
+from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
 from bridge.routing.rules import RuleSet
 
@@ -89,34 +75,6 @@ def transfer_syntax_preference(uid: str) -> tuple[int, int, int, int]:
 
 
 TRANSFER_SYNTAXES = sorted((str(u) for u in AllTransferSyntaxes), key=transfer_syntax_preference)
-
-
-def configure_pynetdicom(spool: Spool, any_sop_class: bool) -> None:
-    """Set pynetdicom's process-wide switches (see the module docstring). Call once at start."""
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # The dimse destination sends C-STOREs from spool files: read in PDU-sized pieces, not
-    # decoded (it converts a copy itself when the peer needs another syntax).
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    _config.UNRESTRICTED_STORAGE_SERVICE = any_sop_class
-    _config.LOG_HANDLER_LEVEL = "none"
-
-    def temporary_file(*_: Any, **__: Any) -> HashingTempFile:
-        return spool.new_temp()
-
-    pynetdicom.dimse_messages.NamedTemporaryFile = temporary_file  # type: ignore[assignment]
-    pynetdicom_overrides.install()
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pynetdicom.utils logs a traceback for every value of a PDU it cannot decode, then
-    # raises; what catches it logs one line naming the peer (bridge.dimse.pynetdicom_overrides).
-    # A hostile peer would otherwise write a traceback per connection.
-    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
-    # pydicom checks every value it converts against its VR (a regular expression per
-    # UID, date, name...) and logs a warning for each misfit: pynetdicom converts each UID
-    # of an association request that way (a storage SCU proposes hundreds, 4 ms per
-    # association), and intake each UID of each C-STORE command. The bridge checks what
-    # it relies on itself (bridge.dataset.dicomfile.required_uids; pynetdicom its own UID check),
-    # and forwards other values as they came: the checks bought only log noise.
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 @dataclass

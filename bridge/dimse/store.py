@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt, register_uid
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
 
 from bridge.config import Config
 from bridge.dimse.listener import TRANSFER_SYNTAXES, AssociationState
@@ -86,11 +84,6 @@ class Store:
 
     def add_contexts(self, ae: AE, config: Config) -> None:
         for uid in storage_sop_classes(config):
-            # pynetdicom serves a request by the service class of its SOP Class UID, and
-            # aborts one whose class it does not know: a private storage class must be
-            # registered with it (process-wide; registering again is harmless).
-            if uid in config.accept.extra_sop_classes and uid_to_service_class(uid) is not StorageServiceClass:
-                register_uid(uid, "BridgeStorage_" + uid.replace(".", "_"), StorageServiceClass)
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
 
     def serves(self, primitive: Any) -> bool:

@@ -1,0 +1,102 @@
+"""Direct encoders for the two things every C-STORE makes pynetdicom encode through pydicom.
+
+- Each received data set gets its File Meta Information built as a pydicom
+  ``FileMetaDataset`` and written by pydicom's general writer, for seven elements.
+  ``_create_file_meta`` encodes the same bytes directly (``_write_file_meta_info``
+  writes them).
+- Each C-STORE response is turned into a pydicom command ``Dataset``, encoded by
+  pydicom's writer and fragmented by a generator, for a ~150-byte message.
+  ``_store_response_command`` encodes the same bytes directly, for C-STORE responses
+  only; every other message, and any response with fields it does not know, is encoded
+  by pynetdicom.
+
+Both are checked against pydicom's and pynetdicom's output by tests; what each saved is
+in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dimse_primitives import C_STORE
+
+
+def _explicit_le(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2s2xL", group, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes, errors: str = "strict") -> bytes:
+    data = text.encode("ascii", errors)
+    return data + pad if len(data) % 2 else data
+
+
+def _create_file_meta(*, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                      implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+                      implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION) -> bytes:
+    """The encoded File Meta Information group (PS3.10 7.1), as pynetdicom's would be.
+    A UID that is not ASCII (from a peer's command, refused once complete) is written
+    with ``?`` for what cannot be encoded, rather than ending the thread that receives."""
+    body = b"".join((
+        _explicit_le(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _explicit_le(0x0002, 0x0002, b"UI", _padded(str(sop_class_uid), b"\x00", "replace")),
+        _explicit_le(0x0002, 0x0003, b"UI", _padded(str(sop_instance_uid), b"\x00", "replace")),
+        _explicit_le(0x0002, 0x0010, b"UI", _padded(str(transfer_syntax), b"\x00")),
+        _explicit_le(0x0002, 0x0012, b"UI", _padded(str(implementation_uid), b"\x00")),
+        _explicit_le(0x0002, 0x0013, b"SH", _padded(str(implementation_version), b" ")),
+    ))
+    return _explicit_le(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    if isinstance(file_meta, bytes):
+        fp.write(file_meta)
+    else:  # not ours: leave it to pydicom
+        _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
+
+
+def _implicit_le(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", group, element, len(value)) + value
+
+
+# What pynetdicom would put in a C-STORE response besides the fields the direct encoder
+# writes (MessageIDBeingRespondedTo, Affected SOP Class/Instance UID, Status, ErrorComment).
+_STORE_RSP_OTHERS = tuple(
+    name for name in (*C_STORE.RESPONSE_KEYWORDS, *C_STORE.STATUS_OPTIONAL_KEYWORDS)
+    if name not in ("MessageIDBeingRespondedTo", "Status", "ErrorComment")
+) + ("DataSet",)
+
+
+def _store_response_command(primitive: Any) -> bytes | None:
+    """The C-STORE-RSP command set (implicit VR little endian, PS3.7 9.3.1.2) as pynetdicom
+    would encode it, or None when the primitive has a field this encoder does not write."""
+    if any(getattr(primitive, name, None) is not None for name in _STORE_RSP_OTHERS):
+        return None
+    status = primitive.Status
+    if status is None or primitive.AffectedSOPClassUID is None or primitive.AffectedSOPInstanceUID is None:
+        return None
+    elements = [
+        _implicit_le(0x0000, 0x0002, _padded(str(primitive.AffectedSOPClassUID), b"\x00")),
+        _implicit_le(0x0000, 0x0100, struct.pack("<H", 0x8001)),
+        _implicit_le(0x0000, 0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _implicit_le(0x0000, 0x0800, struct.pack("<H", 0x0101)),
+        _implicit_le(0x0000, 0x0900, struct.pack("<H", status)),
+    ]
+    comment = primitive.ErrorComment
+    if comment:
+        try:
+            elements.append(_implicit_le(0x0000, 0x0902, _padded(str(comment), b" ")))
+        except UnicodeEncodeError:
+            return None
+    elements.append(_implicit_le(0x0000, 0x1000, _padded(str(primitive.AffectedSOPInstanceUID), b"\x00")))
+    body = b"".join(elements)
+    return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
+def _p_data_tf(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU of one PDV: the whole of a command set (PS3.8 9.3.5, E.2)."""
+    return struct.pack(">BBLLBB", 0x04, 0, 6 + len(command), 2 + len(command), context_id, 0x03) + command
