@@ -1,14 +1,19 @@
-"""The contract between intake, the queue and destinations (see docs/architecture.md)."""
+"""The shared contract: what intake hands the queue and destinations (``SpooledInstance``),
+what a destination answers (``Outcome``), and what a source answers queries and
+retrievals with (``Source``). See docs/architecture.md."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from bridge.config import Modification
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,44 @@ class Probing(Protocol):
         """True when the destination answers now (any answer a delivery could act on),
         False while it is still unreachable. Never raises for an unreachable destination."""
         ...
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One instance a source holds, as ``locate`` finds it: what a C-MOVE or C-GET needs
+    to fetch it and to offer it to the move destination (its SOP class)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """What ``retrieve`` gives back for one reference: a complete temporary Part-10 file
+    on the spool's file system (the caller sends it, then removes it), or the reason
+    there is none."""
+
+    ref: InstanceRef
+    path: Path | None = None
+    failure: str = ""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where queries and retrievals are answered from (``bridge/sources/``).
+
+    ``find`` yields one identifier per match at ``level`` (PATIENT, STUDY, SERIES,
+    IMAGE); ``locate`` yields the instances an identifier names; ``retrieve`` fetches
+    them, one ``Retrieved`` per reference, in any order. A source that cannot answer
+    raises ``UpstreamUnavailable`` or ``UpstreamMisconfigured``, never an empty result.
+    """
+
+    name: str
+
+    def find(self, identifier: Dataset, level: str) -> Iterator[Dataset]: ...
+
+    def locate(self, identifier: Dataset, level: str) -> Iterator[InstanceRef]: ...
+
+    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]: ...

@@ -100,8 +100,10 @@ class Service(Protocol):
     as pynetdicom's handler of that event returns; ``serves`` says whether a DIMSE
     message (its primitive) is a request of this service. A message no service claims
     is aborted (``pynetdicom_overrides.prepare``), never handed to pynetdicom's service
-    classes, which would leave it unanswered; C-STORE and C-CANCEL requests are taken by
-    the seam before it asks.
+    classes, which would leave it unanswered. The seam takes some messages before it
+    asks: C-STORE and C-CANCEL requests, and the responses to requests a handler sent on
+    the association itself (a C-GET's C-STORE sub-operations, an N-EVENT-REPORT), which
+    go to the ``send_*()`` call waiting for them.
     """
 
     event: evt.InterventionEvent
