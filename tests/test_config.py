@@ -100,6 +100,71 @@ unrouted: nowhere
     assert any(e.startswith("unrouted: unknown destination 'nowhere'") for e in info.value.errors)
 
 
+def test_sources_are_checked_with_paths_and_hints(tmp_path):
+    path = write(tmp_path, """
+nodes:
+  pacs: {host: 127.0.0.1, port: 104}
+destinations:
+  archive: {type: archive}
+sources:
+  qido: {type: dicomweb, url: "http://127.0.0.1:8042/dicom-web", page_sze: 100}
+  remote: {type: dimse, node: pcs}
+  local: {type: dimse, node: pacs}
+  slow: {type: dimse, node: pacs, find_timeout: 1h}
+rules:
+  - {name: all, store: [archive], find: [local, qdo], retrieve: [remote, lcal]}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    errors = info.value.errors
+    assert "sources.qido.page_sze: unknown key (did you mean 'page_size'?)" in errors
+    assert "sources.remote.node: unknown node 'pcs' (did you mean 'pacs'?)" in errors
+    assert any(e.startswith("sources.local: 'local' is built in") for e in errors)
+    assert any(e.startswith("sources.slow.find_timeout:") for e in errors)
+    assert "rules[0].find[1]: unknown source 'qdo' (did you mean 'qido'?)" in errors
+    assert "rules[0].retrieve[1]: unknown source 'lcal' (did you mean 'local'?)" in errors
+
+
+@pytest.mark.parametrize(("archives", "says"), [
+    ({}, "no destination has type: archive"),
+    ({"a": "{type: archive}", "b": "{type: archive, path: b}"}, "several destinations have type: archive (a, b)"),
+])
+def test_local_is_the_one_archive(tmp_path, archives, says):
+    entries = archives or {"out": "{type: folder, path: out}"}
+    destinations = "".join(f"  {name}: {body}\n" for name, body in entries.items())
+    first = next(iter(entries))
+    path = write(tmp_path, f"""
+destinations:
+{destinations}rules:
+  - {{name: all, store: [{first}], find: [local]}}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert any(e.startswith("rules[0].find[0]: source 'local' is the local archive, and " + says)
+               for e in info.value.errors), info.value.errors
+
+
+def test_sources_load_with_their_settings(tmp_path):
+    (tmp_path / "token").write_text("t\n")
+    path = write(tmp_path, """
+nodes:
+  pacs: {host: 127.0.0.1, port: 104}
+destinations:
+  archive: {type: archive}
+sources:
+  qido: {type: dicomweb, url: "http://127.0.0.1:8042/dicom-web/", auth: {type: bearer, token_file: token}}
+  remote: {type: dimse, node: pacs, find_timeout: 5s}
+rules:
+  - {name: all, store: [archive], find: [qido, remote, local], retrieve: [local]}
+""")
+    config = load_config(path)
+    qido, remote = config.sources["qido"], config.sources["remote"]
+    assert qido.url == "http://127.0.0.1:8042/dicom-web" and qido.page_size == 1000 and qido.find_timeout == 20
+    assert qido.auth.token_file == tmp_path / "token"
+    assert remote.node == "pacs" and remote.find_timeout == 5
+    assert check(path).returncode == 0
+
+
 def test_template_keywords_are_checked(tmp_path):
     path = write(tmp_path, """
 destinations:

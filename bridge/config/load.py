@@ -17,6 +17,7 @@ from bridge.config.errors import describe, hint
 from bridge.config.nodes import HttpPeer
 from bridge.config.rules import Rule
 from bridge.config.settings import Config
+from bridge.config.sources import LOCAL
 from bridge.config.values import resolve
 from bridge.config.watch import valid_watches, watch_overlaps
 from bridge.errors import ConfigError
@@ -97,6 +98,9 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
             destination.path = str(resolve(base, Path(destination.path)))
         if isinstance(destination, HttpPeer):
             destination.resolve_paths(base)
+    for answering in config.sources.values():
+        if isinstance(answering, HttpPeer):
+            answering.resolve_paths(base)
     return config
 
 
@@ -138,25 +142,27 @@ def _validate_rules(raw_rules: list[tuple[str, Any]]) -> list[Rule]:
     return rules
 
 
-# Sources a rule may name without configuring them: the local archive.
-SOURCES_BUILT_IN = ["local"]
-
-
 def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> list[str]:
     """Names that refer to nothing, read from the raw file so that they are reported
     together with every other error."""
     errors = []
     destinations: dict[str, Any] = raw["destinations"] if isinstance(raw.get("destinations"), dict) else {}
+    configured: dict[str, Any] = raw["sources"] if isinstance(raw.get("sources"), dict) else {}
     nodes: dict[str, Any] = raw["nodes"] if isinstance(raw.get("nodes"), dict) else {}
     names = [str(n) for n in destinations]
-    sources = SOURCES_BUILT_IN
+    sources = [LOCAL] + [str(n) for n in configured if n != LOCAL]
+    archives = [str(n) for n, d in destinations.items() if isinstance(d, dict) and d.get("type") == "archive"]
     unrouted = raw.get("unrouted", "reject")
     if isinstance(unrouted, str) and unrouted != "reject" and unrouted not in destinations:
         errors.append(f"unrouted: unknown destination {unrouted!r}{hint(unrouted, names + ['reject'])}")
-    for name, destination in destinations.items():
-        node = destination.get("node") if isinstance(destination, dict) else None
-        if isinstance(node, str) and node not in nodes:
-            errors.append(f"destinations.{name}.node: unknown node {node!r}{hint(node, [str(n) for n in nodes])}")
+    for section, entries in (("destinations", destinations), ("sources", configured)):
+        for name, entry in entries.items():
+            node = entry.get("node") if isinstance(entry, dict) else None
+            if isinstance(node, str) and node not in nodes:
+                errors.append(f"{section}.{name}.node: unknown node {node!r}{hint(node, [str(n) for n in nodes])}")
+    if LOCAL in configured:
+        errors.append(f"sources.{LOCAL}: {LOCAL!r} is built in (the local archive, the one `type: archive` "
+                      "destination): give this source another name")
     for where, rule in raw_rules:
         if not isinstance(rule, dict):
             continue
@@ -166,6 +172,8 @@ def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> 
             for j, target in enumerate(targets if isinstance(targets, list) else []):
                 if isinstance(target, str) and target not in known:
                     errors.append(f"{where}.{verb}[{j}]: unknown {what} {target!r}{hint(target, known)}")
+                elif target == LOCAL and verb != "store" and len(archives) != 1:
+                    errors.append(f"{where}.{verb}[{j}]: {_local_archive(archives)}")
         modify = rule.get("modify")
         store: list[Any] = rule["store"] if isinstance(rule.get("store"), list) else []
         for name in modify if isinstance(modify, dict) else {}:
@@ -174,3 +182,12 @@ def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> 
             elif name not in store:
                 errors.append(f"{where}.modify.{name}: {name!r} is not in this rule's store list")
     return errors
+
+
+def _local_archive(archives: list[str]) -> str:
+    """Why the source ``local`` cannot be used: it is the index of the one archive."""
+    if not archives:
+        return (f"source {LOCAL!r} is the local archive, and no destination has type: archive "
+                "(add one, and a rule that stores into it)")
+    return (f"source {LOCAL!r} is the local archive, and several destinations have type: archive "
+            f"({', '.join(archives)}): keep one")

@@ -1,6 +1,6 @@
 """``Config``, the whole configuration file, and the daemon's own sections of it: the
 listener, who may associate, the spool, the queue, the retry policy, metrics. The named
-sections (``nodes``, ``destinations``, ``rules``, ``watch``) have a module each."""
+sections (``nodes``, ``destinations``, ``sources``, ``rules``, ``watch``) have a module each."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from bridge.config.destinations import DestinationConfig
 from bridge.config.nodes import Node
 from bridge.config.rules import Rule
+from bridge.config.sources import SourceConfig
 from bridge.config.units import parse_size
 from bridge.config.values import AEPattern, AETitle, ByteSize, Duration, Model, Network
 from bridge.config.watch import Watch
@@ -132,6 +133,9 @@ class Config(Model):
     unrouted: str = Field("reject", description="'reject' (0x0124) or the name of a destination")
     nodes: dict[str, Node] = Field(default_factory=dict)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    sources: dict[str, SourceConfig] = Field(
+        default_factory=dict, description="where C-FIND, C-MOVE and C-GET are answered from, besides 'local'",
+    )
     rules: list[Rule] | str = Field(
         default_factory=list,
         description="a list of rules, or a YAML file or folder of them",

@@ -1,0 +1,42 @@
+"""Where queries and retrievals are answered from: one model per source type
+(``dicomweb``: QIDO-RS, ``dimse``: a node of the configuration), on the settings every
+source has. The local archive is the built-in source ``local``: it is configured as the
+one ``type: archive`` destination, not here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from bridge.config.nodes import HttpPeer
+from bridge.config.values import Duration, Model
+
+# The name of the built-in source, the local archive's index.
+LOCAL = "local"
+
+
+class SourceBase(Model):
+    # A requester waits for each C-FIND response only as long as its own DIMSE timeout
+    # (often 30 to 60 s): a source must answer, or fail with a status, before that.
+    find_timeout: Duration = Field(20.0, gt=0, le=600, description="the longest a C-FIND waits for each answer "
+                                   "of this source (a QIDO-RS page, a C-FIND response) before it fails")
+
+
+class DicomwebSource(SourceBase, HttpPeer):
+    """QIDO-RS (PS3.18 10.6) against ``{url}``, with the same HTTP client, authentication,
+    TLS and timeouts as a ``dicomweb`` destination."""
+
+    type: Literal["dicomweb"]
+    page_size: int = Field(1000, ge=1, le=100_000, description="matches asked for per QIDO-RS request "
+                           "(limit); the next page is asked for until the source has no more")
+
+
+class DimseSource(SourceBase):
+    """C-FIND forwarded to a DIMSE peer named in ``nodes``."""
+
+    type: Literal["dimse"]
+    node: str = Field(description="the name of a node in `nodes`")
+
+
+SourceConfig = Annotated[DicomwebSource | DimseSource, Field(discriminator="type")]
