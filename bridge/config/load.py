@@ -96,11 +96,9 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
     for destination in config.destinations.values():
         if isinstance(destination, FolderDestination | ArchiveDestination) and destination.path is not None:
             destination.path = str(resolve(base, Path(destination.path)))
-        if isinstance(destination, HttpPeer):
-            destination.resolve_paths(base)
-    for answering in config.sources.values():
-        if isinstance(answering, HttpPeer):
-            answering.resolve_paths(base)
+    for peer in [*config.destinations.values(), *config.sources.values()]:
+        if isinstance(peer, HttpPeer):
+            peer.resolve_paths(base)
     return config
 
 
