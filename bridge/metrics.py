@@ -79,6 +79,19 @@ class Metrics:
             "by destination", ["destination"], registry=r,
         )
         self.spool_free = Gauge("dicom_bridge_spool_free_bytes", "Free bytes on the spool's file system", registry=r)
+        self.finds = Counter(
+            "dicom_bridge_finds", "C-FIND answers per source, by the status it ended with for that source "
+            "(0x0000: answered; 0xA700, 0xC001: failed; 0xFE00: cancelled)", ["source", "status"], registry=r,
+        )
+        self.find_capped = Counter(
+            "dicom_bridge_find_capped", "C-FINDs that reached find.max_results and answered no more, by source",
+            ["source"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "dicom_bridge_upstream_request_seconds", "Requests to a source (a QIDO-RS page, a C-FIND to a PACS, "
+            "an archive index query), by source and operation", ["source", "operation"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
 
     def calling_ae(self, ae_title: str) -> str:
         """The label for a calling AE: itself while the set is small, else ``other``."""

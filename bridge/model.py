@@ -15,6 +15,8 @@ from bridge.config import Modification
 if TYPE_CHECKING:
     from pydicom import Dataset
 
+    from bridge.sources.query import Query
+
 
 @dataclass(frozen=True)
 class SpooledInstance:
@@ -137,16 +139,26 @@ class Retrieved:
 class Source(Protocol):
     """Where queries and retrievals are answered from (``bridge/sources/``).
 
-    ``find`` yields one identifier per match at ``level`` (PATIENT, STUDY, SERIES,
-    IMAGE); ``locate`` yields the instances an identifier names; ``retrieve`` fetches
-    them, one ``Retrieved`` per reference, in any order. A source that cannot answer
-    raises ``UpstreamUnavailable`` or ``UpstreamMisconfigured``, never an empty result.
+    ``find`` yields one record per match at ``query.level`` (PATIENT, STUDY, SERIES,
+    IMAGE), values as decoded text, as soon as it has each: the C-FIND service cuts each
+    to what was asked for and checks it against the query again. ``locate`` yields the
+    instances a query names (IMAGE level, with SOP Class UIDs); ``retrieve`` fetches
+    them, one ``Retrieved`` per reference, in any order.
+
+    Each is a generator that its caller may stop early (``close()``, as a C-CANCEL
+    does): it then asks its upstream for nothing more and frees what it holds. Each
+    upstream answer is awaited at most the source's ``find_timeout``. A source that
+    cannot answer raises ``UpstreamUnavailable`` (unreachable, no answer in time) or
+    ``UpstreamMisconfigured`` (it refuses us), never an empty result. Several C-FINDs
+    may use one source at once, from different threads.
     """
 
     name: str
 
-    def find(self, identifier: Dataset, level: str) -> Iterator[Dataset]: ...
+    def find(self, query: Query) -> Iterator[Dataset]: ...
 
-    def locate(self, identifier: Dataset, level: str) -> Iterator[InstanceRef]: ...
+    def locate(self, query: Query) -> Iterator[InstanceRef]: ...
 
     def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]: ...
+
+    def close(self) -> None: ...
