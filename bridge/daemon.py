@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from bridge import destinations
 from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse import pynetdicom_overrides
+from bridge.dimse.find import Find
 from bridge.dimse.listener import Listener, bind_failure
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
@@ -36,6 +37,7 @@ from bridge.forward.ingest import Ingest
 from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
+from bridge.sources import Sources
 from bridge.watch.watcher import Watcher
 
 LOGGER = logging.getLogger(__name__)
@@ -73,6 +75,8 @@ class Daemon:
         self.listener: Listener | None = None
         self.ingest: Ingest | None = None
         self.watcher: Watcher | None = None
+        # What C-FIND asks: built when first asked, again when a reload changes them.
+        self.sources = Sources(self.metrics)
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_purge = 0.0
@@ -110,7 +114,8 @@ class Daemon:
         # The durable path of C-STOREs and watched files alike (bridge.forward.ingest).
         self.ingest = Ingest(self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         # The DIMSE services the listener provides: a module of bridge.dimse each.
-        self.listener.start([Verification(self.metrics), Store(self.ingest, self.queue, self.metrics)],
+        self.listener.start([Verification(self.metrics), Store(self.ingest, self.queue, self.metrics),
+                             Find(self.sources, self.metrics)],
                             on_finished=self.delivery.flush)
         # Watched files are taken with the listener's rules.
         self.watcher = Watcher(self.config, self.listener.rules, self.ingest, self.metrics)
@@ -225,6 +230,7 @@ class Daemon:
         if self.queue is not None:
             self.queue.note_daemon(None)
             self.queue.close()
+        self.sources.close()
         LOGGER.info("stopped")
 
     def reload(self) -> None:

@@ -196,6 +196,8 @@ class Rule(Model):
     store: list[str] = Field(default_factory=list, description="destinations for C-STORE and watched files")
     find: list[str] = Field(default_factory=list, description="sources asked for C-FIND")
     retrieve: list[str] = Field(default_factory=list, description="sources for C-MOVE and C-GET, in order")
+    fuzzy_matching: bool = Field(False, description="a C-FIND this rule routes asks its dicomweb sources for "
+                                 "fuzzy matching of person names (QIDO-RS fuzzymatching=true)")
     modify: dict[str, Modification] = Field(default_factory=dict, description="destination -> changes")
     continue_: bool = Field(False, alias="continue", description="later rules are still considered")
     ack: Literal["spooled", "delivered"] = Field(

@@ -115,6 +115,14 @@ class QueueSettings(Model):
                                    "connection holds (read at start)")
 
 
+class FindSettings(Model):
+    """C-FIND, whatever the sources."""
+
+    max_results: int = Field(100_000, ge=1, le=10_000_000, description="the most matches one C-FIND answers; "
+                             "past it the C-FIND ends with the matches so far, a warning in the log and the "
+                             "dicom_bridge_find_capped metric")
+
+
 class Metrics(Model):
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus metrics here (absent: not served)")
@@ -136,6 +144,7 @@ class Config(Model):
     sources: dict[str, SourceConfig] = Field(
         default_factory=dict, description="where C-FIND, C-MOVE and C-GET are answered from, besides 'local'",
     )
+    find: FindSettings = Field(default_factory=FindSettings)
     rules: list[Rule] | str = Field(
         default_factory=list,
         description="a list of rules, or a YAML file or folder of them",

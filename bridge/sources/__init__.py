@@ -5,6 +5,7 @@ the ``Query`` every source answers."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from bridge.config import LOCAL, ArchiveDestination, Config, DataDir
@@ -39,3 +40,43 @@ def build(name: str, config: Config, metrics: Metrics) -> Source:
 
     return DimseSource(name, settings, config.nodes[settings.node], config.ae_title, config.listen.timeouts.network,
                        metrics)
+
+
+class Sources:
+    """The sources the C-FIND service asks, built when first asked for, and built again
+    when a reload changes what they are built from. An association asks with the
+    configuration it started with; a source a reload replaced is not closed under a query
+    still using it, but left to go when the last one ends."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._built: dict[str, tuple[str, Source]] = {}
+
+    def get(self, name: str, config: Config) -> Source:
+        """The source ``name`` of ``config``; ``KeyError`` when ``config`` has none of that name,
+        ``ValueError`` for ``local`` without one archive."""
+        key = _built_from(name, config)
+        with self._lock:
+            built = self._built.get(name)
+            if built is not None and built[0] == key:
+                return built[1]
+        source = build(name, config, self.metrics)
+        with self._lock:
+            self._built[name] = (key, source)
+        return source
+
+    def close(self) -> None:
+        with self._lock:
+            built, self._built = self._built, {}
+        for _, source in built.values():
+            source.close()
+
+
+def _built_from(name: str, config: Config) -> str:
+    """What the source ``name`` is built from, as text: when it changes, so does the source."""
+    if name == LOCAL:
+        return f"local {archive_root(config)}"
+    settings = config.sources[name]
+    node = config.nodes.get(settings.node) if settings.type == "dimse" else None
+    return f"{settings!r} {node!r} {config.ae_title} {config.listen.timeouts.network}"

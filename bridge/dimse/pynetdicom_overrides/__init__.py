@@ -210,3 +210,16 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     dul.to_provider_queue = _WakingQueue(writer, max_queued, dul)
     weakref.finalize(dul, reader.close)
     weakref.finalize(dul, writer.close)
+
+
+def still_busy(assoc: Any) -> None:
+    """Restart the association's network timeout: it is answering a request, not idle.
+
+    pynetdicom restarts that timer only when a PDU arrives, and checks it between
+    requests: a C-FIND (or C-MOVE) that answers for longer than ``listen.timeouts.network``
+    while the requester waits, silent, would be aborted as soon as its last response went
+    out. The services call this as they send responses, and when they end.
+    """
+    timer = getattr(assoc.dul, "_idle_timer", None)
+    if timer is not None:
+        timer.restart()
