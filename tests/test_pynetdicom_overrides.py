@@ -181,6 +181,20 @@ def test_what_the_listeners_bounds_rely_on_is_still_there():
     assert "self.ae._servers.remove(" in inspect.getsource(pynetdicom.transport.AssociationServer.shutdown)
 
 
+def test_the_network_timer_still_busy_restarts_is_the_one_the_reactor_checks():
+    # still_busy: pynetdicom aborts an association whose DUL idle timer expired, checked in
+    # the reactor between requests, and restarts that timer only when a PDU arrives
+    assert "self.dul.idle_timer_expired()" in inspect.getsource(pynetdicom.association.Association._run_reactor)
+    assert "return self._idle_timer.expired" in inspect.getsource(pynetdicom.dul.DULServiceProvider.idle_timer_expired)
+    assert "self._idle_timer.restart()" in inspect.getsource(pynetdicom.dul.DULServiceProvider)
+    timer = pynetdicom.timer.Timer(0.05)
+    timer.start()
+    time.sleep(0.1)
+    assert timer.expired
+    timer.restart()
+    assert not timer.expired
+
+
 def test_file_meta_bytes_are_those_pydicom_writes():
     import io
 
