@@ -74,7 +74,7 @@ def findscu(port: int, level: str, keys: Sequence[str], root: str = "study", cal
         proc = run_dcmtk("findscu", *args, "-X", "-od", str(out), *extra, "127.0.0.1", str(port), timeout=timeout)
         seconds = time.monotonic() - started
         output = proc.stdout + proc.stderr
-        responses = []
+        responses: list[Dataset] = []
         for path in sorted(out.glob("rsp*.dcm")):
             ds = pydicom.dcmread(path)
             ds.decode()

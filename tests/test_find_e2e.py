@@ -14,14 +14,8 @@ are compared as sets of (the level's unique key, the decoded values of the keys 
 for). Keys Orthanc adds without being asked are not compared; the bridge's own rule on
 what a response carries is checked on every bridge answer (``assert_shape``).
 
-Orthanc runs with ``DefaultEncoding: Utf8``: Orthanc 1.10 keeps in its index only the
-characters its default encoding can hold (with the default, Latin-1, the Greek, Hebrew,
-Cyrillic and CJK names come back empty or as ``^``), so it could not be the reference
-for them. Its DICOMweb plugin runs with ``QidoCaseSensitive: false``, so that its QIDO-RS
-matches person names regardless of case, as its C-FIND does (and as the bridge does,
-docs/conformance.md): with the plugin's default a QIDO-RS source would miss ``adams*``
-for ``ADAMS^ANNA`` where the C-FIND reference finds it, a difference of Orthanc's two
-interfaces, not of the bridge.
+Orthanc runs with the settings of ``findcorpus.ORTHANC_FIND`` (UTF-8 in its index,
+case-insensitive QIDO-RS), which say why.
 """
 
 from __future__ import annotations
@@ -31,21 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from findcorpus import ORTHANC_MISREADS, FindCorpus, find_corpus
+from findcorpus import ORTHANC_FIND, ORTHANC_MISREADS, FindCorpus, find_corpus
 from findscu import ALWAYS, UNIQUE, FindResult, findscu, keywords, matches, text, unique_values
 from peers import Bridge, Orthanc, storescu, wait_for
 
 BRIDGE_AE = "FINDBRIDGE"
 SOURCES = {"web": "WEBQ", "pacs": "PACSQ", "local": "LOCALQ"}
 UTF8 = "SpecificCharacterSet=ISO_IR 192"
-
-# What every Orthanc of the C-FIND tests runs with (see the module's docstring).
-ORTHANC_FIND = {
-    "DicomAlwaysAllowFind": True,
-    "DefaultEncoding": "Utf8",
-    "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "QidoCaseSensitive": False},
-}
-
 
 def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
     """The bridge of these tests: the embedded default's archive (the ``local`` source)
