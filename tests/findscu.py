@@ -90,10 +90,9 @@ def text(ds: Dataset, keyword: str) -> str | tuple[str, ...]:
     """A response's value of ``keyword`` as decoded text, for comparing answers: '' when
     absent or empty; a multi-valued one as the sorted tuple of its values (the order of
     ModalitiesInStudy's values is the source's, not a meaning)."""
-    element = ds.get(keyword)
-    if element is None or element.value is None or element.value == "":
+    value = ds.get(keyword)
+    if value is None or value == "":
         return ""
-    value = element.value
     if isinstance(value, MultiValue | list | tuple):
         values = sorted(str(v).strip() for v in value)
         return tuple(values) if len(values) > 1 else values[0]
