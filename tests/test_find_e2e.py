@@ -316,12 +316,13 @@ def test_local_decodes_names_orthanc_misreads(bridge: Bridge, misread: FindCorpu
     """ISO 2022 IR 13 (half-width katakana) and an explicit IR 6 with IR 87: the archive
     answers the names pydicom reads from the files."""
     ids = "\\".join(s.patient_id for s in misread.studies.values())
-    result = findscu(bridge.port, "STUDY", [f"PatientID={ids}", "PatientName", "PatientID"],
+    result = findscu(bridge.port, "STUDY", [f"PatientID={ids}", "PatientName", "StudyInstanceUID"],
                      calling_ae="LOCALQ").check()
     expected = {(s.patient_id, s.patient_name) for s in misread.studies.values()}
     assert {(str(ds.PatientID), str(ds.PatientName)) for ds in result.responses} == expected
     assert "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう" in {name for _, name in expected}
     # and a Japanese wildcard query finds them, as it finds chrH31
-    result = findscu(bridge.port, "STUDY", [UTF8, "PatientName=*山田*", "PatientID"], calling_ae="LOCALQ").check()
+    result = findscu(bridge.port, "STUDY", [UTF8, "PatientName=*山田*", "PatientID", "StudyInstanceUID"],
+                     calling_ae="LOCALQ").check()
     assert {text(ds, "PatientID") for ds in result.responses} >= {"CS-chrH31", "CS-chrH32"}
 
