@@ -53,9 +53,14 @@ class FindResult:
     def check(self, status: int = SUCCESS) -> FindResult:
         """Assert that the C-FIND ended with ``status``; return self."""
         assert self.final == status, (f"final status {self.final and hex(self.final)} "
-                                      f"(comment {self.error_comment!r}), expected {status:#06x}:\n"
-                                      f"{self.output[-3000:]}")
+                                      f"(comment {self.error_comment!r}), expected {status:#06x}:\n{self.summary()}")
         return self
+
+    def summary(self) -> str:
+        """findscu's lines that say what happened (not its dumps of PDUs and data sets)."""
+        lines = [line for line in self.output.splitlines() if line.startswith(("E:", "W:", "F:"))
+                 or any(word in line for word in ("Response", "DIMSE Status", "Abort", "Association"))]
+        return "\n".join(lines[-40:])
 
 
 def findscu(port: int, level: str, keys: Sequence[str], root: str = "study", calling_ae: str = "FINDSCU",
