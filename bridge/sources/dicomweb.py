@@ -162,7 +162,7 @@ class DicomwebSource:
                     read_timeout=timeout, connect_timeout=timeout) as response:
                 content = b""
                 if response.status != 204:
-                    content = self._read(response.iter_bytes(), started, timeout)
+                    content = self._read(response.iter_available(), started, timeout)
                 warning = response.headers.get("Warning", "")
                 status, summary = response.status, response.summary(content)
                 if not 200 <= status < 300:

@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Protocol, cast
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from bridge.config import HttpPeer
@@ -91,6 +92,18 @@ class HttpResponse:
         try:
             yield from self._response.iter_content(chunk_size)
         except requests.RequestException as exc:
+            raise UpstreamUnavailable(f"{self.url}: reading the answer: {describe(exc)}") from None
+
+    def iter_available(self, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The body as it arrives, each piece what one read from the connection gave (at
+        most ``chunk_size``), so that a caller can keep a deadline between pieces:
+        ``iter_bytes`` waits for whole chunks, which a server sending a byte at a time
+        delays without ever reaching the read timeout. ``UpstreamUnavailable`` as there."""
+        raw = self._response.raw
+        try:
+            while piece := raw.read1(chunk_size, decode_content=True):
+                yield piece
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # requests does not wrap raw reads
             raise UpstreamUnavailable(f"{self.url}: reading the answer: {describe(exc)}") from None
 
     def read(self, limit: int) -> bytes:
