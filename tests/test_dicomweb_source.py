@@ -441,6 +441,14 @@ def test_pages_that_shift_give_each_study_once() -> None:
     assert set(found) >= {f"1.2.3.{n}" for n in range(5)}
 
 
+def test_searches_of_a_list_give_each_study_once_and_each_search_all_its_pages() -> None:
+    with FakeStow() as fake:
+        by_modality = {"CT": [study(n) for n in range(4)], "MR": [study(n) for n in range(5)]}
+        fake.answer = lambda r: paged(by_modality[dict(params(r))["ModalitiesInStudy"]])(r)
+        found = uids(list(source(fake.url, page_size=2).find(query("STUDY", ModalitiesInStudy=["CT", "MR"]))))
+    assert sorted(found) == [f"1.2.3.{n}" for n in range(5)]  # MR's first pages hold nothing new: asked on
+
+
 def test_a_server_that_ignores_offset_is_not_asked_forever(caplog: pytest.LogCaptureFixture) -> None:
     with FakeStow() as fake:
         fake.answer = lambda r: (200, {}, [study(0), study(1)])

@@ -130,19 +130,25 @@ class DicomwebSource:
 
     def _results(self, search: qido.QidoSearch, unique_tag: str, seen: set[str]) -> Iterator[Any]:
         """Every result of ``search`` (as DICOM JSON) whose unique key is not in ``seen``
-        yet, page after page; ``seen`` gets the keys given."""
+        yet (given by an earlier page, or search), page after page; ``seen`` gets the
+        keys given."""
         limit, offset = self.settings.page_size, 0
+        own: set[str] = set()  # this search's keys: a page of nothing new ends it
         while True:
             page = self._page(search, limit, offset)
             new = 0
             for item in page.results:
                 uid = qido.first_value(item, unique_tag) if isinstance(item, dict) else None
-                if uid is not None:
-                    if uid in seen:
-                        continue
+                if uid is None:
+                    new += 1
+                    yield item
+                    continue
+                if uid not in own:
+                    own.add(uid)
+                    new += 1
+                if uid not in seen:
                     seen.add(uid)
-                new += 1
-                yield item
+                    yield item
             count = len(page.results)
             if count == 0 or count > limit or (count < limit and not page.more):
                 return  # the last page (or a server that ignores limit: everything at once)
