@@ -59,11 +59,9 @@ MAX_SPLIT = 16  # values of a list that are asked one search each
 MAX_SEARCHES = 64  # searches one query may become, before lists are left to the service
 
 # Tags in the DICOM JSON model (PS3.18 F.2), as QIDO-RS answers name them.
-STUDY_UID = "0020000D"
-SERIES_UID = "0020000E"
 SOP_INSTANCE_UID = "00080018"
-SOP_CLASS_UID = "00080016"
-UNIQUE_TAG = {"PATIENT": STUDY_UID, "STUDY": STUDY_UID, "SERIES": SERIES_UID, "IMAGE": SOP_INSTANCE_UID}
+# The unique key of each level's results; patients are folded from studies.
+UNIQUE_TAG = {"PATIENT": "0020000D", "STUDY": "0020000D", "SERIES": "0020000E", "IMAGE": SOP_INSTANCE_UID}
 # Dropped from every answer: RetrieveURL and RetrieveAETitle are the upstream's (the
 # service gives the bridge's own), and the values are decoded text, so the upstream's
 # Specific Character Set (Orthanc names its own default, whatever the JSON holds) would
