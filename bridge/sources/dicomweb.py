@@ -79,18 +79,25 @@ class DicomwebSource:
 
     # -- the Source protocol ----------------------------------------------------------------
 
-    def find(self, query: Query) -> Iterator[Dataset]:
+    def find(self, query: Query) -> Iterator[Dataset | None]:
         """The matches of ``query`` (a superset: the service checks each again), as they
-        come. At PATIENT level, the studies folded into patients."""
+        come. At PATIENT level, the studies folded into patients. ``None`` says that an
+        answer came that gave no match yet (a page of studies of patients already given,
+        or counted until the end): the source is at work, not stuck."""
         patients = qido.Patients(query) if query.level == "PATIENT" else None
         seen: set[str] = set()  # unique keys given, across pages and searches
         for search in qido.qido_searches(query):
             for item in self._results(search, qido.UNIQUE_TAG[query.level], seen):
+                if item is None:
+                    yield None
+                    continue
                 ds = self._record(item, search)
                 if patients is None:
                     yield ds
                 elif (patient := patients.add(ds)) is not None:
                     yield patient
+                else:
+                    yield None
         if patients is not None:
             yield from patients.rest()
 
@@ -101,6 +108,8 @@ class DicomwebSource:
         seen: set[str] = set()
         for search in qido.qido_searches(image, include=LOCATE_FIELDS):
             for item in self._results(search, qido.SOP_INSTANCE_UID, seen):
+                if item is None:
+                    continue
                 ds = self._record(item, search)
                 if not query.matches(ds)[0]:
                     continue
@@ -128,19 +137,19 @@ class DicomwebSource:
 
     # -- pages ------------------------------------------------------------------------------
 
-    def _results(self, search: qido.QidoSearch, unique_tag: str, seen: set[str]) -> Iterator[Any]:
+    def _results(self, search: qido.QidoSearch, unique_tag: str, seen: set[str]) -> Iterator[Any | None]:
         """Every result of ``search`` (as DICOM JSON) whose unique key is not in ``seen``
         yet (given by an earlier page, or search), page after page; ``seen`` gets the
-        keys given."""
+        keys given. After a page that gave nothing new, ``None``: still at work."""
         limit, offset = self.settings.page_size, 0
         own: set[str] = set()  # this search's keys: a page of nothing new ends it
         while True:
             page = self._page(search, limit, offset)
-            new = 0
+            new, given = 0, 0
             for item in page.results:
                 uid = qido.first_value(item, unique_tag) if isinstance(item, dict) else None
                 if uid is None:
-                    new += 1
+                    new, given = new + 1, given + 1
                     yield item
                     continue
                 if uid not in own:
@@ -148,7 +157,10 @@ class DicomwebSource:
                     new += 1
                 if uid not in seen:
                     seen.add(uid)
+                    given += 1
                     yield item
+            if not given:
+                yield None
             count = len(page.results)
             if count == 0 or count > limit or (count < limit and not page.more):
                 return  # the last page (or a server that ignores limit: everything at once)
