@@ -141,7 +141,9 @@ class Source(Protocol):
 
     ``find`` yields one record per match at ``query.level`` (PATIENT, STUDY, SERIES,
     IMAGE), values as decoded text, as soon as it has each: the C-FIND service cuts each
-    to what was asked for and checks it against the query again. ``locate`` yields the
+    to what was asked for and checks it against the query again. It may yield ``None``
+    after an upstream answer that gave no record yet, to say it is at work: a source
+    that yields nothing for its ``find_timeout`` is taken to be stuck. ``locate`` yields the
     instances a query names (IMAGE level, with SOP Class UIDs); ``retrieve`` fetches
     them, one ``Retrieved`` per reference, in any order.
 
@@ -155,7 +157,7 @@ class Source(Protocol):
 
     name: str
 
-    def find(self, query: Query) -> Iterator[Dataset]: ...
+    def find(self, query: Query) -> Iterator[Dataset | None]: ...
 
     def locate(self, query: Query) -> Iterator[InstanceRef]: ...
 

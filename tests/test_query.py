@@ -92,9 +92,10 @@ def test_values_are_decoded_by_the_identifiers_own_character_set() -> None:
 
 @pytest.mark.parametrize(("keys", "values", "expected"), [
     ({"PatientName": "SM?TH*"}, {"PatientName": "SMITH^JOHN"}, (True, True)),
-    ({"PatientName": "smith*"}, {"PatientName": "SMITH^JOHN"}, (True, True)),  # person names ignore case
+    ({"PatientName": "smith*"}, {"PatientName": "SMITH^JOHN"}, (True, True)),
     ({"PatientName": "SMITH*"}, {"PatientName": "JONES"}, (False, True)),
-    ({"StudyDescription": "chest*"}, {"StudyDescription": "CHEST"}, (False, True)),  # other text does not
+    ({"StudyDescription": "chest*"}, {"StudyDescription": "CHEST"}, (True, True)),  # the check ignores case
+    ({"StudyDescription": "chest*"}, {"StudyDescription": "HEAD"}, (False, True)),
     ({"StudyDate": "20240101-20241231"}, {"StudyDate": "20240615"}, (True, True)),
     ({"StudyDate": "20240101-20241231"}, {"StudyDate": "20250101"}, (False, True)),
     ({"StudyDate": "-20240101"}, {"StudyDate": "20240101"}, (True, True)),
@@ -109,6 +110,12 @@ def test_values_are_decoded_by_the_identifiers_own_character_set() -> None:
 def test_a_record_is_checked_against_the_query(keys: dict, values: dict, expected: tuple[bool, bool]) -> None:
     query = parse(identifier("STUDY", **keys), STUDY_ROOT_FIND)
     assert query.matches(record(**{"StudyInstanceUID": "1.2.9", **values})) == expected
+
+
+def test_a_fuzzy_query_leaves_person_names_to_the_source() -> None:
+    query = parse(identifier("STUDY", PatientName="MEIER", AccessionNumber="A1"), STUDY_ROOT_FIND, fuzzy=True)
+    assert query.matches(record(PatientName="Mayer", AccessionNumber="A1")) == (True, True)
+    assert query.matches(record(PatientName="Mayer", AccessionNumber="B2"))[0] is False
 
 
 def test_a_response_carries_what_was_asked_and_no_upstream_retrieve_location() -> None:

@@ -152,10 +152,13 @@ class Query:
 
     def matches(self, result: Dataset) -> tuple[bool, bool]:
         """``(matches, verified)`` for a record a source answered: it matches unless a value it
-        carries contradicts a matching key; verified when it carries every matching key
+        carries contradicts a matching key (text compared regardless of case; person names
+        not at all when the query is fuzzy); verified when it carries every matching key
         (a key it lacks could not be checked: answered with 0xFF01)."""
         verified = True
         for key in self.matching:
+            if self.fuzzy and key.vr == "PN":
+                continue  # the source matched it its own fuzzy way: nothing to check it against
             element = result.get(key.tag)
             if element is None or element.VR == "SQ":
                 verified = False
@@ -277,7 +280,10 @@ def _wildcard(pattern: str, fold: bool) -> re.Pattern[str]:
 
 
 def _match_value(pattern: str, value: str, vr: str) -> bool:
-    fold = vr == "PN"  # person names match regardless of case (as Orthanc and most archives do)
+    # The check of what a source answered drops only what surely does not match: sources
+    # differ on case (Orthanc ignores it for IDs and descriptions too), so text compares
+    # regardless of case; how case counts is the source's own matching.
+    fold = vr not in _NO_WILDCARDS
     if vr not in _NO_WILDCARDS and ("*" in pattern or "?" in pattern):
         return _wildcard(pattern, fold).match(value) is not None
     if vr in ("DS", "IS"):

@@ -155,6 +155,10 @@ class Search:
             count = 0
             for record in records:
                 self._progress[i] = time.monotonic()
+                if record is None:  # an answer with no match yet: at work, not stuck
+                    if self._stop.is_set():
+                        return
+                    continue
                 if count >= self.max_results:
                     self._put(i, _CAPPED)
                     return

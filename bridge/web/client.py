@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Protocol, cast
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from bridge.config import HttpPeer
@@ -91,6 +92,18 @@ class HttpResponse:
         try:
             yield from self._response.iter_content(chunk_size)
         except requests.RequestException as exc:
+            raise UpstreamUnavailable(f"{self.url}: reading the answer: {describe(exc)}") from None
+
+    def iter_available(self, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The body as it arrives, each piece what one read from the connection gave (at
+        most ``chunk_size``), so that a caller can keep a deadline between pieces:
+        ``iter_bytes`` waits for whole chunks, which a server sending a byte at a time
+        delays without ever reaching the read timeout. ``UpstreamUnavailable`` as there."""
+        raw = self._response.raw
+        try:
+            while piece := raw.read1(chunk_size, decode_content=True):
+                yield piece
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # requests does not wrap raw reads
             raise UpstreamUnavailable(f"{self.url}: reading the answer: {describe(exc)}") from None
 
     def read(self, limit: int) -> bytes:
@@ -172,20 +185,24 @@ class HttpClient:
             self._session = None
 
     def request(self, method: str, url: str, *, body: Body | bytes | None = None,
-                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-                read_timeout: float | None = None, retry: bool = True) -> HttpResponse:
+                headers: Mapping[str, str] | None = None, params: Mapping[str, str] | str | None = None,
+                read_timeout: float | None = None, connect_timeout: float | None = None,
+                retry: bool = True) -> HttpResponse:
         """Send a request to ``url`` (under the base URL) with the peer's credentials and
         return the answer, whatever its status, its body unread.
 
         With ``retry``, a 401 is answered by renewing the credentials once and sending
         again, and a connection that breaks before the answer (a keep-alive connection
         the server had closed) by sending again at once, once. ``read_timeout`` shortens
-        the peer's. Raises the upstream errors of the module's first table.
+        the peer's, ``connect_timeout`` its connect timeout (a source bounds every wait by
+        its ``find_timeout``). ``params`` is a mapping, or a query string already encoded
+        (a QIDO-RS search chooses its own encoding). Errors name ``url``, never the query
+        (which may hold patient data). Raises the upstream errors of the module's first table.
         """
         refreshed = reconnected = False
         while True:
             try:
-                response = self._send(method, url, body, headers, params, read_timeout)
+                response = self._send(method, url, body, headers, params, read_timeout, connect_timeout)
             except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 if isinstance(exc, requests.exceptions.SSLError):
                     raise self._tls_error(url, exc) from None
@@ -205,16 +222,18 @@ class HttpClient:
             return HttpResponse(url, response)
 
     def _send(self, method: str, url: str, body: Body | bytes | None, headers: Mapping[str, str] | None,
-              params: Mapping[str, str] | None, read_timeout: float | None) -> requests.Response:
+              params: Mapping[str, str] | str | None, read_timeout: float | None,
+              connect_timeout: float | None = None) -> requests.Response:
         self.open()
         assert self._session is not None
         timeouts = self.peer.timeouts
         read = timeouts.read if read_timeout is None else min(timeouts.read, read_timeout)
+        connect = timeouts.connect if connect_timeout is None else min(timeouts.connect, connect_timeout)
         return self._session.request(
             # an iterable of bytearrays, which requests and urllib3 send like bytes
             method, url, data=cast(Iterable[bytes] | bytes | None, body), params=params,
             headers={**(headers or {}), **self._auth.headers()}, stream=True, allow_redirects=False,
-            timeout=(timeouts.connect, read), verify=self._verify, cert=self._cert,
+            timeout=(connect, read), verify=self._verify, cert=self._cert,
         )
 
     def _tls_error(self, url: str, exc: Exception) -> UpstreamError:
