@@ -51,12 +51,15 @@ class SlowPacs:
         self.ae.shutdown()
 
     def _wait(self, event: Any, seconds: float) -> str | None:
-        """Sleep ``seconds`` unless the C-FIND is cancelled or the association gone first."""
+        """Sleep ``seconds`` unless the C-FIND is cancelled or the association gone first.
+        While this handler runs, pynetdicom's association thread notes no A-ABORT
+        (``is_established`` stays true): its DUL's state machine leaves Sta6 (data
+        transfer) at once."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if event.is_cancelled:
                 return "cancelled"
-            if not event.assoc.is_established:
+            if event.assoc.dul.state_machine.current_state != "Sta6":
                 return "aborted"
             time.sleep(0.02)
         return None
@@ -215,6 +218,16 @@ def test_slow_source_longer_than_the_network_timeout(bridge: Bridge, slow: SlowP
     assert result.seconds > 2 * NETWORK_TIMEOUT
     assert "Abort" not in result.output, result.summary()
     assert slow.ended["SLOW"] == "done"
+
+
+def test_slow_first_answer_longer_than_the_network_timeout(bridge: Bridge, slow: SlowPacs) -> None:
+    """A PACS whose first match comes after 3 s: longer than the listener's network
+    timeout (2 s), well within the source's ``find_timeout`` (20 s): the answer arrives."""
+    slow.modes["LATE"] = (3.0, 2, 0.1)
+    result = findscu(bridge.port, "STUDY", ["PatientID=LATE", "StudyInstanceUID"], calling_ae="SLOWQ",
+                     timeout=60).check()
+    assert len(result.responses) == 2
+    assert slow.ended["LATE"] == "done"
 
 
 def test_cancel_stops_the_upstream_c_find(bridge: Bridge, slow: SlowPacs) -> None:
