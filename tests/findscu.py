@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from peers import run_dcmtk
+from peers import dcmtk, dcmtk_env
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 PENDING = (0xFF00, 0xFF01)
+UTF8 = "SpecificCharacterSet=ISO_IR 192"
 SUCCESS = 0x0000
 CANCEL = 0xFE00
 
@@ -67,8 +69,9 @@ def findscu(port: int, level: str, keys: Sequence[str], root: str = "study", cal
             called_ae: str = "ANY-SCP", extra: Sequence[str] = (), timeout: float = 60) -> FindResult:
     """One C-FIND from DCMTK's findscu: ``root`` ``"study"`` (-S) or ``"patient"`` (-P),
     ``keys`` as findscu's ``-k`` takes them (``PatientName=A*``, or ``PatientID`` alone
-    for a return key). A key with a non-ASCII value needs ``SpecificCharacterSet=ISO_IR
-    192`` among ``keys`` (findscu sends the command line's bytes as they are)."""
+    for a return key). findscu sends the command line's bytes as they are: a key with a
+    non-ASCII value needs its Specific Character Set among ``keys`` (``UTF8`` for text
+    given as it is; other sets as ``os.fsdecode`` of the encoded bytes)."""
     args = ["-d", "-S" if root == "study" else "-P", "-aet", calling_ae, "-aec", called_ae,
             "-k", f"QueryRetrieveLevel={level}"]
     for key in keys:
@@ -76,7 +79,9 @@ def findscu(port: int, level: str, keys: Sequence[str], root: str = "study", cal
     out = Path(tempfile.mkdtemp(prefix="findscu-"))
     try:
         started = time.monotonic()
-        proc = run_dcmtk("findscu", *args, "-X", "-od", str(out), *extra, "127.0.0.1", str(port), timeout=timeout)
+        # errors="replace": findscu echoes the identifier's bytes, which need not be UTF-8
+        proc = subprocess.run([dcmtk("findscu"), *args, "-X", "-od", str(out), *extra, "127.0.0.1", str(port)],
+                              env=dcmtk_env(), capture_output=True, text=True, errors="replace", timeout=timeout)
         seconds = time.monotonic() - started
         output = proc.stdout + proc.stderr
         responses: list[Dataset] = []

@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 from findcorpus import ORTHANC_FIND, ORTHANC_MISREADS, FindCorpus, find_corpus
-from findscu import ALWAYS, UNIQUE, FindResult, findscu, keywords, matches, text, unique_values
+from findscu import ALWAYS, UNIQUE, UTF8, FindResult, findscu, keywords, matches, text, unique_values
 from peers import Bridge, Orthanc, storescu, wait_for
 
 BRIDGE_AE = "FINDBRIDGE"
 SOURCES = {"web": "WEBQ", "pacs": "PACSQ", "local": "LOCALQ"}
-UTF8 = "SpecificCharacterSet=ISO_IR 192"
 
 def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
     """The bridge of these tests: the embedded default's archive (the ``local`` source)
