@@ -20,6 +20,7 @@ case-insensitive QIDO-RS), which say why.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,12 @@ class Q:
         return keys
 
 
+def encoded(specific_character_set: str, name: str, codec: str) -> list[str]:
+    """findscu keys asking for ``name`` in another character set than UTF-8: its bytes in
+    that set, handed to findscu as they are (``os.fsdecode``: the command line's bytes)."""
+    return [f"SpecificCharacterSet={specific_character_set}", os.fsdecode(b"PatientName=" + name.encode(codec))]
+
+
 def studies(c: FindCorpus, *keys: str) -> set[str]:
     return {c.studies[k].uid for k in keys}
 
@@ -151,6 +158,11 @@ QUERIES = [
       lambda c: {"CS-chrRuss"}, roots=("patient",)),
     Q("patient-japanese", "PATIENT", lambda c: [UTF8, "PatientName=*山田*", "PatientID"],
       lambda c: {"CS-chrH31"}, roots=("patient",)),
+    Q("patient-counts", "PATIENT",
+      lambda c: ["PatientID=P001\\P002", "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                 "NumberOfPatientRelatedInstances"],
+      lambda c: {"P001", "P002"}, roots=("patient",)),
+    Q("patient-none", "PATIENT", lambda c: ["PatientID=NOBODY", "PatientName"], lambda c: set(), roots=("patient",)),
     # STUDY level
     Q("study-exact", "STUDY",
       lambda c: ["AccessionNumber=A1003", "PatientID", "PatientName", "StudyDate", "StudyDescription"],
@@ -187,6 +199,17 @@ QUERIES = [
     Q("study-japanese", "STUDY", lambda c: [UTF8, "PatientName=やまだ*", "PatientID"],
       lambda c: studies(c, "chrJapMulti")),
     Q("study-korean", "STUDY", lambda c: [UTF8, "PatientName=*길동*", "PatientID"], lambda c: studies(c, "chrI2")),
+    # the identifier in other character sets than UTF-8: decoded by its own
+    Q("study-identifier-iso-ir-144", "STUDY", lambda c: [*encoded("ISO_IR 144", "Люк*", "iso8859_5"), "PatientID"],
+      lambda c: studies(c, "chrRuss")),
+    Q("study-identifier-iso-2022-ir-87", "STUDY",
+      lambda c: [*encoded("\\ISO 2022 IR 87", "やまだ*", "iso2022_jp"), "PatientID"],
+      lambda c: studies(c, "chrJapMulti")),
+    Q("study-identifier-iso-ir-100", "STUDY", lambda c: [*encoded("ISO_IR 100", "Buc^J*", "latin-1"), "PatientID"],
+      lambda c: studies(c, "chrFren", "chrFrenMulti")),
+    Q("study-identifier-gb18030", "STUDY", lambda c: [*encoded("GB18030", "*王^小东*", "gb18030"), "PatientID"],
+      lambda c: studies(c, "chrX2")),
+    Q("study-none", "STUDY", lambda c: ["AccessionNumber=NOTHING", "PatientID"], lambda c: set()),
     Q("study-every-charset", "STUDY", lambda c: ["StudyDate=20180101-20181231", "PatientName", "PatientID"],
       lambda c: studies(c, *charset_keys(c))),
     # SERIES level
@@ -203,6 +226,8 @@ QUERIES = [
       lambda c: series_uids(c, lambda st, se: st is c.studies["s2"]), patient=lambda c: "P001"),
     Q("series-date-range", "SERIES", lambda c: ["SeriesDate=20210101-20211231", "Modality"],
       lambda c: {c.studies["s3"].series[1].uid, c.studies["s4"].series[0].uid, c.studies["s5"].series[0].uid}),
+    Q("series-by-patient-name", "SERIES", lambda c: ["PatientName=BROWN*", "Modality", "StudyInstanceUID"],
+      lambda c: series_uids(c, lambda st, se: st.patient_id == "P004")),
     Q("series-by-study-date", "SERIES", lambda c: ["StudyDate=20200101-20201231", "Modality", "SeriesNumber"],
       lambda c: series_uids(c, lambda st, se: "20200101" <= st.date <= "20201231")),
     Q("series-counts", "SERIES",
@@ -216,6 +241,8 @@ QUERIES = [
     Q("image-number", "IMAGE",
       lambda c: [f"StudyInstanceUID={c.studies['s1'].uid}", "InstanceNumber=2", "SOPClassUID"],
       lambda c: {c.studies["s1"].series[0].instances[1]}, patient=lambda c: "P001"),
+    Q("image-of-a-patient", "IMAGE", lambda c: ["PatientID=P004", "SOPClassUID", "InstanceNumber"],
+      lambda c: {i for k in ("s7", "s8") for se in c.studies[k].series for i in se.instances}),
     Q("image-uid-list", "IMAGE",
       lambda c: [f"StudyInstanceUID={c.studies['s6'].uid}",
                  "SOPInstanceUID=" + "\\".join(c.studies["s6"].series[0].instances), "InstanceNumber"],
