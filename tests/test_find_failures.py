@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from pynetdicom import AE, evt
 
 NETWORK_TIMEOUT = 2.0
 BRIDGE_AE = "FINDBRIDGE"
+MAX_RESULTS = 25
 STUDY_KEYS = ["PatientID", "PatientName", "StudyDate", "StudyInstanceUID"]
 
 
@@ -136,6 +138,8 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, live: Orthanc, down: Orthan
     config = {
         "ae_title": BRIDGE_AE,
         "listen": {"timeouts": {"network": f"{NETWORK_TIMEOUT:g}s"}},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "find": {"max_results": MAX_RESULTS},
         "nodes": {
             "DOWN": {"ae_title": down.aet, "host": "127.0.0.1", "port": down.dicom_port},
             "SLOW": {"ae_title": "SLOWPACS", "host": "127.0.0.1", "port": slow.port},
@@ -269,6 +273,37 @@ def test_more_matches_than_a_page_each_once(bridge: Bridge, qido: FakeQido) -> N
     offsets = sorted(int(r.params.get("offset", ["0"])[0]) for r in qido.seen())
     assert offsets[:4] == [0, 3, 6, 9]
     assert all(r.params.get("limit") == ["3"] for r in qido.seen())
+
+
+def test_capped_with_a_warning_and_a_metric(bridge: Bridge, qido: FakeQido) -> None:
+    """30 matches, ``find.max_results: 25``: the first 25 and success, a warning in the log,
+    ``dicom_bridge_find_capped`` counted; the pages past the cap are not asked for."""
+    before = metric(bridge, 'dicom_bridge_find_capped_total{source="fake"}')
+    qido.reset([study(generate_uid(), "MANY", f"MANY^{n:02d}") for n in range(30)])
+    result = findscu(bridge.port, "STUDY", ["PatientID=MANY", "StudyInstanceUID"], calling_ae="FAKEQ").check()
+    assert len(result.responses) == MAX_RESULTS
+    assert [line for line in bridge.log().splitlines() if "WARNING" in line and "max_results" in line]
+    assert metric(bridge, 'dicom_bridge_find_capped_total{source="fake"}') == before + 1
+    assert max(int(r.params.get("offset", ["0"])[0]) for r in qido.seen()) <= 27
+
+
+def test_metrics_by_source_and_status(bridge: Bridge) -> None:
+    """Finds counted by source and the status each source ended with; each upstream
+    request timed by source and operation."""
+    before = metric(bridge, 'dicom_bridge_finds_total{source="downweb",status="0xA700"}')
+    answered = metric(bridge, 'dicom_bridge_finds_total{source="web",status="0x0000"}')
+    timed = metric(bridge, 'dicom_bridge_upstream_request_seconds_count{operation="qido",source="web"}')
+    findscu(bridge.port, "STUDY", STUDY_KEYS, calling_ae="TWO").check()
+    assert metric(bridge, 'dicom_bridge_finds_total{source="downweb",status="0xA700"}') == before + 1
+    assert metric(bridge, 'dicom_bridge_finds_total{source="web",status="0x0000"}') == answered + 1
+    assert metric(bridge, 'dicom_bridge_upstream_request_seconds_count{operation="qido",source="web"}') > timed
+
+
+def metric(bridge: Bridge, name: str) -> float:
+    """A sample of the daemon's /metrics, named with its labels as exposed (0 if absent)."""
+    port = bridge.config["metrics"]["port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == name)
 
 
 def _params(requests: list[Request]) -> dict[str, list[str]]:
