@@ -489,7 +489,7 @@ def test_a_pacs_that_never_answers_the_c_find_fails_within_find_timeout(find_scp
 
     with find_scp.serving(silent) as scp:
         started = time.monotonic()
-        with pytest.raises(UpstreamUnavailable, match="source pacs: no answer from .* within 1s"):
+        with pytest.raises(UpstreamUnavailable, match=r"source pacs: no answer within 1s \(node pacs"):
             list(source(scp.port, find_timeout=1.0).find(study_query()))
         assert 0.9 < time.monotonic() - started < 2.5
         wait_for(scp.aborted.is_set, 5, "the SCP to see the association aborted")
@@ -505,7 +505,7 @@ def test_a_pacs_that_stops_answering_after_a_match_fails_within_find_timeout(fin
         records = source(scp.port, find_timeout=1.0).find(study_query())
         assert str(next(records).PatientName) == "Patient^1"
         started = time.monotonic()
-        with pytest.raises(UpstreamUnavailable, match="no answer from .* within 1s"):
+        with pytest.raises(UpstreamUnavailable, match=r"source pacs: no answer within 1s \(node pacs"):
             next(records)
         assert 0.9 < time.monotonic() - started < 2.5
 
@@ -520,7 +520,7 @@ def test_a_pacs_that_aborts_after_a_match_fails_at_once(find_scp: FindScp) -> No
         records = source(scp.port, find_timeout=5.0).find(study_query())
         assert str(next(records).PatientName) == "Patient^1"
         started = time.monotonic()
-        with pytest.raises(UpstreamUnavailable, match="source pacs: .* aborted the association"):
+        with pytest.raises(UpstreamUnavailable, match="source pacs: association aborted"):
             next(records)
         assert time.monotonic() - started < 1.0
 
@@ -542,7 +542,7 @@ def test_a_failure_status_raises_with_the_status_and_comment(code: int, raised: 
     with find_scp.serving(fails) as scp:
         records = source(scp.port).find(study_query())
         assert str(next(records).StudyInstanceUID) == "1.2.3.1"  # a match before the failure still comes
-        with pytest.raises(raised, match=f"source pacs: .* answered the C-FIND with {name}: index is corrupt") as info:
+        with pytest.raises(raised, match=f"source pacs: the C-FIND failed with {name}: index is corrupt") as info:
             next(records)
     assert type(info.value) is raised  # 0xCxxx: neither unavailable (0xA700) nor misconfigured
 

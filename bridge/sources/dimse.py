@@ -23,7 +23,8 @@ How the C-FIND ends:
 | no response within ``find_timeout``, an A-ABORT, a closed connection, an invalid response | ``UpstreamUnavailable`` |
 | a match whose identifier cannot be decoded | ``UpstreamError`` |
 
-Each error names the source and the node; a status comes with its ErrorComment.
+Each error's message begins with the source and what went wrong (a status with its
+ErrorComment), then names the node: the C-FIND's ErrorComment keeps 64 characters.
 Whoever iterates may stop early (``close()`` on the generator: a C-CANCEL, a cap): a
 C-CANCEL for the C-FIND goes to the node and the association is aborted at once, no
 further response read.
@@ -166,8 +167,8 @@ class DimseSource:
                     self._end(code, status)
                     return
                 if found is None:
-                    raise UpstreamError(f"source {self.name}: {self.peer} answered a match (0x{code:04X}) whose "
-                                        "identifier cannot be decoded")
+                    raise UpstreamError(f"source {self.name}: a match (0x{code:04X}) that cannot be decoded "
+                                        f"({self.peer})")
                 yield self._decoded(found)
                 asked = time.monotonic()
             raise self._lost(time.monotonic() - asked)  # pynetdicom's responses ended without a final status
@@ -188,8 +189,7 @@ class DimseSource:
                 found.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
             found.decode()
         except Exception as exc:
-            raise UpstreamError(f"source {self.name}: {self.peer} answered a match that cannot be decoded: "
-                                f"{exc}") from None
+            raise UpstreamError(f"source {self.name}: a match that cannot be decoded: {exc} ({self.peer})") from None
         return found
 
     def _end(self, code: int, status: Dataset) -> None:
@@ -200,9 +200,9 @@ class DimseSource:
         comment = str(status.get("ErrorComment", "") or "").strip()
         what = f"0x{code:04X}" + (f" ({_NAMES[code]})" if code in _NAMES else "") + (f": {comment}" if comment else "")
         if category == "Warning":
-            LOGGER.warning("source %s: %s ended the C-FIND with the warning %s", self.name, self.peer, what)
+            LOGGER.warning("source %s: the C-FIND ended with the warning %s (%s)", self.name, what, self.peer)
             return
-        reason = f"source {self.name}: {self.peer} answered the C-FIND with {what}"
+        reason = f"source {self.name}: the C-FIND failed with {what} ({self.peer})"
         if code & 0xFF00 == 0xA700:
             raise UpstreamUnavailable(reason)
         if code in (0x0122, 0x0124) or code & 0xFF00 == 0xA900:
@@ -212,9 +212,9 @@ class DimseSource:
     def _lost(self, waited: float) -> UpstreamUnavailable:
         timeout = self.settings.find_timeout
         if waited >= timeout * 0.95:
-            return UpstreamUnavailable(f"source {self.name}: no answer from {self.peer} within {timeout:g}s")
-        return UpstreamUnavailable(f"source {self.name}: {self.peer} aborted the association, closed the "
-                                   "connection, or answered the C-FIND wrongly")
+            return UpstreamUnavailable(f"source {self.name}: no answer within {timeout:g}s ({self.peer})")
+        return UpstreamUnavailable(f"source {self.name}: association aborted, connection closed, or a wrong "
+                                   f"response ({self.peer})")
 
     def _cancel(self, assoc: Association, sop_class: str | None) -> None:
         """Stop the node's work at once: a C-CANCEL for the C-FIND sent under ``sop_class``
@@ -235,8 +235,8 @@ class DimseSource:
             for record in records:
                 sop_instance = str(record.get("SOPInstanceUID", "") or "")
                 if not sop_instance:
-                    raise UpstreamError(f"source {self.name}: {self.peer} answered an IMAGE-level match "
-                                        "without SOP Instance UID")
+                    raise UpstreamError(f"source {self.name}: an IMAGE-level match without SOP Instance UID "
+                                        f"({self.peer})")
                 yield InstanceRef(study_uid=str(record.get("StudyInstanceUID", "") or ""),
                                   series_uid=str(record.get("SeriesInstanceUID", "") or ""),
                                   sop_instance_uid=sop_instance,
