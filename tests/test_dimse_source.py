@@ -290,17 +290,20 @@ def test_names_in_other_character_sets_are_found_whatever_the_node_reads(
 
 
 @pytest.mark.parametrize(("answered_in", "node_charset", "name"), [
-    (None, "ISO_IR 100", "Buc^Jérôme"),  # no Specific Character Set: read in the node's
+    (None, "ISO_IR 192", "Buc^Jérôme"),  # no Specific Character Set: read in the node's
+    (None, "ISO_IR 144", "Люкceмбypг"),
     ("\\ISO 2022 IR 87", "ISO_IR 192", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
     ("ISO_IR 144", "ISO_IR 192", "Люкceмбypг"),
     ("GB18030", "ISO_IR 100", "Wang^XiaoDong=王^小东"),
 ])
 def test_each_answer_is_read_in_its_own_character_set(answered_in: str | None, node_charset: str, name: str,
                                                       find_scp: FindScp) -> None:
+    python_codec = {"ISO_IR 192": "utf-8", "ISO_IR 144": "iso8859_5"}
+
     def answer(event: evt.Event, scp: FindScp) -> Iterator[tuple[int, Dataset | None]]:
         found = Dataset()
         if answered_in is None:
-            found.add_new(0x00100010, "PN", name.encode("latin-1"))
+            found.add_new(0x00100010, "PN", name.encode(python_codec[node_charset]))
         else:
             found.SpecificCharacterSet = answered_in.split("\\") if "\\" in answered_in else answered_in
             found.PatientName = name
