@@ -256,13 +256,6 @@ def test_an_answer_in_latin_1_to_a_utf_8_request_is_decoded(pacs: Orthanc, holdi
                                "StudyInstanceUID": holdings.names["chrGerm.dcm"].uid}]
 
 
-# bridge.dataset.charset.fit takes the default repertoire of an ISO 2022 set for Latin-1
-# (pydicom's codec for it is "iso8859"): a Latin-1 letter goes out as its Latin-1 byte
-# in an identifier labelled ISO 2022 IR 87, which the PACS reads as something else.
-_DEFAULT_REPERTOIRE_AS_LATIN_1 = pytest.mark.xfail(
-    strict=True, reason="charset.fit holds é in the default repertoire of \\ISO 2022 IR 87 (reported)")
-
-
 @pytest.mark.parametrize("node_charset", ["ISO_IR 192", "ISO_IR 100", "ISO_IR 144", "\\ISO 2022 IR 87"])
 @pytest.mark.parametrize("requested", ["ISO_IR 192", "the file's"])
 @pytest.mark.parametrize(("file", "pattern"), [
@@ -273,10 +266,7 @@ _DEFAULT_REPERTOIRE_AS_LATIN_1 = pytest.mark.xfail(
     ("chrX1.dcm", "*王^小東"),  # ISO_IR 192
 ])
 def test_names_in_other_character_sets_are_found_whatever_the_node_reads(
-        utf8_pacs: Orthanc, holdings: Holdings, requested: str, node_charset: str, file: str, pattern: str,
-        request: pytest.FixtureRequest) -> None:
-    if node_charset == "\\ISO 2022 IR 87" and file in ("chrFren.dcm", "chrGerm.dcm"):
-        request.applymarker(_DEFAULT_REPERTOIRE_AS_LATIN_1)
+        utf8_pacs: Orthanc, holdings: Holdings, requested: str, node_charset: str, file: str, pattern: str) -> None:
     if requested == "the file's":
         requested = pydicom.dcmread(get_charset_files(file)[0])["SpecificCharacterSet"].value
         requested = requested if isinstance(requested, str) else "\\".join(requested)
