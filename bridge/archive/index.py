@@ -12,16 +12,16 @@ the ``local`` source, whichever comes first: the columns added since are added, 
 the instances archived before (their headers are not read again), and the indexes
 created. Queries then answer what the index has.
 
-Queries (``find``, ``locate``) come a page at a time, each page a statement of its own
-that starts after the last record of the one before (ordered by the level's unique
-key): no read transaction stays open while a requester takes its time, and a store is
-never kept waiting by one (the index is in WAL mode: readers and the writer do not block
-each other). The ``local`` source reads through its own read-only connection, one per
-query, so queries do not wait for each other either.
+Queries (``find``, ``locate``) are read a page at a time from one statement, in the
+order of the level's unique key. A store is never kept waiting by a query, however slowly
+its requester takes the pages: the index is in WAL mode, where a reader's snapshot does
+not block the writer. The ``local`` source reads through a read-only connection of its
+own for each query, so queries do not wait for each other either.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
@@ -29,7 +29,7 @@ from collections.abc import Collection, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bridge.archive.matching import COLUMNS, COMPUTED, FROM, ORDER, Matching, above, fold, where
+from bridge.archive.matching import COLUMNS, COMPUTED, FROM, IDENTIFYING, ORDER, Matching, above, fold, where
 from bridge.model import SpooledInstance
 
 SCHEMA_VERSION = 2
@@ -95,6 +95,27 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS series_modality ON series (modality)",
 )
 
+
+
+def _upsert(table: str, columns: tuple[str, ...]) -> str:
+    """Insert a row, or update the one of the same key (the first column) where a value
+    differs: the instances of one series carry the same patient, study and series values,
+    and rewriting those rows (and their indexes) for each of them would be most of what
+    indexing an instance costs. ``updated_at`` changes only with the rest."""
+    key, values = columns[0], columns[1:]
+    compared = [c for c in values if c != "updated_at"]
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in values)}"
+            f" WHERE ({', '.join(f'{table}.{c}' for c in compared)}) IS NOT"
+            f" ({', '.join(f'excluded.{c}' for c in compared)})")
+
+
+_UPSERT_PATIENT = _upsert("patients", ("patient_key", "patient_id", "issuer", "patient_name", "birth_date", "sex",
+                                       "name_fold"))
+_UPSERT_STUDY = _upsert("studies", ("study_uid", "patient_key", "study_date", "study_time", "accession", "study_id",
+                                    "description", "referring", "updated_at"))
+_UPSERT_SERIES = _upsert("series", ("series_uid", "study_uid", "modality", "series_number", "description",
+                                    "body_part", "series_date", "series_time", "performed_date", "performed_time"))
 
 class IndexTimeout(Exception):
     """A query page took longer than the index's ``timeout``."""
@@ -205,27 +226,16 @@ class ArchiveIndex:
             (i.sop_instance_uid, i.series_uid, i.study_uid),
         ).fetchone()
         name = a.get("PatientName", "")
-        self._db.execute(
-            "INSERT OR REPLACE INTO patients (patient_key, patient_id, issuer, patient_name, birth_date, sex,"
-            " name_fold) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (patient_key, patient_id, issuer, name, a.get("PatientBirthDate", ""), a.get("PatientSex", ""),
-             fold(name)),
-        )
-        self._db.execute(
-            "INSERT OR REPLACE INTO studies (study_uid, patient_key, study_date, study_time, accession, study_id,"
-            " description, referring, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (i.study_uid, patient_key, a.get("StudyDate", ""), a.get("StudyTime", ""),
-             a.get("AccessionNumber", ""), a.get("StudyID", ""), a.get("StudyDescription", ""),
-             a.get("ReferringPhysicianName", ""), now),
-        )
-        self._db.execute(
-            "INSERT OR REPLACE INTO series (series_uid, study_uid, modality, series_number, description, body_part,"
-            " series_date, series_time, performed_date, performed_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (i.series_uid, i.study_uid, a.get("Modality", ""), a.get("SeriesNumber", ""),
-             a.get("SeriesDescription", ""), a.get("BodyPartExamined", ""), a.get("SeriesDate", ""),
-             a.get("SeriesTime", ""), a.get("PerformedProcedureStepStartDate", ""),
-             a.get("PerformedProcedureStepStartTime", "")),
-        )
+        self._db.execute(_UPSERT_PATIENT, (
+            patient_key, patient_id, issuer, name, a.get("PatientBirthDate", ""), a.get("PatientSex", ""), fold(name)))
+        self._db.execute(_UPSERT_STUDY, (
+            i.study_uid, patient_key, a.get("StudyDate", ""), a.get("StudyTime", ""), a.get("AccessionNumber", ""),
+            a.get("StudyID", ""), a.get("StudyDescription", ""), a.get("ReferringPhysicianName", ""), now))
+        self._db.execute(_UPSERT_SERIES, (
+            i.series_uid, i.study_uid, a.get("Modality", ""), a.get("SeriesNumber", ""),
+            a.get("SeriesDescription", ""), a.get("BodyPartExamined", ""), a.get("SeriesDate", ""),
+            a.get("SeriesTime", ""), a.get("PerformedProcedureStepStartDate", ""),
+            a.get("PerformedProcedureStepStartTime", "")))
         self._db.execute(
             "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, sop_class_uid, instance_number,"
             " transfer_syntax, path, size, sha256, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -279,32 +289,28 @@ class ArchiveIndex:
 
     # -- queries -------------------------------------------------------------------------
 
-    def find(self, level: str, keys: Iterable[Matching], names: Collection[str] = (),
+    def find(self, level: str, keys: Iterable[Matching], names: Collection[str] | None = None,
              page: int = PAGE) -> Generator[list[dict[str, str | int | None]], None, None]:
         """The records at ``level`` (PATIENT, STUDY, SERIES, IMAGE) that ``keys`` match, a
-        page at a time, in the order of the level's unique key. A record holds every
-        attribute the index keeps of its level and the levels above it, by keyword (empty
-        text where the instances had none), and the computed attributes of those levels
-        that ``names`` asks for (None for ModalitiesInStudy of a study without one).
-        Keys the index cannot match are not matched (``matching.where``).
+        page at a time, in the order of the level's unique key. A record holds, by keyword,
+        the attributes of ``names`` (every one, when None) that the index keeps or computes
+        at its level and the levels above it, and the unique keys of those levels (with
+        IssuerOfPatientID): empty text where the instances had none, None for
+        ModalitiesInStudy of a study without a modality. Keys the index cannot match are
+        not matched (``matching.where``).
 
         Raises ``sqlite3.Error`` when the index cannot be read, ``IndexTimeout`` when a
         page takes longer than ``timeout``."""
-        columns = [f'{c.expr} AS "{keyword}"' for keyword, c in COLUMNS.items() if above(c.level, level)]
-        columns += [f'({sql}) AS "{keyword}"' for keyword, (of, sql) in COMPUTED.items()
-                    if keyword in names and above(of, level)]
+        def wanted(keyword: str, of: str) -> bool:
+            return above(of, level) and (names is None or keyword in names or keyword in IDENTIFYING)
+
+        columns = [f'{c.expr} AS "{keyword}"' for keyword, c in COLUMNS.items() if wanted(keyword, c.level)]
+        columns += [f'({sql}) AS "{keyword}"' for keyword, (of, sql) in COMPUTED.items() if wanted(keyword, of)]
         clauses, params = where(level, keys)
-        order = ORDER[level]
-        sql = (f"SELECT {order} AS after_, {', '.join(columns)} FROM {FROM[level]}"
-               f" WHERE {' AND '.join([*clauses, f'{order} > ?'])} ORDER BY {order} LIMIT ?")
-        after = ""
-        while True:
-            rows = self._page(sql, [*params, after, page])
-            if rows:
-                after = rows[-1]["after_"]
-                yield [{k: r[k] for k in r.keys() if k != "after_"} for r in rows]
-            if len(rows) < page:
-                return
+        sql = (f"SELECT {', '.join(columns)} FROM {FROM[level]} WHERE {' AND '.join(clauses) or 'true'}"
+               f" ORDER BY {ORDER[level]}")
+        for rows in self._pages(sql, params, page):
+            yield [dict(r) for r in rows]
 
     def locate(self, level: str, keys: Iterable[Matching],
                page: int = PAGE) -> Generator[list[tuple[str, str, str, str]], None, None]:
@@ -313,29 +319,41 @@ class ArchiveIndex:
         by study, series and SOP Instance UID. Raises as ``find``."""
         clauses, params = where(level, keys)
         sql = (f"SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid FROM {FROM['IMAGE']}"
-               f" WHERE {' AND '.join([*clauses, '(st.study_uid, se.series_uid, i.sop_instance_uid) > (?, ?, ?)'])}"
-               " ORDER BY st.study_uid, se.series_uid, i.sop_instance_uid LIMIT ?")
-        after: tuple[str, str, str] = ("", "", "")
-        while True:
-            rows = self._page(sql, [*params, *after, page])
-            if rows:
-                after = (rows[-1][0], rows[-1][1], rows[-1][2])
-                yield [(r[0], r[1], r[2], r[3]) for r in rows]
-            if len(rows) < page:
-                return
+               f" WHERE {' AND '.join(clauses) or 'true'} ORDER BY st.study_uid, se.series_uid, i.sop_instance_uid")
+        for rows in self._pages(sql, params, page):
+            yield [(r[0], r[1], r[2], r[3]) for r in rows]
 
-    def _page(self, sql: str, params: Sequence[object]) -> list[sqlite3.Row]:
-        """One page, holding the connection only while it is read; given up after ``timeout``
-        (SQLite calls the progress handler every few thousand steps: a non-zero answer
-        interrupts the statement)."""
-        deadline = time.monotonic() + self.timeout
-        with self._lock:
-            self._db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
-            try:
-                return self._db.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as exc:
-                if time.monotonic() > deadline:
-                    raise IndexTimeout(f"no answer from the archive index within {self.timeout:g}s") from exc
-                raise
-            finally:
-                self._db.set_progress_handler(None, 0)
+    def _pages(self, sql: str, params: Sequence[object], page: int) -> Generator[list[sqlite3.Row], None, None]:
+        """The statement's rows, ``page`` at a time, holding the connection only while a page
+        is read: a caller that takes its time between pages keeps nothing waiting (in WAL
+        mode the statement's snapshot does not block the writer). Each page is given up
+        after ``timeout``: SQLite calls the progress handler every few thousand steps, and
+        a true answer interrupts the statement (the first page sorts every match)."""
+        cursor: sqlite3.Cursor | None = None
+        try:
+            while True:
+                deadline = time.monotonic() + self.timeout
+                with self._lock:
+                    self._db.set_progress_handler(functools.partial(_past, deadline), 10_000)
+                    try:
+                        if cursor is None:
+                            cursor = self._db.execute(sql, params)
+                        rows = cursor.fetchmany(page)
+                    except sqlite3.OperationalError as exc:
+                        if time.monotonic() > deadline:
+                            raise IndexTimeout(f"no answer from the archive index within {self.timeout:g}s") from exc
+                        raise
+                    finally:
+                        self._db.set_progress_handler(None, 0)
+                if rows:
+                    yield rows
+                if len(rows) < page:
+                    return
+        finally:
+            if cursor is not None:
+                with self._lock:
+                    cursor.close()
+
+
+def _past(deadline: float) -> bool:
+    return time.monotonic() > deadline

@@ -41,7 +41,7 @@ FROM = {
     "IMAGE": "instances i JOIN series se ON se.series_uid = i.series_uid"
              " JOIN studies st ON st.study_uid = se.study_uid JOIN patients p ON p.patient_key = st.patient_key",
 }
-# Each level's record identity, the order records are given in (and paged by).
+# Each level's record identity, the order records are given in.
 ORDER = {"PATIENT": "p.patient_key", "STUDY": "st.study_uid", "SERIES": "se.series_uid",
          "IMAGE": "i.sop_instance_uid"}
 
@@ -81,6 +81,9 @@ COLUMNS = {
     "SOPClassUID": Column("IMAGE", "i.sop_class_uid", "UI"),
     "InstanceNumber": Column("IMAGE", "i.instance_number", "IS"),
 }
+
+# What identifies a record and those above it (a patient: its ID and the ID's issuer).
+IDENTIFYING = frozenset({"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
 
 _SERIES_OF_PATIENT = "series c JOIN studies cs ON cs.study_uid = c.study_uid WHERE cs.patient_key = p.patient_key"
 _INSTANCES_OF_STUDY = "instances c JOIN series cs ON cs.series_uid = c.series_uid WHERE cs.study_uid = st.study_uid"

@@ -8,11 +8,11 @@ archived yet) answers no matches, truly; one that cannot be read answers
 ``UpstreamUnavailable`` with the reason, as does a page that takes longer than the
 source's ``find_timeout``.
 
-A record carries every attribute the index keeps of its level and the levels above it
-(the unique keys of the levels above included), an attribute the instances did not
-have as an empty element; and the computed attributes of those levels (ModalitiesInStudy,
-the Number of ... Related counts) that the query names. Text is as intake decoded it;
-person names are ``PersonName``.
+A record carries the attributes the query names (matching and return keys) that the
+index keeps or computes at its level and the levels above (ModalitiesInStudy, the Number
+of ... Related counts), an attribute the instances did not have as an empty element;
+and the unique keys of its level and those above (IssuerOfPatientID with PatientID).
+Text is as intake decoded it; person names are ``PersonName``.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.valuerep import PersonName
+from pydicom.valuerep import IS, PersonName
 
 from bridge.archive.index import ArchiveIndex, IndexTimeout
 from bridge.archive.matching import COLUMNS, COMPUTED
@@ -59,7 +60,7 @@ class LocalSource:
 
     def find(self, query: Query) -> Iterator[Dataset]:
         """The records at ``query.level`` that the index matches, as they are read."""
-        names = {k.keyword for k in query.keys}
+        names = {k.keyword for k in query.keys}  # what was asked for (with the unique keys)
         with closing(self._pages(lambda index: index.find(query.level, query.matching, names))) as pages:
             for page in pages:
                 for row in page:
@@ -117,16 +118,28 @@ class LocalSource:
 
 def _record(row: dict[str, str | int | None]) -> Dataset:
     """A row of the index as a data set: text as stored, person names as ``PersonName``,
-    multi-valued attributes as lists, counts as integers, empty values as empty elements."""
+    numbers (IS) as ``IS`` where they are numbers, multi-valued attributes as lists,
+    empty values as empty elements."""
     ds = Dataset()
-    for keyword, value in row.items():
+    for keyword, stored in row.items():
         tag, vr = _ELEMENTS[keyword]
-        if value is None or value == "":
-            ds.add(DataElement(tag, vr, None))
+        value: object = stored
+        if stored is None or stored == "":
+            value = None
         elif vr == "PN":
-            ds.add(DataElement(tag, vr, PersonName(str(value))))
-        elif isinstance(value, str) and "\\" in value:
-            ds.add(DataElement(tag, vr, value.split("\\")))
-        else:
-            ds.add(DataElement(tag, vr, value))
+            value = PersonName(str(stored))
+        elif vr == "IS":
+            value = _number(stored)
+        elif isinstance(stored, str) and "\\" in stored:
+            value = stored.split("\\")
+        # The values were read and checked by intake: pydicom's conversion and validation of
+        # each would be most of the cost of a record.
+        ds.add(DataElement(tag, vr, value, already_converted=True, validation_mode=config.IGNORE))
     return ds
+
+
+def _number(value: str | int) -> IS | str:
+    try:
+        return IS(value)
+    except (ValueError, TypeError):
+        return str(value)  # as stored, if it is not a number
