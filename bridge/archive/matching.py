@@ -9,8 +9,9 @@ A matching key becomes a condition with bound parameters, never text put into th
 statement; its semantics are those of ``bridge.sources.query`` (which checks every
 record again), so that what SQL lets through is what that check keeps:
 
-- single value: equal; person names regardless of case (the index keeps each patient
-  name case-folded as well, indexed);
+- single value: equal; person names regardless of case (``str.casefold``; the index
+  keeps each patient name case-folded as well, indexed). The one known difference: a
+  ``?`` facing a letter whose case-folding is two letters (``ß``) matches it there, not here;
 - wildcard: SQLite's ``GLOB``, whose ``*`` and ``?`` are DICOM's and which, unlike
   ``LIKE``, is case-sensitive as DICOM is for every VR but PN; ``[``, its only other
   special character, is escaped. ``%``, ``_`` and ``'`` are plain characters to it;

@@ -1,12 +1,12 @@
 """``local``: queries answered from the local archive's index (``bridge.archive.index``).
 
 Each ``find`` and ``locate`` reads through a read-only connection of its own, opened
-when it starts and closed when it ends or is closed early: queries never wait for each
-other, and the archive's writes never wait for a query (WAL; each page of records is one
-statement, no transaction held between pages). An index that does not exist yet (nothing
-archived yet) answers no matches, truly; one that cannot be read answers
-``UpstreamUnavailable`` with the reason, as does a page that takes longer than the
-source's ``find_timeout``.
+when it starts and closed when it ends or is closed early (a C-CANCEL): queries never
+wait for each other, and the archive's writes never wait for a query (WAL: a reader's
+snapshot does not block the writer). What one query answers is the index as it was when
+the query began. An index that does not exist yet (nothing archived yet) answers no
+matches, truly; one that cannot be read answers ``UpstreamUnavailable`` with the reason,
+as does a page that takes longer than the source's ``find_timeout``.
 
 A record carries the attributes the query names (matching and return keys) that the
 index keeps or computes at its level and the levels above (ModalitiesInStudy, the Number
