@@ -96,7 +96,6 @@ _INDEXES = (
 )
 
 
-
 def _upsert(table: str, columns: tuple[str, ...]) -> str:
     """Insert a row, or update the one of the same key (the first column) where a value
     differs: the instances of one series carry the same patient, study and series values,
@@ -116,6 +115,7 @@ _UPSERT_STUDY = _upsert("studies", ("study_uid", "patient_key", "study_date", "s
                                     "description", "referring", "updated_at"))
 _UPSERT_SERIES = _upsert("series", ("series_uid", "study_uid", "modality", "series_number", "description",
                                     "body_part", "series_date", "series_time", "performed_date", "performed_time"))
+
 
 class IndexTimeout(Exception):
     """A query page took longer than the index's ``timeout``."""
