@@ -142,3 +142,23 @@ def test_the_header_is_the_one_pydicom_reads(path: Path) -> None:
             except Exception:
                 continue  # a value pydicom cannot convert either way
             assert str(mine[tag].value) == expected, f"{tag}"
+
+
+def test_the_index_keywords_are_read_from_the_header_decoded(tmp_path: Path) -> None:
+    """What intake gives the archive's index: every keyword the file has, as text decoded by
+    its Specific Character Set (multi-valued joined by backslashes), none it lacks."""
+    from pydicom.data import get_charset_files
+
+    ds = dcmread(get_charset_files("chrH31.dcm")[0])
+    ds.SeriesDate, ds.SeriesTime = "20240105", "101530.5"
+    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = "20240105", "1015"
+    ds.InstanceNumber = 7
+    ds.save_as(tmp_path / "h31.dcm")
+    found = dicomfile.attributes(dicomfile.read_header(tmp_path / "h31.dcm"))
+    assert found["PatientName"] == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert {k: found[k] for k in ("SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate",
+                                  "PerformedProcedureStepStartTime", "InstanceNumber")} == {
+        "SeriesDate": "20240105", "SeriesTime": "101530.5", "PerformedProcedureStepStartDate": "20240105",
+        "PerformedProcedureStepStartTime": "1015", "InstanceNumber": "7"}
+    assert set(found) <= set(dicomfile.INDEX_KEYWORDS)
+    assert all(found.values()) and "IssuerOfPatientID" not in found

@@ -141,5 +141,8 @@ def test_text_fitted_to_the_requesters_character_set() -> None:
     japanese = record(PatientName=PersonName("Yamada^Tarou=山田^太郎"))
     assert charset.fit(japanese, "ISO 2022 IR 6\\ISO 2022 IR 87") == []
     assert japanese.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    ascii_only = record(PatientName=PersonName("Jérôme=山田"))  # the default repertoire is ASCII, not Latin-1
+    assert charset.fit(ascii_only, "\\ISO 2022 IR 87") == ["PatientName"]
+    assert str(ascii_only.PatientName) == "J?r?me=山田"
     utf8 = record(PatientName=PersonName("Müller 山田"))
     assert charset.fit(utf8, charset.DEFAULT) == []

@@ -34,7 +34,10 @@ def fit(ds: Dataset, charset: str) -> list[str]:
     keywords of the attributes changed."""
     values = terms(charset)
     ds.SpecificCharacterSet = values if len(values) > 1 else values[0]
-    return _fit(ds, tuple(convert_encodings(values)))
+    # pydicom's codec for the default repertoire ('', ISO_IR 6, ISO 2022 IR 6) is Latin-1
+    # ("iso8859"), as it reads leniently; what may be written in it is ASCII.
+    encodings = tuple("ascii" if e == "iso8859" else e for e in convert_encodings(values))
+    return _fit(ds, encodings)
 
 
 def _fit(ds: Dataset, encodings: tuple[str, ...]) -> list[str]:
