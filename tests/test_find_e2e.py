@@ -352,3 +352,19 @@ def test_local_decodes_names_orthanc_misreads(bridge: Bridge, misread: FindCorpu
                      calling_ae="LOCALQ").check()
     assert {text(ds, "PatientID") for ds in result.responses} >= {"CS-chrH31", "CS-chrH32"}
 
+
+
+def test_embedded_default_finds_what_it_stored(bridge_factory: Any, corpus: FindCorpus) -> None:
+    """No destinations and no rules: the embedded default keeps every instance in the
+    archive and answers C-FIND from it (``find: [local]``), out of the box."""
+    daemon = bridge_factory({})
+    s2 = corpus.studies["s2"]
+    files = [f for f in corpus.files if f.name.startswith("s2-")]
+    assert storescu(daemon.port, files).statuses == [0] * len(files)
+    wait_for(lambda: daemon.queue_states() == {"done": len(files)}, 30, "the archive to hold the study")
+    result = findscu(daemon.port, "STUDY", ["PatientID=P001", "PatientName", "StudyInstanceUID",
+                                            "NumberOfStudyRelatedInstances"]).check()
+    assert [(text(ds, "StudyInstanceUID"), text(ds, "PatientName"), text(ds, "NumberOfStudyRelatedInstances"))
+            for ds in result.responses] == [(s2.uid, "ADAMS^ANNA", str(len(files)))]
+    result = findscu(daemon.port, "IMAGE", [f"StudyInstanceUID={s2.uid}", "SOPInstanceUID"]).check()
+    assert {text(ds, "SOPInstanceUID") for ds in result.responses} == {i for se in s2.series for i in se.instances}
