@@ -9,6 +9,7 @@ the parameters it is sent and can answer slowly or with errors. One bridge, with
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import urllib.request
@@ -357,3 +358,21 @@ def test_log_line_per_c_find(bridge: Bridge) -> None:
     assert lines and "4 matches" in lines[-1] and "STUDY" in lines[-1]
     assert not any("LIVE^PATIENT" in line for line in bridge.log().splitlines() if " INFO " in line)
 
+
+
+def test_reload_points_a_source_elsewhere(bridge_factory: Any, live: Orthanc, down: Orthanc) -> None:
+    """SIGHUP after the source's url changed: the next C-FIND asks the new server."""
+    config = {"sources": {"web": {"type": "dicomweb", "url": down.dicomweb}},
+              "destinations": {"archive": {"type": "archive"}},
+              "rules": [{"name": "find", "find": ["web"]}]}
+    daemon = bridge_factory(config)
+    findscu(daemon.port, "STUDY", STUDY_KEYS).check(0xA700)
+    daemon.config["sources"]["web"]["url"] = live.dicomweb
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+
+    def answered() -> bool:
+        result = findscu(daemon.port, "STUDY", STUDY_KEYS)
+        return result.final == 0x0000 and len(result.responses) == 4
+
+    wait_for(answered, 15, "C-FIND answered by the new url", interval=0.2)
