@@ -7,7 +7,9 @@ kind of source, chosen by the requester's AE title:
   WEBQ    the ``dicomweb`` source: QIDO-RS on Orthanc;
   PACSQ   the ``dimse`` source: C-FIND to Orthanc's DICOM port;
   LOCALQ  ``local``: the bridge's own archive, after ``storescu`` of the same files;
-  PAGEDQ  a ``dicomweb`` source on the same Orthanc with ``page_size: 3``.
+  PAGEDQ  a ``dicomweb`` source on the same Orthanc with ``page_size: 3``;
+  MERGEQ  the ``dimse`` and the ``dicomweb`` sources in one rule: every match twice,
+          answered once.
 
 DCMTK ``findscu`` asks the same query of the bridge and straight of Orthanc; the answers
 are compared as sets of (the level's unique key, the decoded values of the keys asked
@@ -31,7 +33,7 @@ from findscu import ALWAYS, UNIQUE, UTF8, FindResult, findscu, keywords, matches
 from peers import Bridge, Orthanc, storescu, wait_for
 
 BRIDGE_AE = "FINDBRIDGE"
-SOURCES = {"web": "WEBQ", "pacs": "PACSQ", "local": "LOCALQ"}
+SOURCES = {"web": "WEBQ", "pacs": "PACSQ", "local": "LOCALQ", "pacs+web": "MERGEQ"}
 
 def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
     """The bridge of these tests: the embedded default's archive (the ``local`` source)
@@ -54,6 +56,7 @@ def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
             {"name": "pacs", "when": {"calling_ae": "PACSQ"}, "find": ["pacs"]},
             {"name": "local", "when": {"calling_ae": "LOCALQ"}, "find": ["local"]},
             {"name": "paged", "when": {"calling_ae": "PAGEDQ"}, "find": ["paged"]},
+            {"name": "merged", "when": {"calling_ae": "MERGEQ"}, "find": ["pacs", "web"]},
         ],
     }
     config.update(more)

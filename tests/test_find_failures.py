@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from fakeqido import FakeQido, Request, study
 from findcorpus import ORTHANC_FIND, tiny_studies
-from findscu import CANCEL, findscu, matches, unique_values
+from findscu import CANCEL, findscu, matches, text, unique_values
 from peers import Bridge, Orthanc, free_port, storescu, wait_for
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -33,12 +33,14 @@ STUDY_KEYS = ["PatientID", "PatientName", "StudyDate", "StudyInstanceUID"]
 
 class SlowPacs:
     """A remote PACS whose C-FIND answers ``count`` matches, one every ``interval``
-    seconds, after ``first`` seconds; the query's PatientID picks the behaviour (see
-    ``modes``). It notes what it sent and how each C-FIND ended."""
+    seconds, after ``first`` seconds, then success or the status ``final`` holds; the
+    query's PatientID picks the behaviour (see ``modes``). It notes what it sent and how
+    each C-FIND ended."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.modes: dict[str, tuple[float, int, float]] = {}  # PatientID: (first, count, interval)
+        self.final: dict[str, tuple[int, str]] = {}  # PatientID: the final status and its comment (else success)
         self.sent: dict[str, int] = {}
         self.ended: dict[str, str] = {}  # PatientID: "done", "cancelled", "aborted", "closed"
         self._lock = threading.Lock()
@@ -67,7 +69,7 @@ class SlowPacs:
             time.sleep(0.02)
         return None
 
-    def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def _find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         query = event.identifier
         key = str(query.get("PatientID", ""))
         first, count, interval = self.modes.get(key, (0.0, 0, 0.0))
@@ -93,7 +95,12 @@ class SlowPacs:
                     self.sent[key] += 1
                 yield 0xFF00, ds
             ended = "done"
-            yield 0x0000, None
+            if key in self.final:
+                status = Dataset()
+                status.Status, status.ErrorComment = self.final[key]
+                yield status, None
+            else:
+                yield 0x0000, None
         finally:
             with self._lock:
                 self.ended[key] = ended
@@ -165,6 +172,8 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, live: Orthanc, down: Orthan
             {"name": "hung", "when": {"calling_ae": "HUNGQ"}, "find": ["hung"]},
             {"name": "fake", "when": {"calling_ae": "FAKEQ"}, "find": ["fake"]},
             {"name": "fuzzy", "when": {"calling_ae": "FUZZYQ"}, "find": ["fake"], "fuzzy_matching": True},
+            {"name": "fake-first", "when": {"calling_ae": "FAKEFIRST"}, "find": ["fake", "slow"]},
+            {"name": "slow-first", "when": {"calling_ae": "SLOWFIRST"}, "find": ["slow", "fake"]},
         ],
     }
     daemon = Bridge(tmp_path_factory.mktemp("find-failures-bridge"), config).start()
@@ -203,6 +212,36 @@ def test_source_without_an_answer_fails_within_its_find_timeout(bridge: Bridge, 
     assert result.error_comment
     assert 2.0 <= result.seconds < 2.0 + 5, f"{result.seconds:.1f}s"
     wait_for(lambda: slow.ended.get("HANG") in ("cancelled", "aborted"), 10, "the upstream C-FIND to be given up")
+
+
+def test_pacs_failure_after_some_matches(bridge: Bridge, slow: SlowPacs) -> None:
+    """A PACS that answers two matches, then 0xA700 or 0xC001 with a comment: the two, then
+    the failure (never a partial answer taken for a whole one): 0xA700 for the PACS out of
+    resources, 0xC001 for its refusal, the comment naming the source."""
+    for key, status in (("FULL", 0xA700), ("REFUSED", 0xC001)):
+        slow.modes[key] = (0.0, 2, 0.0)
+        slow.final[key] = (status, "the PACS says no")
+        result = findscu(bridge.port, "STUDY", [f"PatientID={key}", "StudyInstanceUID"], calling_ae="SLOWQ")
+        result.check(status)
+        assert len(result.responses) == 2
+        assert result.error_comment and "slow" in result.error_comment, result.error_comment
+
+
+def test_two_sources_merged_first_in_rule_order_wins(bridge: Bridge, slow: SlowPacs, qido: FakeQido) -> None:
+    """The same study from two sources is answered once, with the values of the source
+    named first in the rule; a study only one of them has is answered too."""
+    shared = [f"1.2.826.0.1.3680043.8.498.1{n:03d}" for n in range(3)]  # what SlowPacs answers
+    only_web = generate_uid()
+    slow.modes["MERGE"] = (0.0, 3, 0.0)
+    qido.reset(answer=lambda request: (200, [study(uid, "MERGE", f"FAKE^{n:03d}") for n, uid in enumerate(shared)]
+                                       + [study(only_web, "MERGE", "FAKE^ONLY")]))
+    keys = ["PatientID=MERGE", "PatientName", "StudyInstanceUID"]
+    for requester, prefix in (("FAKEFIRST", "FAKE"), ("SLOWFIRST", "SLOW")):
+        result = findscu(bridge.port, "STUDY", keys, calling_ae=requester).check()
+        assert sorted(unique_values(result, "STUDY")) == sorted([*shared, only_web])
+        names = {text(ds, "StudyInstanceUID"): text(ds, "PatientName") for ds in result.responses}
+        assert {names[uid] for uid in shared} == {f"{prefix}^{n:03d}" for n in range(3)}, requester
+        assert names[only_web] == "FAKE^ONLY"
 
 
 def test_failing_qido_answers_a_failure_status(bridge: Bridge, qido: FakeQido) -> None:
