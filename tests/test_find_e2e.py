@@ -43,6 +43,7 @@ def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
         "nodes": {
             "ORTHANC": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
             "LATIN": {"ae_title": "LATINWS", "host": "127.0.0.1", "port": 104, "charset": "ISO_IR 100"},
+            "JAPAN": {"ae_title": "JAPANWS", "host": "127.0.0.1", "port": 104, "charset": "\\ISO 2022 IR 87"},
         },
         "destinations": {"archive": {"type": "archive"}},
         "sources": {
@@ -52,7 +53,7 @@ def find_config(orthanc: Orthanc, **more: Any) -> dict[str, Any]:
         },
         "rules": [
             {"name": "keep", "store": ["archive"]},
-            {"name": "web", "when": {"calling_ae": ["WEBQ", "LATINWS"]}, "find": ["web"]},
+            {"name": "web", "when": {"calling_ae": ["WEBQ", "LATINWS", "JAPANWS"]}, "find": ["web"]},
             {"name": "pacs", "when": {"calling_ae": "PACSQ"}, "find": ["pacs"]},
             {"name": "local", "when": {"calling_ae": "LOCALQ"}, "find": ["local"]},
             {"name": "paged", "when": {"calling_ae": "PAGEDQ"}, "find": ["paged"]},
@@ -327,7 +328,8 @@ def test_more_matches_than_one_qido_page(bridge: Bridge, corpus: FindCorpus, dir
 
 def test_answers_in_the_requesters_character_set(bridge: Bridge, corpus: FindCorpus) -> None:
     """LATINWS is a node with ``charset: ISO_IR 100``: names are answered in Latin-1, a
-    character Latin-1 lacks as '?'; any other requester gets UTF-8."""
+    character Latin-1 lacks as '?'; JAPANWS one with ISO 2022 IR 87; any other requester
+    gets UTF-8."""
     keys = ["StudyDate=20180101-20181231", "PatientName", "PatientID", "StudyInstanceUID"]
     latin = findscu(bridge.port, "STUDY", keys, calling_ae="LATINWS").check()
     utf8 = findscu(bridge.port, "STUDY", keys, calling_ae="WEBQ").check()
@@ -339,6 +341,15 @@ def test_answers_in_the_requesters_character_set(bridge: Bridge, corpus: FindCor
     assert {(str(ds.PatientID), ds.SpecificCharacterSet, str(ds.PatientName)) for ds in utf8.responses} == {
         (s.patient_id, "ISO_IR 192", s.patient_name) for k, s in corpus.studies.items() if k.startswith("chr")}
     assert "characters ISO_IR 100 cannot hold" in bridge.log()
+    # ISO 2022 IR 87 (JIS X 0208, with code extensions): kanji, kana, Greek and Cyrillic
+    # letters; not Hangul, nor the simplified 东 of chrX2, nor a final sigma
+    japanese = findscu(bridge.port, "STUDY", keys, calling_ae="JAPANWS").check()
+    names = {str(ds.PatientID): (list(ds.SpecificCharacterSet), str(ds.PatientName)) for ds in japanese.responses}
+    assert names["CS-chrH31"] == (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう")
+    assert names["CS-chrRuss"][1] == "Люкceмбypг"
+    assert names["CS-chrI2"][1] == "Hong^Gildong=洪^吉洞=?^??"
+    assert names["CS-chrX2"][1] == "Wang^XiaoDong=王^小?"
+    assert names["CS-chrGreek"][1] == "Διονυσιο?"
 
 
 def test_local_decodes_names_orthanc_misreads(bridge: Bridge, misread: FindCorpus) -> None:
