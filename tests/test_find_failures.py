@@ -390,6 +390,16 @@ def test_answers_checked_and_shaped(bridge: Bridge, qido: FakeQido) -> None:
     assert ds.RetrieveAETitle == BRIDGE_AE
 
 
+def test_requests_the_bridge_cannot_answer(bridge: Bridge) -> None:
+    """A level Study Root has not, an unknown or empty level: 0xA900; a requester no find
+    rule matches: 0xC000; each with a comment."""
+    for root, level, requester, status in (("study", "PATIENT", "WEBQ", 0xA900), ("patient", "SOME", "WEBQ", 0xA900),
+                                           ("study", "", "WEBQ", 0xA900), ("study", "STUDY", "NOBODY", 0xC000)):
+        result = findscu(bridge.port, level, ["PatientID", "StudyInstanceUID"], root=root, calling_ae=requester)
+        result.check(status)
+        assert result.error_comment and result.responses == [], (level, requester)
+
+
 def test_log_line_per_c_find(bridge: Bridge) -> None:
     """One INFO line per C-FIND, without patient data."""
     findscu(bridge.port, "STUDY", ["PatientName=LIVE^PATIENT", "StudyInstanceUID"], calling_ae="WEBQ").check()
