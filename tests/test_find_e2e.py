@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -382,3 +383,22 @@ def test_embedded_default_finds_what_it_stored(bridge_factory: Any, corpus: Find
             for ds in result.responses] == [(s2.uid, "ADAMS^ANNA", str(len(files)))]
     result = findscu(daemon.port, "IMAGE", [f"StudyInstanceUID={s2.uid}", "SOPInstanceUID"]).check()
     assert {text(ds, "SOPInstanceUID") for ds in result.responses} == {i for se in s2.series for i in se.instances}
+
+
+def test_concurrent_queries(bridge: Bridge, corpus: FindCorpus, misread: FindCorpus, direct: Any) -> None:
+    """Eighteen C-FINDs at once, through every source (each source shared by several
+    associations): each answer is what Orthanc answers that query alone."""
+    chosen = [q for q in QUERIES if q.name in ("study-wildcard", "series-modality", "image-of-a-patient",
+                                               "study-every-charset", "study-date-range", "series-in-study")]
+    cases = [(q, source) for q in chosen for source in ("web", "pacs")] + [(q, "local") for q in chosen[:3]] \
+        + [(q, "pacs+web") for q in chosen[3:]]
+    expected = {(q.name, source): matches(direct(q, "study"), q.level, q.args(corpus, "study")) for q, source in cases}
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda case: findscu(bridge.port, case[0].level, case[0].args(corpus, "study"),
+                                                     calling_ae=SOURCES[case[1]]), cases))
+    for (q, source), result in zip(cases, answers, strict=True):
+        result.check()
+        found = matches(result, q.level, q.args(corpus, "study"))
+        if source == "local":
+            found = without_misread(found, misread)
+        assert found == expected[(q.name, source)], (q.name, source)
