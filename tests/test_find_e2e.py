@@ -402,3 +402,13 @@ def test_concurrent_queries(bridge: Bridge, corpus: FindCorpus, misread: FindCor
         if source == "local":
             found = without_misread(found, misread)
         assert found == expected[(q.name, source)], (q.name, source)
+
+
+def test_key_the_archive_cannot_match_answered_unverified(bridge: Bridge, corpus: FindCorpus) -> None:
+    """InstitutionName is not in the archive's index: its matches on the other keys are
+    answered 0xFF01 (an optional key not supported for matching, PS3.4 C.4.1.1.3.1),
+    not dropped, and not taken for checked (0xFF00)."""
+    keys = ["InstitutionName=NOWHERE*", "PatientID=P001", "StudyInstanceUID"]
+    result = findscu(bridge.port, "STUDY", keys, calling_ae="LOCALQ").check()
+    assert set(unique_values(result, "STUDY")) == studies(corpus, "s1", "s2")
+    assert result.statuses[:-1] == [0xFF01] * 2
