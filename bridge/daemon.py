@@ -177,11 +177,16 @@ class Daemon:
             LOGGER.error("%d queued row(s) have lost their spool file and are dead; a resend of those "
                          "instances is queued anew", lost)
 
-    def serve_forever(self) -> int:
-        """Run until SIGTERM or SIGINT; returns the exit code."""
+    def handle_signals(self) -> None:
+        """SIGTERM and SIGINT ask for a stop, SIGHUP for a reload; the main loop acts on them.
+        Called before ``start``: a signal that comes while the daemon starts (it answers
+        C-ECHO before its start has ended) waits for the main loop instead of killing it."""
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def serve_forever(self) -> int:
+        """Run until a stop is asked for (``handle_signals``, ``request_stop``); returns the exit code."""
         next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
         while not self._stop.is_set():
             self._stop.wait(max(0.0, min(1.0, next_housekeeping - time.monotonic())))

@@ -71,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     log.setup(config.log_level)
     daemon = Daemon(config, args.config)
+    daemon.handle_signals()
     try:
         daemon.start()
     except (StartError, OSError) as exc:
