@@ -12,6 +12,7 @@ import http.client
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -28,9 +29,10 @@ def orthanc_missing() -> list[str]:
 class Orthanc:
     """One Orthanc, started on entry and stopped on exit."""
 
-    def __init__(self, workdir: Path, name: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, name: str = "ORTHANC", extra: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.ae_title = name
+        self.extra = extra or {}  # more configuration, over the defaults (bench/find)
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -53,6 +55,7 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "StorageCompression": False,
             "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            **self.extra,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
