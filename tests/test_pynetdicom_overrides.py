@@ -7,6 +7,7 @@ import datetime
 import functools
 import hashlib
 import inspect
+import io
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ import pynetdicom.association
 import pynetdicom.dimse
 import pynetdicom.dimse_messages
 import pynetdicom.dimse_primitives
+import pynetdicom.dsutils
 import pynetdicom.dul
 import pynetdicom.fsm
 import pynetdicom.presentation
@@ -209,6 +211,40 @@ def test_file_meta_bytes_are_those_pydicom_writes():
         assert encoders._create_file_meta(**kwargs) == expected.getvalue()
     assert "write_file_meta_info(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
     assert "create_file_meta(" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.decode_msg)
+
+
+def test_find_response_bytes_are_those_pynetdicom_sends():
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "x" * 60
+    identifier.StudyDescription = "y" * 60
+    encoded = pynetdicom.dsutils.encode(identifier, False, True)
+    for status, comment, ident, max_pdu in [(0xFF00, None, encoded, 16384),
+                                            (0xFF01, None, encoded, 100),  # data in fragments
+                                            (0x0000, None, None, 16384), (0xA700, "source web: cannot connect", None, 0),
+                                            (0xC001, "x" * 64, None, 16384)]:
+        rsp = C_FIND()
+        rsp.MessageIDBeingRespondedTo = 3
+        rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+        rsp.Status = status
+        rsp.ErrorComment = comment
+        rsp.Identifier = io.BytesIO(ident) if ident is not None else None
+        message = C_FIND_RSP()
+        message.primitive_to_message(rsp)
+        expected = [pdv for pdata in message.encode_msg(1, max_pdu) for _, pdv in pdata.presentation_data_value_list]
+        command = encoders._find_response_command(rsp)
+        assert expected[0] == b"\x03" + command
+        if ident is None:
+            assert len(expected) == 1
+            continue
+        size = max_pdu - 6
+        data = [ident[i:i + size] for i in range(0, len(ident), size)]
+        assert len(data) == (1 if max_pdu == 16384 else 2)
+        assert expected[1:] == [(b"\x02" if i == len(data) - 1 else b"\x00") + d for i, d in enumerate(data)]
+    assert "_set_command_group_length" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.primitive_to_message)
 
 
 def test_store_response_bytes_are_those_pynetdicom_sends():

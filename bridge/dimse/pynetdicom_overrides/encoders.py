@@ -97,6 +97,34 @@ def _store_response_command(primitive: Any) -> bytes | None:
     return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
 
 
+def _find_response_command(primitive: Any) -> bytes | None:
+    """The C-FIND-RSP command set (implicit VR little endian, PS3.7 9.3.2.2) as pynetdicom
+    would encode it, or None when the primitive has a field this encoder does not write
+    (an OffendingElement). pynetdicom builds a command Dataset for each response and
+    encodes it twice (its group length, then the message): most of a small C-FIND
+    response's cost."""
+    status = primitive.Status
+    if status is None or primitive.MessageIDBeingRespondedTo is None or primitive.OffendingElement is not None:
+        return None
+    elements = []
+    if primitive.AffectedSOPClassUID is not None:
+        elements.append(_implicit_le(0x0000, 0x0002, _padded(str(primitive.AffectedSOPClassUID), b"\x00")))
+    elements += [
+        _implicit_le(0x0000, 0x0100, struct.pack("<H", 0x8020)),
+        _implicit_le(0x0000, 0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _implicit_le(0x0000, 0x0800, struct.pack("<H", 0x0101 if primitive.Identifier is None else 0x0001)),
+        _implicit_le(0x0000, 0x0900, struct.pack("<H", status)),
+    ]
+    comment = primitive.ErrorComment
+    if comment:
+        try:
+            elements.append(_implicit_le(0x0000, 0x0902, _padded(str(comment), b" ")))
+        except UnicodeEncodeError:
+            return None
+    body = b"".join(elements)
+    return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+
+
 def _p_data_tf(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF PDU of one PDV: the whole of a command set (PS3.8 9.3.5, E.2)."""
     return struct.pack(">BBLLBB", 0x04, 0, 6 + len(command), 2 + len(command), context_id, 0x03) + command

@@ -57,7 +57,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
+from pynetdicom.dimse_primitives import C_CANCEL, C_FIND, C_STORE, N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
@@ -67,7 +67,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.utils import make_target
 
 from bridge.dataset.uids import is_valid_uid
-from bridge.dimse.pynetdicom_overrides.encoders import _p_data_tf, _store_response_command
+from bridge.dimse.pynetdicom_overrides.encoders import _find_response_command, _p_data_tf, _store_response_command
 from bridge.dimse.pynetdicom_overrides.fast_path import _c_store_request
 from bridge.dimse.pynetdicom_overrides.reads import _abort, _describe, peer_name
 
@@ -78,8 +78,8 @@ _pynetdicom_send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
 
 
 def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
-    """``DIMSEServiceProvider.send_msg``: C-STORE responses encoded directly, and sent
-    directly by a network thread that served the request itself; on the listener, each
+    """``DIMSEServiceProvider.send_msg``: C-STORE and C-FIND responses encoded directly,
+    C-STORE ones sent directly by a network thread that served the request itself; on the listener, each
     message whole, never interleaved with another thread's (see ``prepare``)."""
     lock = getattr(self.assoc, "_bridge_send_lock", None)
     if lock is None:
@@ -90,9 +90,12 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
 
 
 def _send_whole(self: Any, primitive: Any, context_id: int) -> None:
-    command = None
+    command, data = None, None
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
         command = _store_response_command(primitive)
+    elif isinstance(primitive, C_FIND) and primitive.MessageIDBeingRespondedTo is not None:
+        command = _find_response_command(primitive)
+        data = primitive.Identifier.getvalue() if primitive.Identifier is not None else None
     if command is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or (
         self.maximum_pdu_size and len(command) > self.maximum_pdu_size - 6
     ):
@@ -102,7 +105,7 @@ def _send_whole(self: Any, primitive: Any, context_id: int) -> None:
         _pynetdicom_send_msg(self, primitive, context_id)
         return
     dul = self.dul
-    if threading.get_ident() == dul.ident and _may_send(dul):
+    if data is None and threading.get_ident() == dul.ident and _may_send(dul):
         # Served inline (_serve_inline): queued, the answer would wait for this thread to
         # come back round its loop, pass a wake-up through a socket pair to itself and go
         # through the state machine's DT-1 to be sent as this PDU.
@@ -111,6 +114,14 @@ def _send_whole(self: Any, primitive: Any, context_id: int) -> None:
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
     self.dul.send_pdu(pdata)
+    if data:  # the identifier of a C-FIND response: fragments as pynetdicom's encode_msg cuts them
+        size = self.maximum_pdu_size - 6 if self.maximum_pdu_size else len(data)
+        for start in range(0, len(data), size):
+            pdata = P_DATA()
+            last = start + size >= len(data)
+            pdata.presentation_data_value_list.append((context_id, (b"\x02" if last else b"\x00")
+                                                       + data[start:start + size]))
+            self.dul.send_pdu(pdata)
 
 
 _pynetdicom_get_msg = pynetdicom.dimse.DIMSEServiceProvider.get_msg
