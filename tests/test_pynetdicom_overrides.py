@@ -224,7 +224,8 @@ def test_find_response_bytes_are_those_pynetdicom_sends():
     encoded = pynetdicom.dsutils.encode(identifier, False, True)
     for status, comment, ident, max_pdu in [(0xFF00, None, encoded, 16384),
                                             (0xFF01, None, encoded, 100),  # data in fragments
-                                            (0x0000, None, None, 16384), (0xA700, "source web: cannot connect", None, 0),
+                                            (0x0000, None, None, 16384),
+                                            (0xA700, "source web: cannot connect", None, 0),
                                             (0xC001, "x" * 64, None, 16384)]:
         rsp = C_FIND()
         rsp.MessageIDBeingRespondedTo = 3
