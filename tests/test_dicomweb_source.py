@@ -26,6 +26,7 @@ import pydicom
 import pytest
 from corpus import write_ct
 from fakestow import FakeStow, Request
+from identifiers import query
 from peers import Orthanc
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
@@ -36,21 +37,7 @@ from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.sources.dicomweb import DicomwebSource
 from bridge.sources.qido import qido_searches
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
-
-
-def query(level: str, root: str = "study", fuzzy: bool = False, **keys: Any) -> Query:
-    """A C-FIND identifier in UTF-8, as the service receives it (encoded), parsed."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    encoded = io.BytesIO()
-    pydicom.dcmwrite(encoded, ds, implicit_vr=False, little_endian=True)
-    encoded.seek(0)
-    received = pydicom.dcmread(encoded, force=True)
-    return parse(received, PATIENT_ROOT_FIND if root == "patient" else STUDY_ROOT_FIND, fuzzy)
+from bridge.sources.query import STUDY_ROOT_FIND, Query, parse
 
 
 def source(url: str, name: str = "qido", **settings: Any) -> DicomwebSource:

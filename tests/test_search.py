@@ -5,34 +5,20 @@ stuck. The sources are QIDO-RS ones, against small recording HTTP servers."""
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import pydicom
 import pytest
 from fakestow import FakeStow, Request
-from pydicom.dataset import Dataset
+from identifiers import query
 
 from bridge.config import DicomwebSource as DicomwebConfig
 from bridge.errors import UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.sources.dicomweb import DicomwebSource
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
+from bridge.sources.query import Query
 from bridge.sources.search import Cancelled, Search
-
-
-def query(level: str, root: str = "study", **keys: Any) -> Query:
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    encoded = io.BytesIO()
-    pydicom.dcmwrite(encoded, ds, implicit_vr=False, little_endian=True)
-    encoded.seek(0)
-    return parse(pydicom.dcmread(encoded, force=True), PATIENT_ROOT_FIND if root == "patient" else STUDY_ROOT_FIND)
 
 
 def source(url: str, name: str, **settings: Any) -> DicomwebSource:

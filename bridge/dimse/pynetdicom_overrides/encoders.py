@@ -86,15 +86,8 @@ def _store_response_command(primitive: Any) -> bytes | None:
         _implicit_le(0x0000, 0x0800, struct.pack("<H", 0x0101)),
         _implicit_le(0x0000, 0x0900, struct.pack("<H", status)),
     ]
-    comment = primitive.ErrorComment
-    if comment:
-        try:
-            elements.append(_implicit_le(0x0000, 0x0902, _padded(str(comment), b" ")))
-        except UnicodeEncodeError:
-            return None
-    elements.append(_implicit_le(0x0000, 0x1000, _padded(str(primitive.AffectedSOPInstanceUID), b"\x00")))
-    body = b"".join(elements)
-    return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
+    after = [_implicit_le(0x0000, 0x1000, _padded(str(primitive.AffectedSOPInstanceUID), b"\x00"))]
+    return _command_set(elements, primitive.ErrorComment, after)
 
 
 def _find_response_command(primitive: Any) -> bytes | None:
@@ -115,13 +108,19 @@ def _find_response_command(primitive: Any) -> bytes | None:
         _implicit_le(0x0000, 0x0800, struct.pack("<H", 0x0101 if primitive.Identifier is None else 0x0001)),
         _implicit_le(0x0000, 0x0900, struct.pack("<H", status)),
     ]
-    comment = primitive.ErrorComment
+    return _command_set(elements, primitive.ErrorComment)
+
+
+def _command_set(elements: list[bytes], comment: str | None, after: list[bytes] | None = None) -> bytes | None:
+    """A response's command set: ``elements`` (up to Status), the ErrorComment if any,
+    ``after`` (elements of higher tags), behind the Command Group Length; None for an
+    ErrorComment that is not ASCII (pynetdicom's own encoder says what is wrong)."""
     if comment:
         try:
-            elements.append(_implicit_le(0x0000, 0x0902, _padded(str(comment), b" ")))
+            elements = [*elements, _implicit_le(0x0000, 0x0902, _padded(str(comment), b" "))]
         except UnicodeEncodeError:
             return None
-    body = b"".join(elements)
+    body = b"".join([*elements, *(after or [])])
     return _implicit_le(0x0000, 0x0000, struct.pack("<L", len(body))) + body
 
 
