@@ -3,6 +3,7 @@ These fail first when pynetdicom is upgraded under us."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import hashlib
@@ -246,6 +247,43 @@ def test_find_response_bytes_are_those_pynetdicom_sends():
         assert len(data) == (1 if max_pdu == 16384 else 2)
         assert expected[1:] == [(b"\x02" if i == len(data) - 1 else b"\x00") + d for i, d in enumerate(data)]
     assert "_set_command_group_length" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.primitive_to_message)
+
+
+def test_identifiers_encoded_directly_are_those_pydicom_writes():
+    from pydicom.valuerep import PersonName
+
+    from bridge.dataset import charset
+
+    def answer(**values: Any) -> Dataset:
+        ds = Dataset()
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    answers = [
+        answer(QueryRetrieveLevel="STUDY", RetrieveAETitle="DICOM_BRIDGE", StudyInstanceUID="1.2.840.10008.5.1.4",
+               PatientName=PersonName("Yamada^Tarou=山田^太郎=やまだ^たろう"), PatientID="P1", StudyDate="20240101",
+               StudyTime="101010.5", AccessionNumber="", StudyDescription="Thorax Übersicht",
+               ModalitiesInStudy=["CT", "MR"], NumberOfStudyRelatedInstances="12", PatientBirthDate=None,
+               StudyID="odd"),
+        answer(QueryRetrieveLevel="SERIES", SeriesInstanceUID="1.2.3", SeriesNumber=7, Modality="MR",
+               SeriesDescription="Müller", InstitutionName="Ünï", ImageComments="long",
+               PatientWeight="72.5"),
+        answer(QueryRetrieveLevel="IMAGE", SOPInstanceUID="1.2.3.4", SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+               InstanceNumber="1", TextValue="free text"),
+    ]
+    direct_for = {"ISO_IR 192": True, "ISO_IR 100": True, "ISO_IR 6": True, "\\ISO 2022 IR 87": False}
+    for target, direct in direct_for.items():
+        for ds in answers:
+            fitted = copy.deepcopy(ds)
+            charset.fit(fitted, target)
+            for implicit in (True, False):
+                assert (encoders._text_data_set(fitted, implicit) is not None) == direct, (target, implicit)
+                assert encoders._identifier(fitted, implicit, True) == pynetdicom.dsutils.encode(fitted, implicit, True)
+    with_sequence = answer(QueryRetrieveLevel="STUDY", ProcedureCodeSequence=[answer(CodeValue="X")])
+    assert encoders._text_data_set(with_sequence, False) is None  # pydicom's writer encodes it
+    assert encoders._identifier(with_sequence, False, True) == pynetdicom.dsutils.encode(with_sequence, False, True)
+    assert "encode(" in inspect.getsource(pynetdicom.service_class.ServiceClass._c_find_scp)
 
 
 def test_store_response_bytes_are_those_pynetdicom_sends():

@@ -76,7 +76,7 @@ from pynetdicom import _config, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _write_file_meta_info
+from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _identifier, _write_file_meta_info
 from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
 from bridge.dimse.pynetdicom_overrides.negotiation import _copy_contexts, _set_uid_remembered
 from bridge.dimse.pynetdicom_overrides.reads import _do_action, _read_pdu_data, _recv, awaiting_request, peer_name
@@ -137,6 +137,7 @@ def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_clas
     pynetdicom.association.Association.kill = _kill  # type: ignore[method-assign]
     pynetdicom.transport.deepcopy = _copy_contexts  # type: ignore[assignment]
     pynetdicom.dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+    pynetdicom.service_class.encode = _identifier  # type: ignore[assignment]
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
