@@ -261,6 +261,8 @@ def test_an_answer_in_latin_1_to_a_utf_8_request_is_decoded(pacs: Orthanc, holdi
 @pytest.mark.parametrize(("file", "pattern"), [
     ("chrFren.dcm", "Buc^Jérôme"),  # ISO_IR 100
     ("chrGerm.dcm", "*Rüdiger"),  # ISO_IR 100
+    ("chrGerm.dcm", "*R?diger"),  # a '?' for a letter of two bytes in UTF-8
+    ("chrX1.dcm", "*?^小東"),
     ("chrRuss.dcm", "Люкceмбypг"),  # ISO_IR 144
     ("chrH31.dcm", "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # ISO 2022 IR 87
     ("chrX1.dcm", "*王^小東"),  # ISO_IR 192

@@ -144,6 +144,14 @@ class DimseSource:
         if replaced:
             LOGGER.warning("source %s: characters %s cannot hold sent as '*' (a wildcard) in %s", self.name,
                            self.charset, ", ".join(replaced))
+        for element in forwarded:
+            # A '?' may stand for a character beyond ASCII, several bytes in UTF-8: a PACS
+            # that matches '?' to one byte of what it holds (Orthanc 1.10 does, whatever the
+            # set it is asked in) would miss it. '*' matches more, never fewer.
+            value = element.value
+            if element.VR in _WIDENED_VRS and isinstance(value, str | PersonName) and "?" in str(value):
+                text = re.sub(r"\*+", "*", str(value).replace("?", "*"))
+                element.value = PersonName(text) if element.VR == "PN" else text
         return forwarded
 
     def _c_find(self, identifier: Dataset, sop_class: str) -> Generator[Dataset, None, None]:
@@ -243,6 +251,9 @@ class DimseSource:
                                   sop_class_uid=str(record.get("SOPClassUID", "") or ""))
         finally:
             records.close()
+
+
+_WIDENED_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UC", "UT"})  # text in the Specific Character Set
 
 
 def _widened(original: Any, fitted: Any) -> Any:

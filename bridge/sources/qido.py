@@ -210,11 +210,13 @@ def _value(value: str, vr: str) -> str | None:
         return None
     if vr not in _WILDCARD_VRS:
         return value if all(_PLAIN.fullmatch(c) for c in value) else None
+    # A '?' may stand for a character beyond ASCII, several bytes in UTF-8: a server that
+    # matches '?' to one byte (Orthanc 1.10) would miss it. '*' matches more, never less.
     out: list[str] = []
     for c in value:
-        if _PLAIN.fullmatch(c):
+        if _PLAIN.fullmatch(c) and c != "?":
             out.append(c)
-        elif c.isascii():
+        elif c.isascii() and c != "?":
             out.append("?")
         elif not out or out[-1] != "*":
             out.append("*")
