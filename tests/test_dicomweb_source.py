@@ -78,7 +78,8 @@ def test_each_kind_of_matching_key_as_query_parameters() -> None:
     assert path == "/studies"
     assert sorted(sent) == sorted([
         ("StudyInstanceUID", "1.2.3,1.2.4"), ("StudyDate", "20240101-20241231"), ("StudyTime", "-1030"),
-        ("PatientName", "SM?TH*"), ("PatientID", "12345"), ("includefield", "AccessionNumber"),
+        ("PatientName", "SM*TH*"),  # a '?' may be a letter of several bytes: sent as '*'
+        ("PatientID", "12345"), ("includefield", "AccessionNumber"),
         ("includefield", "StationName"), ("includefield", "StudyDescription"),
         ("includefield", "ReferencedStudySequence"), ("fuzzymatching", "true"), ("limit", "100"), ("offset", "0")])
 
