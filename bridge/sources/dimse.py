@@ -134,24 +134,17 @@ class DimseSource:
     # -- one C-FIND ----------------------------------------------------------------------
 
     def _forwarded(self, identifier: Dataset) -> Dataset:
-        """A copy of ``identifier`` (decoded) in the node's character set; a value's characters
-        the set cannot hold become ``*``."""
+        """A copy of ``identifier`` (decoded) in the node's character set, each '?' of a text
+        value sent as '*', and so each character the set cannot hold (``charset.fit``
+        writes a '?' for it)."""
         forwarded = copy.deepcopy(identifier)
-        replaced = charset.fit(forwarded, self.charset)  # each character it cannot hold now a '?'
-        for keyword in replaced:
-            if keyword in forwarded and keyword in identifier:
-                forwarded[keyword].value = _widened(identifier[keyword].value, forwarded[keyword].value)
+        replaced = charset.fit(forwarded, self.charset)
         if replaced:
             LOGGER.warning("source %s: characters %s cannot hold sent as '*' (a wildcard) in %s", self.name,
                            self.charset, ", ".join(replaced))
         for element in forwarded:
-            # A '?' may stand for a character beyond ASCII, several bytes in UTF-8: a PACS
-            # that matches '?' to one byte of what it holds (Orthanc 1.10 does, whatever the
-            # set it is asked in) would miss it. '*' matches more, never fewer.
-            value = element.value
-            if element.VR in _WIDENED_VRS and isinstance(value, str | PersonName) and "?" in str(value):
-                text = re.sub(r"\*+", "*", str(value).replace("?", "*"))
-                element.value = PersonName(text) if element.VR == "PN" else text
+            if element.VR in _WIDENED_VRS and element.value:
+                element.value = _widened(element.value)
         return forwarded
 
     def _c_find(self, identifier: Dataset, sop_class: str) -> Generator[Dataset, None, None]:
@@ -256,17 +249,15 @@ class DimseSource:
 _WIDENED_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UC", "UT"})  # text in the Specific Character Set
 
 
-def _widened(original: Any, fitted: Any) -> Any:
-    """``fitted`` (``original`` with each character a set cannot hold replaced by ``?``)
-    with those characters replaced by ``*`` instead. A PACS may take ``?`` for one byte
-    rather than one character (Orthanc 1.10 does in UTF-8) and miss a name whose
-    character took two bytes; ``*`` matches more, never fewer."""
-    if isinstance(fitted, MultiValue | list):
-        if not isinstance(original, MultiValue | list) or len(original) != len(fitted):
-            return fitted
-        return [_widened(o, f) for o, f in zip(original, fitted, strict=True)]
-    before, after = str(original), str(fitted)
-    if len(before) != len(after):  # not replaced character by character: as fitted
-        return fitted
-    text = re.sub(r"\*+", "*", "".join("*" if a == "?" and b != "?" else a for b, a in zip(before, after, strict=True)))
-    return PersonName(text) if isinstance(fitted, PersonName) else text
+def _widened(value: Any) -> Any:
+    """A text value with each '?' as '*'. A '?' may stand for a character beyond ASCII,
+    several bytes in UTF-8: a PACS that matches '?' to one byte of what it holds (Orthanc
+    1.10 does, whatever the set it is asked in) would miss it. '*' matches more, never
+    fewer."""
+    if isinstance(value, MultiValue | list):
+        return [_widened(v) for v in value]
+    text = str(value)
+    if "?" not in text:
+        return value
+    text = re.sub(r"\*+", "*", text.replace("?", "*"))
+    return PersonName(text) if isinstance(value, PersonName) else text
