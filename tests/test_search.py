@@ -46,7 +46,7 @@ def serving(records: list[dict[str, Any]], delay: float = 0.0):
 
 def search(q: Query, *sources: DicomwebSource, max_results: int = 1000, timeout: float = 5.0,
            cancelled: Any = lambda: False) -> Search:
-    return Search(q, sources, {s.name: timeout for s in sources}, max_results, Metrics(), cancelled=cancelled)
+    return Search(q, sources, {s.name: timeout for s in sources}, max_results, cancelled=cancelled)
 
 
 def test_answers_in_rule_order_the_first_source_winning_a_conflict() -> None:

@@ -14,12 +14,14 @@ from bridge.config.values import Duration, Model
 
 # The name of the built-in source, the local archive's index.
 LOCAL = "local"
+# A source's find_timeout unless it says otherwise (``local`` has no settings: this one).
+FIND_TIMEOUT = 20.0
 
 
 class SourceBase(Model):
     # A requester waits for each C-FIND response only as long as its own DIMSE timeout
     # (often 30 to 60 s): a source must answer, or fail with a status, before that.
-    find_timeout: Duration = Field(20.0, gt=0, le=600, description="the longest a C-FIND waits for each answer "
+    find_timeout: Duration = Field(FIND_TIMEOUT, gt=0, le=600, description="the longest a C-FIND waits for each answer "
                                    "of this source (a QIDO-RS page, a C-FIND response) before it fails")
 
 

@@ -10,6 +10,7 @@ status ends a C-FIND is decided here (``failure``); docs/conformance.md has the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_FIND
 
 from bridge.config import Config
+from bridge.config.sources import FIND_TIMEOUT
 from bridge.dataset import charset
 from bridge.dimse import pynetdicom_overrides
 from bridge.dimse.listener import AssociationState
@@ -112,12 +114,11 @@ class Find:
                 LOGGER.warning("C-FIND from %s: no find rule matches it", association.calling_ae)
                 yield _status(0xC000, "no find rule matches this query"), None
                 return
-            rules = association.rules.rules
-            if any(r.fuzzy_matching for r in rules if r.name in decision.rules):
-                query = parse(identifier, sop_class, fuzzy=True)
+            if any(r.fuzzy_matching for r in association.rules.rules if r.name in decision.rules):
+                query = dataclasses.replace(query, fuzzy=True)
             search = Search(query, [self.sources.get(name, config) for name in names],
                             {name: _find_timeout(config, name) for name in names}, config.find.max_results,
-                            self.metrics, cancelled=lambda: event.is_cancelled)
+                            cancelled=lambda: event.is_cancelled)
             target = requester_charset(config, association.calling_ae)
             replaced: set[str] = set()
             for match in search:
@@ -140,8 +141,6 @@ class Find:
                 yield _status(status, str(search.failures[0].error)), None
         except Cancelled:
             status = CANCEL
-            if search is not None:
-                search.stop()
             yield CANCEL, None
         except Exception as exc:  # a source that cannot even be built: the C-FIND fails, with why
             status = 0xC001
@@ -176,7 +175,7 @@ class Find:
 
 def _find_timeout(config: Config, name: str) -> float:
     settings = config.sources.get(name)
-    return settings.find_timeout if settings is not None else 20.0
+    return settings.find_timeout if settings is not None else FIND_TIMEOUT  # local: no settings of its own
 
 
 def _status(status: int, comment: str) -> Dataset:

@@ -33,14 +33,11 @@ from pydicom.valuerep import IS, PersonName
 
 from bridge.archive.index import ArchiveIndex, IndexTimeout
 from bridge.archive.matching import COLUMNS, COMPUTED
-from bridge.config.sources import LOCAL, SourceBase
+from bridge.config.sources import FIND_TIMEOUT, LOCAL
 from bridge.errors import UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources.query import Query
-
-# ``local`` has no settings of its own: it waits as long as any source does by default.
-FIND_TIMEOUT: float = SourceBase.model_fields["find_timeout"].default
 
 # (tag, VR) of each attribute a record may carry, looked up once.
 _ELEMENTS = {keyword: (int(Tag(keyword)), dictionary_VR(keyword)) for keyword in (*COLUMNS, *COMPUTED)}

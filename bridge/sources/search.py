@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from bridge.errors import UpstreamUnavailable
-from bridge.metrics import Metrics
 from bridge.model import Source
 from bridge.sources.query import Query
 
@@ -69,21 +68,18 @@ class Search:
     """
 
     def __init__(self, query: Query, sources: Sequence[Source], timeouts: dict[str, float], max_results: int,
-                 metrics: Metrics, cancelled: Callable[[], bool] = lambda: False) -> None:
+                 cancelled: Callable[[], bool] = lambda: False) -> None:
         self.query = query
         self.sources = list(sources)
         self.timeouts = timeouts
         self.max_results = max_results
-        self.metrics = metrics
         self.cancelled = cancelled
         self.failures: list[Failure] = []
-        self.counts: dict[str, int] = {s.name: 0 for s in self.sources}  # matches given, per source
         self.dropped = 0  # records a source gave that the query does not match
         self.capped = False
         self._stop = threading.Event()
         self._queues: list[queue.Queue[object]] = []
         self._progress: list[float] = []
-        self._threads: list[threading.Thread] = []
 
     def stop(self) -> None:
         """Ask every source for nothing more (idempotent)."""
@@ -94,9 +90,7 @@ class Search:
         for i, source in enumerate(self.sources):
             self._queues.append(queue.Queue(PREFETCH))
             self._progress.append(now)
-            thread = threading.Thread(target=self._pump, args=(i, source), name=f"find-{source.name}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            threading.Thread(target=self._pump, args=(i, source), name=f"find-{source.name}", daemon=True).start()
         seen: set[str] = set()
         given = 0
         try:
@@ -115,14 +109,13 @@ class Search:
                         self.capped = True
                         return
                     given += 1
-                    self.counts[source.name] += 1
                     yield Match(record, source.name, verified)
         finally:
             self.stop()
 
     def _records(self, i: int, source: Source) -> Iterator[Dataset]:
         """The records source ``i`` gives, as its thread queues them; a failure is noted."""
-        timeout = self.timeouts.get(source.name, 20.0) + GRACE
+        timeout = self.timeouts[source.name] + GRACE
         q = self._queues[i]
         while True:
             if self.cancelled():
