@@ -31,9 +31,12 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as _pynetdicom_encode
 
+# The VRs whose explicit VR elements have a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
 
 def _explicit_le(group: int, element: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+    if vr in _LONG_VRS:
         return struct.pack("<HH2s2xL", group, element, vr, len(value)) + value
     return struct.pack("<HH2sH", group, element, vr, len(value)) + value
 
@@ -143,7 +146,6 @@ def _p_data_tf(context_id: int, command: bytes) -> bytes:
 # (UI with a NUL) to an even length; values of several joined by backslashes.
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
                        "UR", "UT"})
-_LONG_VRS = frozenset({"UC", "UR", "UT"})  # explicit VR with a 4-byte length
 _CODECS = {"ISO_IR 192": "utf-8", "ISO_IR 100": "latin_1", "": "ascii", "ISO_IR 6": "ascii"}
 
 
@@ -179,14 +181,11 @@ def _text_data_set(ds: Any, implicit: bool) -> bytes | None:
             if len(data) % 2:
                 data += b"\x00" if vr == "UI" else b" "
         if implicit:
-            parts.append(struct.pack("<HHL", tag.group, tag.element, len(data)))
-        elif vr in _LONG_VRS:
-            parts.append(struct.pack("<HH2s2xL", tag.group, tag.element, vr.encode(), len(data)))
-        elif len(data) > 0xFFFF:
-            return None
+            parts.append(_implicit_le(tag.group, tag.element, data))
+        elif len(data) > 0xFFFF and vr.encode() not in _LONG_VRS:
+            return None  # too long for a 2-byte length: pydicom's writer says what is wrong
         else:
-            parts.append(struct.pack("<HH2sH", tag.group, tag.element, vr.encode(), len(data)))
-        parts.append(data)
+            parts.append(_explicit_le(tag.group, tag.element, vr.encode(), data))
     return b"".join(parts)
 
 
