@@ -217,10 +217,7 @@ def parse(identifier: Dataset, sop_class: str, fuzzy: bool = False) -> Query:
         if int(tag) in _CONTROL or tag.element == 0 or tag.group in (0x0000, 0x0002):
             continue
         try:
-            element = identifier[tag]
-            keys.append(_key(element, level))
-        except QueryError:
-            raise
+            keys.append(_key(identifier[tag], level))
         except Exception as exc:
             raise QueryError(0xC000, _comment(f"cannot read {Tag(tag)}: {exc}")) from exc
     return Query(level=level, root=root, keys=tuple(keys), identifier=identifier, fuzzy=fuzzy)  # type: ignore[arg-type]
@@ -234,7 +231,7 @@ def _key(element: DataElement, level: str) -> Key:
     belongs: Level = _LEVEL_OF.get(keyword, level)  # type: ignore[assignment]
     if vr == "SQ":
         return Key(keyword, int(element.tag), vr, belongs, "universal")
-    values = [v for v in _texts(element)]
+    values = _texts(element)
     if not values or all(v == "" for v in values):
         return Key(keyword, int(element.tag), vr, belongs, "universal")
     if len(values) > 1:
@@ -274,9 +271,9 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 @lru_cache(maxsize=4096)
-def _wildcard(pattern: str, fold: bool) -> re.Pattern[str]:
+def _wildcard(pattern: str) -> re.Pattern[str]:
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(regex + r"\Z", re.DOTALL | (re.IGNORECASE if fold else 0))
+    return re.compile(regex + r"\Z", re.DOTALL | re.IGNORECASE)
 
 
 def _match_value(pattern: str, value: str, vr: str) -> bool:
@@ -284,8 +281,8 @@ def _match_value(pattern: str, value: str, vr: str) -> bool:
     # differ on case (Orthanc ignores it for IDs and descriptions too), so text compares
     # regardless of case; how case counts is the source's own matching.
     fold = vr not in _NO_WILDCARDS
-    if vr not in _NO_WILDCARDS and ("*" in pattern or "?" in pattern):
-        return _wildcard(pattern, fold).match(value) is not None
+    if fold and ("*" in pattern or "?" in pattern):
+        return _wildcard(pattern).match(value) is not None
     if vr in ("DS", "IS"):
         try:
             return float(pattern) == float(value)
