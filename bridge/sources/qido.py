@@ -52,6 +52,7 @@ from pydicom.datadict import dictionary_keyword
 from pydicom.dataset import Dataset
 from pydicom.valuerep import IS
 
+from bridge.dataset.uids import is_valid_uid
 from bridge.sources.query import Key, Query
 
 UID_CHUNK = 50  # UIDs in one search: 50 of 64 characters keep the URL within 4 KB
@@ -166,7 +167,7 @@ def _resource(query: Query) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def _single_uid(key: Key | None) -> str | None:
-    if key is None or key.kind != "single" or not re.fullmatch(r"[0-9.]{1,64}", key.values[0]):
+    if key is None or key.kind != "single" or not is_valid_uid(key.values[0]):
         return None
     return key.values[0]
 
@@ -175,7 +176,7 @@ def _plan_key(key: Key, plan: _Plan) -> None:
     name = parameter_name(key)
     if key.kind == "list":
         if key.vr == "UI":
-            uids = [v for v in key.values if re.fullmatch(r"[0-9.]{1,64}", v)]
+            uids = [v for v in key.values if is_valid_uid(v)]
             if len(uids) == len(key.values):
                 chunks = [",".join(uids[i:i + UID_CHUNK]) for i in range(0, len(uids), UID_CHUNK)]
                 plan.splits.append((key, [(name, chunk) for chunk in chunks]))
