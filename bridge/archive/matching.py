@@ -6,8 +6,9 @@ for it (the Number of ... Related counts, ModalitiesInStudy, SOPClassesInStudy: 
 stored, so they stay right when an instance is added later or superseded).
 
 A matching key becomes a condition with bound parameters, never text put into the
-statement; its semantics are those of ``bridge.sources.query`` (which checks every
-record again), so that what SQL lets through is what that check keeps:
+statement. ``bridge.sources.query`` checks every record again, ignoring case in all text
+(it drops only what surely does not match); SQL matches as DICOM does, so that what it
+lets through, that check keeps:
 
 - single value: equal; person names regardless of case (``str.casefold``; the index
   keeps each patient name case-folded as well, indexed). The one known difference: a
