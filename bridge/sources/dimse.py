@@ -143,7 +143,7 @@ class DimseSource:
             LOGGER.warning("source %s: characters %s cannot hold sent as '*' (a wildcard) in %s", self.name,
                            self.charset, ", ".join(replaced))
         for element in forwarded:
-            if element.VR in _WIDENED_VRS and element.value:
+            if element.VR in charset.TEXT_VRS and element.value:
                 element.value = _widened(element.value)
         return forwarded
 
@@ -244,9 +244,6 @@ class DimseSource:
                                   sop_class_uid=str(record.get("SOPClassUID", "") or ""))
         finally:
             records.close()
-
-
-_WIDENED_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UC", "UT"})  # text in the Specific Character Set
 
 
 def _widened(value: Any) -> Any:
