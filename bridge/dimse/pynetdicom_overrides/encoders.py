@@ -31,6 +31,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as _pynetdicom_encode
 
+from bridge.dataset import charset
+
 # The VRs whose explicit VR elements have a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
@@ -174,8 +176,7 @@ def _text_data_set(ds: Any, implicit: bool) -> bytes | None:
         else:
             values = list(raw) if isinstance(raw, MultiValue | list | tuple) else [raw]
             try:
-                data = "\\".join(_text(v) for v in values).encode(codec if vr in ("LO", "LT", "PN", "SH", "ST",
-                                                                                  "UC", "UT") else "ascii")
+                data = "\\".join(_text(v) for v in values).encode(codec if vr in charset.TEXT_VRS else "ascii")
             except (UnicodeEncodeError, TypeError):
                 return None
             if len(data) % 2:
