@@ -15,7 +15,7 @@ from bridge.config import Modification
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-    from bridge.sources.query import Query
+    from bridge.dataset.query import Query
 
 
 @dataclass(frozen=True)

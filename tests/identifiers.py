@@ -9,7 +9,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
+from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
 
 
 def query(level: str, root: str = "study", fuzzy: bool = False, charset: str = "ISO_IR 192", **keys: Any) -> Query:

@@ -33,11 +33,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from bridge.config import DicomwebSource as DicomwebConfig
+from bridge.dataset.query import STUDY_ROOT_FIND, Query, parse
 from bridge.errors import UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.sources.dicomweb import DicomwebSource
 from bridge.sources.qido import qido_searches
-from bridge.sources.query import STUDY_ROOT_FIND, Query, parse
 
 
 def source(url: str, name: str = "qido", **settings: Any) -> DicomwebSource:

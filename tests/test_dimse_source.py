@@ -30,11 +30,11 @@ from pynetdicom.dsutils import decode, encode
 
 from bridge.config import DimseSource as DimseConfig
 from bridge.config import Node
+from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef
 from bridge.sources.dimse import DimseSource
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"

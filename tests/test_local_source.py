@@ -4,7 +4,7 @@ the instances a query names.
 Files are archived the way the daemon archives them: each header read by intake's
 reader into a ``SpooledInstance`` (as ``bridge.forward.ingest`` builds it), and sent to
 the ``archive`` destination, which files it and indexes it. One test goes through the
-daemon itself (``storescu``). Queries are identifiers read by ``bridge.sources.query``,
+daemon itself (``storescu``). Queries are identifiers read by ``bridge.dataset.query``,
 as the C-FIND service reads them; every record the source answers is also checked
 against the query as the service checks it.
 """
@@ -34,13 +34,13 @@ from pynetdicom.dsutils import decode, encode
 from bridge.archive.index import ArchiveIndex
 from bridge.config import ArchiveDestination as ArchiveConfig
 from bridge.dataset import dicomfile
+from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
 from bridge.destinations.archive import ArchiveDestination
 from bridge.errors import UpstreamUnavailable
 from bridge.forward.spool import sha256_file
 from bridge.metrics import Metrics
 from bridge.model import Done, InstanceRef, SpooledInstance
 from bridge.sources.local import LocalSource
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query, parse
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

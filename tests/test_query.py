@@ -10,7 +10,7 @@ from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
 from bridge.dataset import charset
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, QueryError, parse
+from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, QueryError, parse
 
 
 def identifier(level: str | None = "STUDY", **keys: object) -> Dataset:

@@ -14,10 +14,10 @@ from fakestow import FakeStow, Request
 from identifiers import query
 
 from bridge.config import DicomwebSource as DicomwebConfig
+from bridge.dataset.query import Query
 from bridge.errors import UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.sources.dicomweb import DicomwebSource
-from bridge.sources.query import Query
 from bridge.sources.search import Cancelled, Search
 
 

@@ -6,7 +6,7 @@ for it (the Number of ... Related counts, ModalitiesInStudy, SOPClassesInStudy: 
 stored, so they stay right when an instance is added later or superseded).
 
 A matching key becomes a condition with bound parameters, never text put into the
-statement. ``bridge.sources.query`` checks every record again, ignoring case in all text
+statement. ``bridge.dataset.query`` checks every record again, ignoring case in all text
 (it drops only what surely does not match); SQL matches as DICOM does, so that what it
 lets through, that check keeps:
 
@@ -123,7 +123,7 @@ _NUMBERS = frozenset({"IS", "DS"})
 
 
 class Matching(Protocol):
-    """A matching key, as ``bridge.sources.query.Key`` is one (the archive does not import
+    """A matching key, as ``bridge.dataset.query.Key`` is one (the archive does not import
     the sources, which sit above it)."""
 
     @property

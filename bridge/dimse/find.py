@@ -29,13 +29,13 @@ from pynetdicom.dimse_primitives import C_FIND
 from bridge.config import Config
 from bridge.config.sources import FIND_TIMEOUT
 from bridge.dataset import charset
+from bridge.dataset.query import ROOTS, QueryError, parse
 from bridge.dimse import pynetdicom_overrides
 from bridge.dimse.listener import AssociationState
 from bridge.errors import UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.routing.rules import Context
 from bridge.sources import Sources
-from bridge.sources.query import ROOTS, QueryError, parse
 from bridge.sources.search import Cancelled, Search
 
 LOGGER = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Sources: where queries and retrievals are answered from, one module per kind
 (``local``: the archive's index, ``dicomweb``: QIDO-RS, ``dimse``: a remote PACS). The
-``Source`` protocol is in ``bridge.model``; ``query`` reads a C-FIND identifier into
-the ``Query`` every source answers."""
+``Source`` protocol is in ``bridge.model``; ``bridge.dataset.query`` reads a C-FIND
+identifier into the ``Query`` every source answers."""
 
 from __future__ import annotations
 

@@ -42,11 +42,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from bridge.config import DicomwebSource as DicomwebConfig
+from bridge.dataset.query import Query
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources import qido
-from bridge.sources.query import Query
 from bridge.web.client import HttpClient
 
 LOGGER = logging.getLogger(__name__)

@@ -60,11 +60,11 @@ from pynetdicom.status import code_to_category
 from bridge.config import DimseSource as DimseConfig
 from bridge.config import Node
 from bridge.dataset import charset
+from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query
 from bridge.dimse import scu
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
-from bridge.sources.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, Query
 
 LOGGER = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from pydicom.valuerep import IS, PersonName
 from bridge.archive.index import ArchiveIndex, IndexTimeout
 from bridge.archive.matching import COLUMNS, COMPUTED
 from bridge.config.sources import FIND_TIMEOUT, LOCAL
+from bridge.dataset.query import Query
 from bridge.errors import UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
-from bridge.sources.query import Query
 
 # (tag, VR) of each attribute a record may carry, looked up once.
 _ELEMENTS = {keyword: (int(Tag(keyword)), dictionary_VR(keyword)) for keyword in (*COLUMNS, *COMPUTED)}

@@ -52,8 +52,8 @@ from pydicom.datadict import dictionary_keyword
 from pydicom.dataset import Dataset
 from pydicom.valuerep import IS
 
+from bridge.dataset.query import Key, Query
 from bridge.dataset.uids import is_valid_uid
-from bridge.sources.query import Key, Query
 
 UID_CHUNK = 50  # UIDs in one search: 50 of 64 characters keep the URL within 4 KB
 MAX_SPLIT = 16  # values of a list that are asked one search each

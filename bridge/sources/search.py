@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from bridge.dataset.query import Query
 from bridge.errors import UpstreamUnavailable
 from bridge.model import Source
-from bridge.sources.query import Query
 
 LOGGER = logging.getLogger(__name__)
 
