@@ -126,13 +126,15 @@ class InstanceRef:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """What ``retrieve`` gives back for one reference: a complete temporary Part-10 file
-    on the spool's file system (the caller sends it, then removes it), or the reason
-    there is none."""
+    """What ``retrieve`` gives back for one reference: a complete Part-10 file, or the
+    reason there is none. A ``temporary`` file is on the spool's file system, in the
+    folder a restart empties, and is the caller's: it sends it, then removes it. A file
+    that is not temporary (the archive's own) is only read."""
 
     ref: InstanceRef
     path: Path | None = None
     failure: str = ""
+    temporary: bool = True
 
 
 @runtime_checkable
@@ -145,7 +147,13 @@ class Source(Protocol):
     after an upstream answer that gave no record yet, to say it is at work: a source
     that yields nothing for its ``find_timeout`` is taken to be stuck. ``locate`` yields the
     instances a query names (IMAGE level, with SOP Class UIDs); ``retrieve`` fetches
-    them, one ``Retrieved`` per reference, in any order.
+    them, one ``Retrieved`` per reference, in any order, each as soon as it has it; it
+    may yield ``None`` while it waits for its upstream, to say it is at work (the
+    service then keeps the requester informed). Each wait of ``retrieve`` is bounded by
+    the source's ``retrieve_timeout``; a reference it cannot deliver is a ``Retrieved``
+    with the reason, and an upstream that fails as a whole raises as ``find`` does (the
+    references not yet delivered are then tried from the rule's next source). Closed
+    early, it removes the temporary files it has not handed over.
 
     Each is a generator that its caller may stop early (``close()``, as a C-CANCEL
     does): it then asks its upstream for nothing more and frees what it holds. Each
@@ -161,6 +169,6 @@ class Source(Protocol):
 
     def locate(self, query: Query) -> Iterator[InstanceRef]: ...
 
-    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]: ...
+    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved | None]: ...
 
     def close(self) -> None: ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
@@ -41,7 +42,8 @@ from bridge.sources.qido import qido_searches
 
 
 def source(url: str, name: str = "qido", **settings: Any) -> DicomwebSource:
-    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}), Metrics())
+    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}), Metrics(),
+                          Path(tempfile.gettempdir()))
 
 
 def records(found: Iterator[Dataset | None]) -> list[Dataset]:
@@ -552,7 +554,8 @@ def test_each_request_is_timed_by_source_and_operation() -> None:
     with FakeStow() as fake:
         fake.answer = paged([study(n) for n in range(3)])
         metrics = Metrics()
-        list(DicomwebSource("qido", DicomwebConfig(type="dicomweb", url=fake.url, page_size=2), metrics).find(
+        list(DicomwebSource("qido", DicomwebConfig(type="dicomweb", url=fake.url, page_size=2), metrics,
+                                Path(tempfile.gettempdir())).find(
             query("STUDY")))
         count = metrics.registry.get_sample_value(
             "dicom_bridge_upstream_request_seconds_count", {"source": "qido", "operation": "qido"})

@@ -10,6 +10,7 @@ pynetdicom SCPs or a socket that never answers, on loopback.
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,7 +135,7 @@ def source(port: int, ae_title: str = "ORTHANC", find_timeout: float = 5.0, char
            metrics: Metrics | None = None) -> DimseSource:
     node = Node(host="127.0.0.1", port=port, ae_title=ae_title, charset=charset)
     settings = DimseConfig(type="dimse", node="pacs", find_timeout=find_timeout)
-    return DimseSource("pacs", settings, node, "BRIDGE", 60.0, metrics or Metrics())
+    return DimseSource("pacs", settings, node, "BRIDGE", 60.0, metrics or Metrics(), Path(tempfile.gettempdir()))
 
 
 def query(sop_class: str, charset: str = "ISO_IR 192", **keys: Any) -> Query:

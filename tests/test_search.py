@@ -5,7 +5,9 @@ stuck. The sources are QIDO-RS ones, against small recording HTTP servers."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -22,7 +24,8 @@ from bridge.sources.search import Cancelled, Search
 
 
 def source(url: str, name: str, **settings: Any) -> DicomwebSource:
-    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}), Metrics())
+    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}), Metrics(),
+                          Path(tempfile.gettempdir()))
 
 
 def study(n: int, description: str = "", patient: str = "") -> dict[str, Any]:

@@ -10,12 +10,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from bridge.config.nodes import HttpPeer
-from bridge.config.values import Duration, Model
+from bridge.config.values import AETitle, Duration, Model
 
 # The name of the built-in source, the local archive's index.
 LOCAL = "local"
 # A source's find_timeout unless it says otherwise (``local`` has no settings: this one).
 FIND_TIMEOUT = 20.0
+# A source's retrieve_timeout unless it says otherwise (``local``: this one).
+RETRIEVE_TIMEOUT = 60.0
 
 
 class SourceBase(Model):
@@ -23,6 +25,12 @@ class SourceBase(Model):
     # (often 30 to 60 s): a source must answer, or fail with a status, before that.
     find_timeout: Duration = Field(FIND_TIMEOUT, gt=0, le=600, description="the longest a C-FIND waits for each answer "
                                    "of this source (a QIDO-RS page, a C-FIND response) before it fails")
+    # A C-MOVE or C-GET fetches while the requester waits for pending responses, which the
+    # service sends as instances arrive: each wait for the next byte of an upstream answer
+    # is bounded by this, not the whole retrieval.
+    retrieve_timeout: Duration = Field(RETRIEVE_TIMEOUT, gt=0, le=3600, description="the longest a C-MOVE or C-GET "
+                                       "waits for the next part of an answer of this source (a WADO-RS response's "
+                                       "next bytes, a C-STORE sub-operation) before it gives up on the rest")
 
 
 class DicomwebSource(SourceBase, HttpPeer):
@@ -39,6 +47,11 @@ class DimseSource(SourceBase):
 
     type: Literal["dimse"]
     node: str = Field(description="the name of a node in `nodes`")
+    retrieve: Literal["c-move", "c-get"] = Field("c-move", description="how instances are fetched from the node: "
+                                                 "C-MOVE to the bridge itself (under move_destination_ae), or C-GET "
+                                                 "on the bridge's own association")
+    move_destination_ae: AETitle | None = Field(None, description="the AE title the node C-MOVEs to (the node must "
+                                                "know it, at the bridge's listen address); default: ae_title")
 
 
 SourceConfig = Annotated[DicomwebSource | DimseSource, Field(discriminator="type")]

@@ -22,6 +22,12 @@ def archive_root(config: Config) -> Path | None:
     return Path(archives[0].path) if archives[0].path else DataDir(Path(config.data_dir)).archive
 
 
+def temp_dir(config: Config) -> Path:
+    """Where sources write what they retrieve: on the spool's file system, in the folder
+    a restart empties (``bridge.forward.spool``)."""
+    return DataDir(Path(config.data_dir)).incoming
+
+
 def build(name: str, config: Config, metrics: Metrics) -> Source:
     """The source called ``name`` in ``config`` (``local``, or a key of ``sources``)."""
     if name == LOCAL:
@@ -35,11 +41,11 @@ def build(name: str, config: Config, metrics: Metrics) -> Source:
     if settings.type == "dicomweb":
         from bridge.sources.dicomweb import DicomwebSource
 
-        return DicomwebSource(name, settings, metrics)
+        return DicomwebSource(name, settings, metrics, temp_dir(config))
     from bridge.sources.dimse import DimseSource
 
     return DimseSource(name, settings, config.nodes[settings.node], config.ae_title, config.listen.timeouts.network,
-                       metrics)
+                       metrics, temp_dir(config))
 
 
 class Sources:
@@ -79,4 +85,4 @@ def _built_from(name: str, config: Config) -> str:
         return f"local {archive_root(config)}"
     settings = config.sources[name]
     node = config.nodes.get(settings.node) if settings.type == "dimse" else None
-    return f"{settings!r} {node!r} {config.ae_title} {config.listen.timeouts.network}"
+    return f"{settings!r} {node!r} {config.ae_title} {config.listen.timeouts.network} {temp_dir(config)}"

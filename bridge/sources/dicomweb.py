@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -68,8 +69,9 @@ class _Page:
 class DicomwebSource:
     """QIDO-RS against ``settings.url``, with the HTTP client of the DICOMweb destinations."""
 
-    def __init__(self, name: str, settings: DicomwebConfig, metrics: Metrics) -> None:
+    def __init__(self, name: str, settings: DicomwebConfig, metrics: Metrics, temp_dir: Path) -> None:
         self.name = name
+        self.temp_dir = temp_dir  # where retrieved instances are written (bridge.sources.temp_dir)
         self.settings = settings
         self.metrics = metrics
         self._idle: list[HttpClient] = []

@@ -47,6 +47,7 @@ import logging
 import re
 import time
 from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -85,9 +86,10 @@ class DimseSource:
     """C-FIND to ``node``, as ``calling_ae``, each wait bounded by ``settings.find_timeout``."""
 
     def __init__(self, name: str, settings: DimseConfig, node: Node, calling_ae: str, network_timeout: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, temp_dir: Path) -> None:
         self.name = name
         self.settings = settings
+        self.temp_dir = temp_dir  # where retrieved instances are written (bridge.sources.temp_dir)
         self.metrics = metrics
         self.charset = node.charset
         wait = settings.find_timeout
