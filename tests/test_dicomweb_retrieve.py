@@ -425,3 +425,18 @@ def test_a_large_part_is_streamed_not_held(fake: FakeWado, tmp_path: Path) -> No
     assert item.path is not None and item.path.stat().st_size == len(header) + 4 + size
     item.path.unlink()
     assert peak < 50 << 20, f"{peak >> 20} MiB held"
+
+
+def test_closed_while_a_part_arrives_removes_it(fake: FakeWado, cts: list[tuple[InstanceRef, bytes]],
+                                                tmp_path: Path) -> None:
+    (one, data), (two, _), _ = cts
+    body = multipart([data])
+    fake.answer = lambda path: (200, related(), [body[:5000], 2.5, body[5000:6000], 30.0, body[6000:]])
+    web = source(fake.url, tmp_path)
+    retrieval = web.retrieve([one, two])
+    assert next(retrieval) is None  # at work: part of an instance written
+    retrieval.close()
+    assert leftovers(tmp_path) == []
+    fake.answer = lambda path: (200, related(), multipart([data]))
+    files, _ = collect(web.retrieve([one]))  # the source still works
+    assert files == {one.sop_instance_uid: data}

@@ -73,7 +73,7 @@ from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavaila
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources import qido, wado
-from bridge.web.client import HttpClient
+from bridge.web.client import HttpClient, HttpResponse
 from bridge.web.multipart import MultipartError
 
 LOGGER = logging.getLogger(__name__)
@@ -313,45 +313,52 @@ class DicomwebSource:
         other parts are removed. Returns why the rest of ``wanted`` is not there (empty
         when nothing is left); raises for the upstream as a whole."""
         url = self.settings.url + path
-        timeout = self.settings.retrieve_timeout
-        problems: list[str] = []
-        single = len(wanted) == 1
         try:
-            with self._client() as client:
-                started = time.monotonic()
-                try:
-                    response = client.request("GET", url, headers={"Accept": wado.ACCEPT}, read_timeout=timeout,
-                                              connect_timeout=timeout)
-                finally:
-                    self.metrics.upstream_latency.labels(self.name, "wado").observe(time.monotonic() - started)
-                with response:
-                    if not 200 <= response.status < 300 or response.status == 204:
-                        summary = response.summary(response.read(ERROR_BODY_BYTES))
-                        response.raise_for_upstream(summary)
-                        LOGGER.debug("%s: WADO-RS %s: %s", self.name, what, summary)
-                        return f"source {self.name}: WADO-RS {what}: {summary}"
-                    prefix = f"retrieved-{self.name}-"
-                    content_type = response.headers.get("Content-Type", "")
-                    try:
-                        for part in wado.parts(response.iter_available(wado.CHUNK), content_type, self.temp_dir,
-                                               prefix):
-                            if part is None:
-                                yield None
-                            elif part.path is None:
-                                LOGGER.warning("%s: WADO-RS %s: a part refused: %s", self.name, what, part.problem)
-                                problems.append(part.problem)
-                            elif (ref := wanted.pop(part.sop_instance_uid, None)) is not None:
-                                yield Retrieved(ref, path=part.path)
-                            else:  # another instance of the series, or one asked for already
-                                part.path.unlink(missing_ok=True)
-                                if single:
-                                    problems.append(f"the answer holds instance {part.sop_instance_uid} instead")
-                    except MultipartError as exc:
-                        summary = response.summary()
-                        LOGGER.warning("%s: WADO-RS %s: %s: %s", self.name, what, summary, exc)
-                        return f"source {self.name}: WADO-RS {what}: {summary}: {exc}"
+            with self._client() as client, self._get(client, url) as response:
+                if not 200 <= response.status < 300 or response.status == 204:
+                    summary = response.summary(response.read(ERROR_BODY_BYTES))
+                    response.raise_for_upstream(summary)
+                    LOGGER.debug("%s: WADO-RS %s: %s", self.name, what, summary)
+                    return f"source {self.name}: WADO-RS {what}: {summary}"
+                return (yield from self._parts(response, what, wanted))
         except UpstreamError as exc:
             raise self._named(exc, url) from None
+
+    def _get(self, client: HttpClient, url: str) -> HttpResponse:
+        """The answer to a WADO-RS request, its body unread; timed until it begins."""
+        timeout = self.settings.retrieve_timeout
+        started = time.monotonic()
+        try:
+            return client.request("GET", url, headers={"Accept": wado.ACCEPT}, read_timeout=timeout,
+                                  connect_timeout=timeout)
+        finally:
+            self.metrics.upstream_latency.labels(self.name, "wado").observe(time.monotonic() - started)
+
+    def _parts(self, response: HttpResponse, what: str,
+               wanted: dict[str, InstanceRef]) -> Generator[Retrieved | None, None, str]:
+        """``_wado``'s reading of a 2xx answer, part by part."""
+        problems: list[str] = []
+        single = len(wanted) == 1
+        parts = wado.parts(response.iter_available(wado.CHUNK), response.headers.get("Content-Type", ""),
+                           self.temp_dir, f"retrieved-{self.name}-")
+        try:
+            for part in parts:
+                if part is None:
+                    yield None
+                elif part.path is None:
+                    LOGGER.warning("%s: WADO-RS %s: a part refused: %s", self.name, what, part.problem)
+                    problems.append(part.problem)
+                elif (ref := wanted.pop(part.sop_instance_uid, None)) is not None:
+                    yield Retrieved(ref, path=part.path)
+                else:  # another instance of the series, or one given already
+                    part.path.unlink(missing_ok=True)
+                    if single:
+                        problems.append(f"the answer holds instance {part.sop_instance_uid} instead")
+        except MultipartError as exc:
+            LOGGER.warning("%s: WADO-RS %s: %s: %s", self.name, what, response.summary(), exc)
+            return f"source {self.name}: WADO-RS {what}: {response.summary()}: {exc}"
+        finally:
+            parts.close()  # now, not when collected: it removes the part it was writing
         if not wanted:
             return ""
         reason = f"source {self.name}: not in the WADO-RS response of {what}"

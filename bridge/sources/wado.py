@@ -20,7 +20,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -62,7 +62,7 @@ class Part:
     problem: str = ""
 
 
-def parts(chunks: Iterable[bytes], content_type: str, folder: Path, prefix: str) -> Iterator[Part | None]:
+def parts(chunks: Iterable[bytes], content_type: str, folder: Path, prefix: str) -> Generator[Part | None, None, None]:
     """The parts of a WADO-RS answer whose body is ``chunks`` and whose Content-Type is
     ``content_type`` (multipart/related, or a single ``application/dicom``), each written
     to a new file in ``folder`` (named ``{prefix}...dcm``) and given as soon as it is
