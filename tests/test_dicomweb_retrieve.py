@@ -339,13 +339,14 @@ def test_a_part_that_is_not_dicom_fails_its_instance(fake: FakeWado, cts: list[t
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("part_type", ["application/dicom; transfer-syntax=1.2.840.10008.1.2.1",
+                                       "application/dicom"])  # the syntax read from the data set
 def test_a_bare_data_set_becomes_a_part10_file(fake: FakeWado, cts: list[tuple[InstanceRef, bytes]],
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, part_type: str) -> None:
     (one, one_data), (two, two_data), _ = cts
     bare = {r.sop_instance_uid: data[132 + 12 + int.from_bytes(data[140:144], "little"):] for r, data in cts}
     fake.answer = lambda path: (200, related(), multipart(
-        [bare[one.sop_instance_uid], bare[two.sop_instance_uid]],
-        content_type="application/dicom; transfer-syntax=1.2.840.10008.1.2.1"))
+        [bare[one.sop_instance_uid], bare[two.sop_instance_uid]], content_type=part_type))
     files, failures = collect(source(fake.url, tmp_path).retrieve([one, two]))
     assert failures == {}
     for r, original in ((one, one_data), (two, two_data)):
