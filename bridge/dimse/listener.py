@@ -3,7 +3,7 @@ bounds on pending connections, each association's snapshot of the configuration 
 rules, drain, reload and stop.
 
 What it serves are the services handed to ``start``, one module each beside this one
-(``verification``, ``store``): each adds its presentation contexts to the AE, answers
+(``verification``, ``store``, ``find``, ``move``, ``get``): each adds its presentation contexts to the AE, answers
 one pynetdicom event, and decides its own statuses (``Service``). The daemon lists them.
 
 pynetdicom's switches and the overrides made for speed and against hostile peers are
@@ -103,7 +103,9 @@ class Service(Protocol):
     classes, which would leave it unanswered. The seam takes some messages before it
     asks: C-STORE and C-CANCEL requests, and the responses to requests a handler sent on
     the association itself (a C-GET's C-STORE sub-operations, an N-EVENT-REPORT), which
-    go to the ``send_*()`` call waiting for them.
+    go to the ``send_*()`` call waiting for them. A service with ``answers_whole = True``
+    (C-MOVE, C-GET) sends every response of its request itself
+    (``pynetdicom_overrides.retrieval``).
     """
 
     event: evt.InterventionEvent
@@ -427,6 +429,8 @@ class Listener:
             state = self._states.get(id(event.assoc)) or AssociationState("?", self.config, self.rules)
             return service.handle(event, state)
 
+        if getattr(service, "answers_whole", False):
+            pynetdicom_overrides.answers_whole(handler)
         return handler
 
 

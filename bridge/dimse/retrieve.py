@@ -143,6 +143,7 @@ class Retrieve:
     event: evt.InterventionEvent
     operation: str  # C-MOVE, C-GET
     roots: dict[str, str]
+    answers_whole = True  # sends every response itself (pynetdicom_overrides.retrieval)
 
     def __init__(self, sources: Sources, metrics: Metrics, heartbeat: float = HEARTBEAT) -> None:
         self.sources = sources

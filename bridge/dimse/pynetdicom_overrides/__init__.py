@@ -83,7 +83,7 @@ from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _ident
 from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
 from bridge.dimse.pynetdicom_overrides.negotiation import _copy_contexts, _set_uid_remembered
 from bridge.dimse.pynetdicom_overrides.reads import _do_action, _read_pdu_data, _recv, awaiting_request, peer_name
-from bridge.dimse.pynetdicom_overrides.retrieval import _retrieve_scp
+from bridge.dimse.pynetdicom_overrides.retrieval import ORIGINAL, _retrieve_scp, answers_whole
 from bridge.dimse.pynetdicom_overrides.waits import (
     _association_sleep,
     _dul_sleep,
@@ -93,7 +93,7 @@ from bridge.dimse.pynetdicom_overrides.waits import (
 )
 from bridge.errors import StartError
 
-__all__ = ["REQUIRED_VERSION", "awaiting_request", "check_version", "install", "peer_name", "prepare"]
+__all__ = ["REQUIRED_VERSION", "answers_whole", "awaiting_request", "check_version", "install", "peer_name", "prepare"]
 
 # The pynetdicom release whose internals the overrides were read against and tested with.
 REQUIRED_VERSION = "3.0.4"
@@ -146,6 +146,10 @@ def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_clas
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
+    qr = pynetdicom.service_class.QueryRetrieveServiceClass
+    for name in ("_move_scp", "_get_scp"):
+        if getattr(qr, name) is not _retrieve_scp:
+            ORIGINAL[name] = getattr(qr, name)
     pynetdicom.service_class.QueryRetrieveServiceClass._move_scp = _retrieve_scp  # type: ignore[method-assign,assignment]
     pynetdicom.service_class.QueryRetrieveServiceClass._get_scp = _retrieve_scp  # type: ignore[method-assign,assignment]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]

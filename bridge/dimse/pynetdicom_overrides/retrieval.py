@@ -16,10 +16,12 @@ bridge must (docs/conformance.md, C-MOVE and C-GET):
 - name every instance that failed, whether it failed to arrive or to be stored, in the
   Failed SOP Instance UID List.
 
-So ``_retrieve_scp`` triggers the event and leaves the whole request to the handler
-(``bridge.dimse.retrieve``), which sends its responses through the association's DIMSE
-provider; an exception it lets out is answered with pynetdicom's own status for one
-(0xC511 for C-MOVE, 0xC411 for C-GET), so no request goes unanswered.
+So for a handler that says it answers whole (``answers_whole(handler)``: the bridge's
+``bridge.dimse.retrieve``), ``_retrieve_scp`` triggers the event and leaves the whole
+request to it; it sends its responses through the association's DIMSE provider, and an
+exception it lets out is answered with pynetdicom's own status for one (0xC511 for
+C-MOVE, 0xC411 for C-GET), so no request goes unanswered. Any other handler (one that
+yields, as pynetdicom documents) is served by pynetdicom's own method.
 """
 
 from __future__ import annotations
@@ -32,12 +34,26 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 LOGGER = logging.getLogger(__name__)
 
+# pynetdicom's own methods, for handlers that yield (set by install()).
+ORIGINAL: dict[str, Any] = {}
+
+
+def answers_whole(handler: Any) -> Any:
+    """Mark ``handler`` (of EVT_C_MOVE or EVT_C_GET) as answering its request whole."""
+    handler.bridge_answers_whole = True
+    return handler
+
 
 def _retrieve_scp(self: Any, req: C_MOVE | C_GET, context: Any) -> None:
     """``QueryRetrieveServiceClass._move_scp`` and ``_get_scp``."""
     move = isinstance(req, C_MOVE)
+    event = evt.EVT_C_MOVE if move else evt.EVT_C_GET
+    handlers = self.assoc.get_handlers(event)
+    if not (handlers and getattr(handlers[0], "bridge_answers_whole", False)):
+        ORIGINAL["_move_scp" if move else "_get_scp"](self, req, context)
+        return
     try:
-        evt.trigger(self.assoc, evt.EVT_C_MOVE if move else evt.EVT_C_GET,
+        evt.trigger(self.assoc, event,
                     {"request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled})
     except Exception:
         LOGGER.exception("%s handler failed", "C-MOVE" if move else "C-GET")
