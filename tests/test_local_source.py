@@ -392,6 +392,63 @@ def test_locate_names_every_instance_below_the_records_matched(archive: Archive,
     assert list(source.locate(query("IMAGE", SOPInstanceUID="1.2.3.4"))) == []
 
 
+# -- retrieve -------------------------------------------------------------------------------
+
+def test_retrieve_gives_the_archives_own_files(archive: Archive, source: LocalSource, tmp_path: Path) -> None:
+    files = [archive.file(PatientID="P1") for _ in range(3)]
+    archive.store(*files)
+    refs = list(source.locate(query("PATIENT", "patient", PatientID="P1")))
+    assert len(refs) == 3
+
+    retrieved = list(source.retrieve(refs))
+    assert [r.ref for r in retrieved] == refs
+    for item in retrieved:
+        assert item.failure == "" and item.temporary is False
+        assert item.path is not None and item.path.is_relative_to(tmp_path / "archive")
+        assert dicomfile.read_header(item.path).SOPInstanceUID == item.ref.sop_instance_uid
+    assert all(item.path is not None and item.path.is_file() for item in retrieved)  # only read
+    assert list(source.retrieve([])) == []
+
+
+def test_retrieve_fails_an_instance_removed_from_the_index_since_it_was_located(archive: Archive,
+                                                                                source: LocalSource) -> None:
+    archive.store(*(archive.file(PatientID="P1") for _ in range(2)))
+    kept, removed = list(source.locate(query("PATIENT", "patient", PatientID="P1")))
+    db = sqlite3.connect(archive.index_path)
+    try:
+        with db:
+            db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (removed.sop_instance_uid,))
+    finally:
+        db.close()
+
+    first, second = source.retrieve([kept, removed])
+    assert first.ref == kept and first.path is not None and first.failure == ""
+    assert second.ref == removed and second.path is None
+    assert "not in the archive" in second.failure
+
+
+def test_retrieve_fails_an_instance_whose_file_is_gone_naming_it(archive: Archive, source: LocalSource) -> None:
+    archive.store(*(archive.file(PatientID="P1") for _ in range(2)))
+    refs = list(source.locate(query("PATIENT", "patient", PatientID="P1")))
+    gone = next(iter(source.retrieve(refs[1:])))
+    assert gone.path is not None
+    gone.path.unlink()
+
+    first, second = source.retrieve(refs)
+    assert first.path is not None and first.failure == ""
+    assert second.ref == refs[1] and second.path is None
+    assert str(gone.path) in second.failure and "missing" in second.failure
+
+
+def test_retrieve_without_an_index_fails_every_instance(tmp_path: Path) -> None:
+    source = LocalSource(tmp_path / "archive" / "index.sqlite", Metrics())
+    refs = [InstanceRef(generate_uid(), generate_uid(), generate_uid(), CT) for _ in range(2)]
+    retrieved = list(source.retrieve(refs))
+    assert [r.ref for r in retrieved] == refs
+    assert all(r.path is None and r.failure for r in retrieved)
+    assert not (tmp_path / "archive").exists()
+
+
 def test_a_large_answer_comes_page_after_page(tmp_path: Path) -> None:
     """More records than one page (500): every one, once, in the level's order."""
     index_path = tmp_path / "index.sqlite"

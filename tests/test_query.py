@@ -10,7 +10,17 @@ from pydicom.tag import Tag
 from pydicom.valuerep import PersonName
 
 from bridge.dataset import charset
-from bridge.dataset.query import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, QueryError, parse
+from bridge.dataset.query import (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    QueryError,
+    parse,
+    retrieval_problem,
+)
 
 
 def identifier(level: str | None = "STUDY", **keys: object) -> Dataset:
@@ -51,6 +61,44 @@ def test_every_level_of_patient_root() -> None:
         assert query.level == level
         assert query.root == "patient"
         assert query.sop_class == PATIENT_ROOT_FIND
+
+
+@pytest.mark.parametrize(("sop_class", "root"), [
+    (PATIENT_ROOT_MOVE, "patient"), (STUDY_ROOT_MOVE, "study"), (PATIENT_ROOT_GET, "patient"),
+    (STUDY_ROOT_GET, "study"),
+])
+def test_move_and_get_identifiers_are_read_under_their_root(sop_class: str, root: str) -> None:
+    query = parse(identifier("STUDY", StudyInstanceUID="1.2.3"), sop_class)
+    assert query.root == root and query.level == "STUDY"
+    assert query.key("StudyInstanceUID").values == ("1.2.3",)  # type: ignore[union-attr]
+    if root == "patient":
+        assert parse(identifier("PATIENT", PatientID="P1"), sop_class).level == "PATIENT"
+    else:
+        with pytest.raises(QueryError) as raised:
+            parse(identifier("PATIENT", PatientID="P1"), sop_class)
+        assert raised.value.status == 0xA900
+
+
+@pytest.mark.parametrize(("level", "keys", "missing"), [
+    ("STUDY", {"StudyInstanceUID": "1.2.3"}, ""),
+    ("STUDY", {"StudyInstanceUID": ["1.2.3", "1.2.4"]}, ""),
+    ("STUDY", {"PatientID": "P1"}, "StudyInstanceUID"),
+    ("STUDY", {"StudyInstanceUID": ""}, "StudyInstanceUID"),  # universal: it would widen to everything
+    ("SERIES", {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1\\1.2.3.2"}, ""),
+    ("SERIES", {"SeriesInstanceUID": "1.2.3.1"}, ""),  # the key above is used when given, not required
+    ("SERIES", {"StudyInstanceUID": "1.2.3"}, "SeriesInstanceUID"),
+    ("IMAGE", {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1"}, "SOPInstanceUID"),
+    ("IMAGE", {"SOPInstanceUID": "1.2.3.1.1"}, ""),
+    ("PATIENT", {"PatientID": "P1"}, ""),
+    ("PATIENT", {"PatientName": "DOE^J"}, "PatientID"),
+])
+def test_a_retrieval_needs_the_unique_key_of_its_level(level: str, keys: dict, missing: str) -> None:
+    query = parse(identifier(level, **keys), PATIENT_ROOT_MOVE)
+    problem = retrieval_problem(query)
+    if missing:
+        assert missing in problem
+    else:
+        assert problem == ""
 
 
 def test_matching_kinds_follow_the_vr() -> None:

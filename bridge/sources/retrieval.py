@@ -195,8 +195,9 @@ class Retrieval:
     def _from(self, source: Source, remaining: dict[str, InstanceRef], reasons: dict[str, list[str]]) -> None:
         self._current, self._activity = source.name, time.monotonic()
         wanted = list(remaining.values())
-        items = source.retrieve(wanted)
+        items: Iterator[Retrieved | None] | None = None
         try:
+            items = source.retrieve(wanted)  # a source may raise here, before giving an iterator
             for item in items:
                 self._activity = time.monotonic()
                 if item is None:
