@@ -304,8 +304,9 @@ class FakeDicomweb:
     QIDO-RS (``/studies``, ``/series``, ``/instances`` and their nested forms) lists
     every file it holds; WADO-RS (a study, a series or an instance, as
     multipart/related application/dicom, the file as it is) leaves out the instances
-    in ``missing`` (an instance asked for alone: 404), and waits ``delay`` seconds
-    before each part it sends. Every request is recorded.
+    in ``missing`` (an instance asked for alone: 404), and sends one part every
+    ``delay`` seconds at most, whatever the number of requests at once (the parts of
+    all requests wait their turn). Every request is recorded.
     """
 
     port: int = field(default_factory=free_port)
@@ -316,6 +317,7 @@ class FakeDicomweb:
     def __post_init__(self) -> None:
         self._files: dict[str, tuple[Instance, dict[str, str]]] = {}
         self._lock = threading.Lock()
+        self._pace = threading.Lock()  # one part at a time when slow
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -429,7 +431,9 @@ class FakeDicomweb:
         handler.end_headers()
         try:
             for instance in present:
-                time.sleep(delay)  # a slow server, on purpose
+                if delay:
+                    with self._pace:  # a slow server, on purpose
+                        time.sleep(delay)
                 part = (f"--{boundary}\r\nContent-Type: application/dicom; "
                         f"transfer-syntax={instance.transfer_syntax}\r\n\r\n").encode()
                 _chunk(handler, part + instance.path.read_bytes() + b"\r\n")

@@ -55,7 +55,9 @@ def retrieve_config(orthanc: Orthanc, port: int, destinations: dict[str, MoveDes
         "listen": {"port": port},
         "nodes": {
             "ORTHANC": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
-            **{scp.aet: {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port} for scp in destinations.values()},
+            # keyed otherwise than their AE titles: a move destination is found by ae_title
+            **{f"move-{name}": {"ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}
+               for name, scp in destinations.items()},
         },
         "destinations": {"archive": {"type": "archive"}},
         "sources": {
