@@ -89,7 +89,8 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "dicom_bridge_upstream_request_seconds", "Requests to a source (a QIDO-RS page, a C-FIND to a PACS, "
-            "an archive index query), by source and operation", ["source", "operation"],
+            "an archive index query; a WADO-RS retrieval until its answer begins), by source and operation",
+            ["source", "operation"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
 

@@ -3,7 +3,10 @@ errors and warnings, and for a file, every rule considered and why it matched or
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 import re
+import socket
 import sqlite3
 import stat
 from collections.abc import Iterator, Sequence
@@ -35,7 +38,43 @@ def warnings(config: Config, config_path: Path | None) -> list[str]:
     if config_path is not None:
         found += secret_warnings(config_path)
     found += _orphaned_rows(config)
+    found += move_warnings(config)
     return found
+
+
+def move_warnings(config: Config) -> list[str]:
+    """A ``c-move`` source whose node the listener would refuse: the node C-MOVEs to the
+    bridge, associating with it as its own AE title (that of ``nodes``) from its host."""
+    found = []
+    accept = config.accept
+    for name, source in config.sources.items():
+        if source.type != "dimse" or source.retrieve != "c-move" or source.node not in config.nodes:
+            continue
+        node = config.nodes[source.node]
+        calling = node.ae_title or source.node
+        if accept.calling_ae is not None and not any(fnmatch.fnmatchcase(calling, p) for p in accept.calling_ae):
+            found.append(f"sources.{name}: its node {source.node} C-MOVEs to the bridge as {calling}, which "
+                         f"accept.calling_ae refuses: add {calling!r} to accept.calling_ae")
+        if accept.hosts is not None:
+            addresses = _addresses(node.host)
+            if addresses and not any(any(ip in net for net in accept.hosts) for ip in addresses):
+                found.append(f"sources.{name}: its node {source.node} C-MOVEs to the bridge from {node.host}, "
+                             f"which accept.hosts refuses: add {addresses[0]}/{addresses[0].max_prefixlen} (or its "
+                             "network) to accept.hosts")
+    return found
+
+
+def _addresses(host: str) -> list[Any]:
+    """The IP addresses of ``host`` (none when it cannot be resolved now)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return []
+    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
 
 
 def secret_warnings(config_path: Path) -> list[str]:

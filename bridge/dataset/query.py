@@ -41,6 +41,12 @@ Root = Literal["patient", "study"]
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 ROOTS: dict[str, Root] = {PATIENT_ROOT_FIND: "patient", STUDY_ROOT_FIND: "study"}
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+MOVE_ROOTS: dict[str, Root] = {PATIENT_ROOT_MOVE: "patient", STUDY_ROOT_MOVE: "study"}
+GET_ROOTS: dict[str, Root] = {PATIENT_ROOT_GET: "patient", STUDY_ROOT_GET: "study"}
 
 # The unique key of each level (PS3.4 C.3).
 UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
@@ -193,13 +199,14 @@ class Query:
 
 
 def parse(identifier: Dataset, sop_class: str, fuzzy: bool = False) -> Query:
-    """Read a C-FIND request's identifier under ``sop_class`` (Patient or Study Root).
+    """Read a C-FIND, C-MOVE or C-GET request's identifier under ``sop_class`` (Patient
+    or Study Root; ``retrieval_problem`` says what a retrieval's identifier lacks).
 
     Raises ``QueryError``: 0xA900 for a Query/Retrieve Level missing or not one of the
     root (Study Root has no PATIENT level), 0xC000 for a value that cannot be decoded or
     read as its VR requires (a range in a text VR is read as a literal value).
     """
-    root = ROOTS.get(sop_class)
+    root = ROOTS.get(sop_class) or MOVE_ROOTS.get(sop_class) or GET_ROOTS.get(sop_class)
     if root is None:
         raise QueryError(0x0122, "SOP class not supported")
     try:
@@ -221,6 +228,18 @@ def parse(identifier: Dataset, sop_class: str, fuzzy: bool = False) -> Query:
         except Exception as exc:
             raise QueryError(0xC000, _comment(f"cannot read {Tag(tag)}: {exc}")) from exc
     return Query(level=level, root=root, keys=tuple(keys), identifier=identifier, fuzzy=fuzzy)  # type: ignore[arg-type]
+
+
+def retrieval_problem(query: Query) -> str:
+    """What a C-MOVE or C-GET identifier lacks (PS3.4 C.4.2.2.1), or "": the unique key of
+    its level with a value (one, or a list of UIDs), so that a retrieval never widens to
+    all there is for want of a key. The unique keys of the levels above, which the
+    standard asks for too, are used when present and not required: requesters that leave
+    them out are common, and the level's own key names what to send."""
+    key = UNIQUE[query.level]
+    if any(k.keyword == key and k.kind in ("single", "list") for k in query.keys):
+        return ""
+    return f"{key} missing or empty"
 
 
 def _key(element: DataElement, level: str) -> Key:

@@ -77,6 +77,11 @@ class DimseDestination:
         self._message_id = 0
         # The association was kept from an earlier batch and has answered nothing since.
         self._untried = False
+        # (SOP class, syntax) pairs expected later, proposed after those of the batch as
+        # room allows: a C-MOVE knows what it located before it has the files.
+        self.expected: list[tuple[str, str]] = []
+        # A C-MOVE's sub-operations carry the Move Originator AE Title and Message ID.
+        self.originator: tuple[str, int] | None = None
 
     # -- the Destination protocol ------------------------------------------------------
 
@@ -117,17 +122,23 @@ class DimseDestination:
         answered: list[int] = []
         self._untried = self._assoc is not None
         for i in range(len(batch)):
-            try:
-                with sending.outgoing(batch[i], self._temp_dir, f"modified-{self.name}-") as out:
-                    # A modified copy keeps the original's transfer syntax; its UIDs are its own.
-                    outcome, status = self._send(out.instance, out.path, batch[i + 1:])
-            except sending.Unsendable as exc:
-                outcome, status = exc.outcome, None
+            outcome, status = self.store(batch[i], batch[i + 1:])
             outcomes.append(outcome)
             if status is not None:
                 answered.append(status)
         sending.check_refusals(str(self.peer), len(batch), answered)
         return outcomes
+
+    def store(self, instance: SpooledInstance, rest: Sequence[SpooledInstance] = ()) -> tuple[Outcome, int | None]:
+        """C-STORE one instance (``rest`` comes next: proposed with it when a new association
+        is needed); its outcome, and the peer's status when it answered. Raises
+        ``UpstreamUnavailable`` when the association is lost or cannot be made."""
+        try:
+            with sending.outgoing(instance, self._temp_dir, f"modified-{self.name}-") as out:
+                # A modified copy keeps the original's transfer syntax; its UIDs are its own.
+                return self._send(out.instance, out.path, rest)
+        except sending.Unsendable as exc:
+            return exc.outcome, None
 
     # -- one instance ------------------------------------------------------------------
 
@@ -161,22 +172,8 @@ class DimseDestination:
 
     def _choose(self, instance: SpooledInstance, syntax: str) -> str | Permanent:
         """The syntax to send ``instance`` in over the open association, or why there is none."""
-        accepted = self._accepted.get(instance.sop_class_uid, set())
-        if syntax in accepted:
-            return syntax
-        sop_class = transcode.name(instance.sop_class_uid)
-        if not accepted:
-            return Permanent(f"{self.peer.called_ae} does not accept {sop_class}: it refused every presentation "
-                             "context proposed for it")
-        targets = [ts for ts in (EXPLICIT, IMPLICIT) if ts in accepted]
-        if not targets:
-            offered = ", ".join(sorted(transcode.name(ts) for ts in accepted))
-            return Permanent(f"{self.peer.called_ae} accepts {sop_class} only in {offered}, and "
-                             f"{transcode.name(syntax)} is not converted to those")
-        if reason := transcode.problem(syntax, targets[0]):
-            return Permanent(f"{self.peer.called_ae} does not accept {transcode.name(syntax)} for {sop_class}, "
-                             f"and {reason}")
-        return targets[0]
+        return choose_syntax(self._accepted.get(instance.sop_class_uid, set()), instance.sop_class_uid, syntax,
+                             self.peer.called_ae)
 
     def _c_store(self, source: Path, own: str, syntax: str) -> tuple[int, str]:
         """Send ``source`` (in syntax ``own``) in ``syntax``, converting a temporary copy when
@@ -191,7 +188,9 @@ class DimseDestination:
             self._message_id = self._message_id % 0xFFFF + 1
             started = time.monotonic()
             try:
-                rsp: Dataset = self._assoc.send_c_store(copy or source, msg_id=self._message_id)
+                originator_aet, originator_id = self.originator or (None, None)
+                rsp: Dataset = self._assoc.send_c_store(copy or source, msg_id=self._message_id,
+                                                        originator_aet=originator_aet, originator_id=originator_id)
             except RuntimeError as exc:  # not established (any more)
                 raise _AssociationLost(str(exc)) from None
             if "Status" not in rsp:
@@ -221,7 +220,8 @@ class DimseDestination:
         if self._assoc is not None:
             scu.release(self._assoc)
             self._forget()
-        proposal = plan(((i.sop_class_uid, i.transfer_syntax) for i in remaining), self._proposed)
+        needed = [(i.sop_class_uid, i.transfer_syntax) for i in remaining] + self.expected
+        proposal = plan(needed, self._proposed)
         contexts = [build_context(scu.VERIFICATION, [EXPLICIT, IMPLICIT])]
         contexts += [build_context(sop_class, [syntax]) for sop_class, syntaxes in proposal.items()
                      for syntax in syntaxes]
@@ -233,6 +233,26 @@ class DimseDestination:
 
     def _forget(self) -> None:
         self._assoc, self._proposed, self._accepted, self._untried = None, {}, {}, False
+
+
+def choose_syntax(accepted: set[str], sop_class_uid: str, syntax: str, peer: str) -> str | Permanent:
+    """The syntax to send an instance of ``sop_class_uid`` in ``syntax`` in, when ``peer``
+    accepted ``accepted`` for its SOP class: its own, else explicit or implicit VR little
+    endian if it converts to it exactly (``bridge.dimse.transcode``); or why there is none."""
+    if syntax in accepted:
+        return syntax
+    sop_class = transcode.name(sop_class_uid)
+    if not accepted:
+        return Permanent(f"{peer} does not accept {sop_class}: it refused every presentation context proposed "
+                         "for it")
+    targets = [ts for ts in (EXPLICIT, IMPLICIT) if ts in accepted]
+    if not targets:
+        offered = ", ".join(sorted(transcode.name(ts) for ts in accepted))
+        return Permanent(f"{peer} accepts {sop_class} only in {offered}, and {transcode.name(syntax)} is not "
+                         "converted to those")
+    if reason := transcode.problem(syntax, targets[0]):
+        return Permanent(f"{peer} does not accept {transcode.name(syntax)} for {sop_class}, and {reason}")
+    return targets[0]
 
 
 def plan(needed: Iterable[tuple[str, str]], previous: dict[str, list[str]],

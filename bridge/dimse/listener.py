@@ -358,7 +358,7 @@ class Listener:
             reject = REJECT_PEER
         elif accept.calling_ae is not None and not any(fnmatch.fnmatchcase(calling, p) for p in accept.calling_ae):
             reject = REJECT_CALLING_AE
-        elif accept.check_called_ae and called != config.ae_title:
+        elif accept.check_called_ae and called != config.ae_title and called not in move_destinations(config):
             reject = REJECT_CALLED_AE
         elif self._associations(assoc) >= config.listen.max_associations:
             reject = REJECT_BUSY
@@ -428,6 +428,13 @@ class Listener:
             return service.handle(event, state)
 
         return handler
+
+
+def move_destinations(config: Config) -> set[str]:
+    """The AE titles the ``dimse`` sources that retrieve with ``c-move`` have their nodes
+    C-MOVE to (``move_destination_ae``, else ``ae_title``): the listener answers to them too."""
+    return {s.move_destination_ae or config.ae_title for s in config.sources.values()
+            if s.type == "dimse" and s.retrieve == "c-move"}
 
 
 def ruleset(config: Config) -> RuleSet:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -56,8 +56,12 @@ class Peer:
     def __str__(self) -> str:
         return f"node {self.name} ({self.called_ae} at {self.node.host}:{self.node.port})"
 
-    def associate(self, contexts: Sequence[PresentationContext]) -> Association:
-        """An established association with ``contexts`` proposed, or an upstream error."""
+    def associate(self, contexts: Sequence[PresentationContext], ext_neg: Sequence[Any] = (),
+                  evt_handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> Association:
+        """An established association with ``contexts`` proposed, or an upstream error.
+        ``ext_neg``: extended negotiation items (SCP/SCU role selection for a C-GET's
+        storage contexts, ``pynetdicom.build_role``); ``evt_handlers``: handlers bound on the
+        association (a C-GET's EVT_C_STORE)."""
         timeouts = self.node.timeouts
         ae = AE(ae_title=self.calling_ae)
         ae.connection_timeout = timeouts.connect
@@ -73,7 +77,7 @@ class Peer:
 
         assoc = ae.associate(
             self.node.host, self.node.port, contexts=list(contexts), ae_title=self.called_ae,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+            ext_neg=list(ext_neg) or None, evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open), *evt_handlers],
         )
         if assoc.is_established:
             # Sending PDUs smaller than the peer allows is always correct (PS3.8 9.3.1).

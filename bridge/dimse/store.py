@@ -2,6 +2,10 @@
 is durable: the file fsynced, renamed into the spool, the folder fsynced, and its queue
 rows committed (``bridge.forward.ingest``, the path it shares with watched folders).
 
+A C-STORE sub-operation of a C-MOVE the bridge itself sent (a ``dimse`` source retrieving
+with ``c-move``) is taken by the retrieval waiting for it (``bridge.dimse.inbox``) before
+anything else, and answered by it.
+
 What a refused instance is answered is decided here, by the type of what refused it
 (``STATUSES``); so is the answer to an instance whose delivery failed, for rules with
 ``ack: delivered`` (docs/conformance.md, C-STORE statuses).
@@ -20,6 +24,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from bridge.config import Config
+from bridge.dimse.inbox import INBOX
 from bridge.dimse.listener import TRANSFER_SYNTAXES, AssociationState
 from bridge.errors import (
     InboundError,
@@ -94,16 +99,20 @@ class Store:
     def handle(self, event: evt.Event, association: AssociationState) -> int | Dataset:
         path = event.dataset_path
         status = -1
+        retrieved = None
         try:
-            status, comment = self._store(event, path, association)
+            # A sub-operation of the bridge's own C-MOVE (bridge.dimse.inbox) goes to the
+            # retrieval waiting for it, never to ingest, the rules or the queue.
+            retrieved = INBOX.take(association.called_ae, association.calling_ae, event.request, path)
+            status, comment = retrieved or self._store(event, path, association)
         finally:
-            if status != 0x0000:  # refused: nothing half-written is kept (stored: moved into the spool)
-                path.unlink(missing_ok=True)
+            if status != 0x0000 or retrieved is not None:  # refused, or taken by a retrieval (moved away)
+                path.unlink(missing_ok=True)  # stored: moved into the spool
         self.metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
-        if status == 0x0000:
-            association.stored += 1
-        else:
+        if status != 0x0000:
             association.failed += 1
+        elif retrieved is None:  # a retrieval's instance is not stored: its end wakes no delivery
+            association.stored += 1
         if not comment:
             return status  # an int: no pydicom Dataset to build and take apart again
         rsp = Dataset()

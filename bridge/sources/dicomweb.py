@@ -1,4 +1,5 @@
-"""``type: dicomweb``: C-FIND answered by QIDO-RS (PS3.18 10.6) from ``{url}``.
+"""``type: dicomweb``: C-FIND answered by QIDO-RS (PS3.18 10.6) from ``{url}``, and
+C-MOVE and C-GET by WADO-RS (PS3.18 10.4).
 
 A query becomes one or more QIDO-RS searches (``bridge.sources.qido``), each asked page
 after page (``limit`` = ``page_size``, ``offset`` = the results so far) until a page
@@ -11,7 +12,7 @@ again. A server that keeps results back says so with an HTTP ``Warning`` (PS3.18
 is logged, and the next page is asked for even after a short page. Nothing is dropped
 silently.
 
-Every request waits at most ``find_timeout`` for the connection, for each read, and for
+Every QIDO-RS request waits at most ``find_timeout`` for the connection, for each read, and for
 its whole answer. What goes wrong becomes the upstream errors, naming the source:
 
 | what happens | raised |
@@ -23,9 +24,33 @@ its whole answer. What goes wrong becomes the upstream errors, naming the source
 | 404 on ``/studies``, ``/series``, ``/instances`` | ``UpstreamMisconfigured``: not the DICOMweb base URL |
 | an answer that is not DICOM JSON | ``UpstreamMisconfigured`` |
 
-Several C-FINDs may use one source at once: each request borrows an ``HttpClient`` (one
-keep-alive connection, its own credentials) from a small pool, and gives it back before
-its results are handed on, so a caller that stops holds nothing.
+**Retrieval.** The references are grouped by series. A series of which more than one
+instance is asked for is fetched with one request, ``{url}/studies/{s}/series/{se}``;
+what its answer left out, and every instance asked for alone, with one request each,
+``.../instances/{sop}``. Each asks for the instances as stored (``Accept:
+multipart/related; type="application/dicom"; transfer-syntax=*``); each part is written
+to a temporary file as it arrives and checked when complete (``bridge.sources.wado``),
+then handed on at once, before the next part is read: a part that is not a usable
+Part-10 instance, or one not asked for (the rest of a series), is removed. Every wait
+for the answer and for its next bytes is bounded by ``retrieve_timeout``;
+``dicom_bridge_upstream_request_seconds{operation="wado"}`` times each request until its
+answer begins. What goes wrong:
+
+| what happens | result |
+| --- | --- |
+| 404, other 4xx, a 2xx not multipart (or without a boundary) | its instances fail, with the HTTP status |
+| an instance missing from the answer, a part that is not DICOM | that instance fails |
+| connection refused, a timeout, 408, 429, 5xx, an answer cut off | ``UpstreamUnavailable`` |
+| 401, 403, a redirect, TLS verification | ``UpstreamMisconfigured`` |
+
+A series' instances fail only after each was asked for alone. ``UpstreamUnavailable``
+comes after what arrived before it: the rest is tried from the rule's next source.
+
+Several C-FINDs and retrievals may use one source at once: each request borrows an
+``HttpClient`` (one keep-alive connection, its own credentials) from a small pool. A
+QIDO-RS page gives it back before its results are handed on, so a caller that stops
+holds nothing; a WADO-RS answer holds it while its parts are handed on, and closes the
+answer and gives it back when its caller stops.
 """
 
 from __future__ import annotations
@@ -35,7 +60,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,14 +72,16 @@ from bridge.dataset.query import Query
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
-from bridge.sources import qido
-from bridge.web.client import HttpClient
+from bridge.sources import qido, wado
+from bridge.web.client import HttpClient, HttpResponse
+from bridge.web.multipart import MultipartError
 
 LOGGER = logging.getLogger(__name__)
 
 ACCEPT = "application/dicom+json, application/json;q=0.9"
 MAX_PAGE_BYTES = 256 << 20  # a page larger than this says page_size is too large
 MAX_IDLE_CLIENTS = 8  # connections kept open between queries
+ERROR_BODY_BYTES = 4096  # of an error answer, read for its summary
 LOCATE_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
 # A Warning (RFC 9111 5.5) by which a server says it kept results back (PS3.18 8.3.4.4).
 _MORE = ("exceed", "additional result", "more result", "truncat")
@@ -124,10 +151,28 @@ class DicomwebSource:
                                                 "its Study, Series or SOP Instance UID or SOP Class UID")
                 yield ref
 
-    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]:
-        """Not yet: WADO-RS retrieval is the next issue's."""
+    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved | None]:
+        """Each of ``refs`` fetched with WADO-RS, as it arrives (the module's docstring):
+        a file in ``temp_dir`` that the caller sends and removes, or the reason there is
+        none. ``None`` while a part is still arriving (at work). Raises as the upstream
+        fails as a whole, after what arrived before; closed early, it closes its answer
+        and removes the file it was writing."""
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        groups: dict[tuple[str, str], dict[str, InstanceRef]] = {}
         for ref in refs:
-            yield Retrieved(ref, failure="retrieval from a dicomweb source is not supported yet")
+            group = groups.setdefault((ref.study_uid, ref.series_uid), {})
+            if ref.sop_instance_uid in group:
+                yield Retrieved(ref, failure=f"source {self.name}: the instance was asked for twice")
+                continue
+            group[ref.sop_instance_uid] = ref
+        for (study, series), wanted in groups.items():
+            if len(wanted) > 1:
+                yield from self._wado(wado.series_path(study, series), f"series {series}", wanted)
+            for ref in list(wanted.values()):  # one instance, or what the series' answer left out
+                failure = yield from self._wado(wado.instance_path(ref), f"instance {ref.sop_instance_uid}",
+                                                {ref.sop_instance_uid: ref})
+                if failure:
+                    yield Retrieved(ref, failure=failure)
 
     def close(self) -> None:
         """Close the idle connections; a request still running closes its own when done."""
@@ -260,6 +305,65 @@ class DicomwebSource:
             return UpstreamUnavailable(text, exc.retry_after)
         return UpstreamMisconfigured(text)
 
+    # -- WADO-RS ----------------------------------------------------------------------------
+
+    def _wado(self, path: str, what: str, wanted: dict[str, InstanceRef]) -> Generator[Retrieved | None, None, str]:
+        """GET ``path`` (``what`` it is, for reasons), yielding each part that is one of
+        ``wanted`` (by SOP Instance UID, taken out of ``wanted``) as soon as it is complete;
+        other parts are removed. Returns why the rest of ``wanted`` is not there (empty
+        when nothing is left); raises for the upstream as a whole."""
+        url = self.settings.url + path
+        try:
+            with self._client() as client, self._get(client, url) as response:
+                if not 200 <= response.status < 300 or response.status == 204:
+                    summary = response.summary(response.read(ERROR_BODY_BYTES))
+                    response.raise_for_upstream(summary)
+                    LOGGER.debug("%s: WADO-RS %s: %s", self.name, what, summary)
+                    return f"source {self.name}: WADO-RS {what}: {summary}"
+                return (yield from self._parts(response, what, wanted))
+        except UpstreamError as exc:
+            raise self._named(exc, url) from None
+
+    def _get(self, client: HttpClient, url: str) -> HttpResponse:
+        """The answer to a WADO-RS request, its body unread; timed until it begins."""
+        timeout = self.settings.retrieve_timeout
+        started = time.monotonic()
+        try:
+            return client.request("GET", url, headers={"Accept": wado.ACCEPT}, read_timeout=timeout,
+                                  connect_timeout=timeout)
+        finally:
+            self.metrics.upstream_latency.labels(self.name, "wado").observe(time.monotonic() - started)
+
+    def _parts(self, response: HttpResponse, what: str,
+               wanted: dict[str, InstanceRef]) -> Generator[Retrieved | None, None, str]:
+        """``_wado``'s reading of a 2xx answer, part by part."""
+        problems: list[str] = []
+        single = len(wanted) == 1
+        parts = wado.parts(response.iter_available(wado.CHUNK), response.headers.get("Content-Type", ""),
+                           self.temp_dir, f"retrieved-{self.name}-")
+        try:
+            for part in parts:
+                if part is None:
+                    yield None
+                elif part.path is None:
+                    LOGGER.warning("%s: WADO-RS %s: a part refused: %s", self.name, what, part.problem)
+                    problems.append(part.problem)
+                elif (ref := wanted.pop(part.sop_instance_uid, None)) is not None:
+                    yield Retrieved(ref, path=part.path)
+                else:  # another instance of the series, or one given already
+                    part.path.unlink(missing_ok=True)
+                    if single:
+                        problems.append(f"the answer holds instance {part.sop_instance_uid} instead")
+        except MultipartError as exc:
+            LOGGER.warning("%s: WADO-RS %s: %s: %s", self.name, what, response.summary(), exc)
+            return f"source {self.name}: WADO-RS {what}: {response.summary()}: {exc}"
+        finally:
+            parts.close()  # now, not when collected: it removes the part it was writing
+        if not wanted:
+            return ""
+        reason = f"source {self.name}: not in the WADO-RS response of {what}"
+        return reason + (f" (a part refused: {problems[0]})" if problems else "")
+
     # -- connections ------------------------------------------------------------------------
 
     @contextmanager
@@ -267,16 +371,23 @@ class DicomwebSource:
         """An HTTP client for one request: an idle one, or a new one. ``HttpClient`` is not
         shared between threads (its connection, its credentials' renewal), so each
         request has one to itself; it goes back to the pool after a request that
-        succeeded, and is closed after one that failed (its connection may be broken)."""
+        succeeded or a retrieval closed early (its answer closed with it), and is closed
+        after one that failed (its connection may be broken)."""
         with self._lock:
             client = self._idle.pop() if self._idle else None
         if client is None:
             client = HttpClient(self.settings)
         try:
             yield client
+        except GeneratorExit:  # a retrieval closed early: its answer is closed, the client is sound
+            self._give_back(client)
+            raise
         except BaseException:
             client.close()
             raise
+        self._give_back(client)
+
+    def _give_back(self, client: HttpClient) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < MAX_IDLE_CLIENTS:
                 self._idle.append(client)

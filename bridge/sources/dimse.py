@@ -1,5 +1,6 @@
 """``type: dimse``: a C-FIND forwarded to a node of the configuration (the bridge as a
-Query/Retrieve FIND SCU, PS3.4 C.4.1).
+Query/Retrieve FIND SCU, PS3.4 C.4.1), and instances retrieved from it by C-GET or C-MOVE
+(``bridge.sources.dimse_retrieve``).
 
 Each ``find`` and ``locate`` opens an association of its own (``bridge.dimse.scu``:
 TCP_NODELAY, association failures as upstream errors), proposing the query's root in
@@ -66,6 +67,7 @@ from bridge.dimse import scu
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
+from bridge.sources.dimse_retrieve import Retrieval
 
 LOGGER = logging.getLogger(__name__)
 
@@ -100,6 +102,14 @@ class DimseSource:
         })
         self.peer = scu.Peer(settings.node, node.model_copy(update={"timeouts": timeouts}), calling_ae,
                              network_timeout)
+        # A retrieval's waits: the connect and A-ASSOCIATE-AC, then the next PDU (the
+        # association's network timer), each at most retrieve_timeout (bridge.sources.dimse_retrieve).
+        wait = settings.retrieve_timeout
+        timeouts = node.timeouts.model_copy(update={
+            "connect": min(node.timeouts.connect, wait), "acse": min(node.timeouts.acse, wait), "dimse": wait,
+        })
+        self.retrieve_peer = scu.Peer(settings.node, node.model_copy(update={"timeouts": timeouts}), calling_ae, wait)
+        self.calling_ae = calling_ae  # the Move Originator of its C-MOVEs, and their default destination
 
     def __repr__(self) -> str:
         return f"DimseSource({self.name!r}, {self.peer})"
@@ -126,9 +136,10 @@ class DimseSource:
         sop_class = PATIENT_ROOT_FIND if query.root == "patient" and query.level == "PATIENT" else STUDY_ROOT_FIND
         return self._refs(self._c_find(self._forwarded(identifier), sop_class))
 
-    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]:
-        """Not offered: C-MOVE and C-GET through a source come after issue 16."""
-        raise UpstreamMisconfigured(f"source {self.name}: retrieving from a dimse source is not supported")
+    def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved | None]:
+        """``refs`` fetched from the node by C-GET or C-MOVE (``settings.retrieve``), each
+        yielded as soon as its file is complete (``bridge.sources.dimse_retrieve``)."""
+        return Retrieval(self, refs).run()
 
     def close(self) -> None:
         """Nothing to close: each C-FIND's association ends with it."""

@@ -1,4 +1,5 @@
-"""``local``: queries answered from the local archive's index (``bridge.archive.index``).
+"""``local``: queries answered from the local archive's index (``bridge.archive.index``),
+and retrievals from the archive's own files.
 
 Each ``find`` and ``locate`` reads through a read-only connection of its own, opened
 when it starts and closed when it ends or is closed early (a C-CANCEL): queries never
@@ -72,9 +73,33 @@ class LocalSource:
                     yield InstanceRef(study, series, sop_instance, sop_class)
 
     def retrieve(self, refs: Sequence[InstanceRef]) -> Iterator[Retrieved]:
-        """Not offered yet: C-MOVE and C-GET, which need it, come after C-FIND (issue 16
-        implements ``find`` and ``locate``)."""
-        raise NotImplementedError("the local source does not retrieve yet")
+        """The archive's own files, as they are (never temporary: the caller only reads
+        them). An instance the index no longer has, or whose file is gone, is a failure
+        with the reason."""
+        if not refs:
+            return
+        if not self.index_path.exists():
+            for ref in refs:
+                yield Retrieved(ref, failure="the archive holds nothing yet")
+            return
+        index = self._open()
+        try:
+            for ref in refs:
+                started = time.monotonic()
+                try:
+                    row = index.instance(ref.sop_instance_uid)
+                except sqlite3.Error as exc:
+                    raise UpstreamUnavailable(f"source {self.name}: cannot read the archive index: {exc}") from exc
+                finally:
+                    self.metrics.upstream_latency.labels(self.name, "index").observe(time.monotonic() - started)
+                if row is None:
+                    yield Retrieved(ref, failure="not in the archive (removed since it was located)")
+                elif not Path(row["path"]).is_file():
+                    yield Retrieved(ref, failure=f"the archive's file {row['path']} is missing")
+                else:
+                    yield Retrieved(ref, path=Path(row["path"]), temporary=False)
+        finally:
+            index.close()
 
     def close(self) -> None:
         """Nothing to release: each query closes its own connection."""

@@ -32,7 +32,10 @@ whole process). It
     aborted; a ``send_*()`` call's wait for its response kept from the reactor;
   - ``encoders``: File Meta Information and C-STORE responses encoded directly;
   - ``negotiation``: presentation contexts copied and UIDs validated once, not for every
-    association.
+    association;
+  - ``retrieval``: C-MOVE and C-GET requests handed whole to the bridge's handler, which
+    sends every response itself (pynetdicom's service cannot fail before the first
+    sub-operation, send a pending response early, or send from files).
 
 ``prepare(assoc, ...)``, from each association's ``EVT_CONN_OPEN``, turns on what only
 some associations take: the waits' wake-ups, the network thread serving C-STOREs on the
@@ -80,6 +83,7 @@ from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _ident
 from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
 from bridge.dimse.pynetdicom_overrides.negotiation import _copy_contexts, _set_uid_remembered
 from bridge.dimse.pynetdicom_overrides.reads import _do_action, _read_pdu_data, _recv, awaiting_request, peer_name
+from bridge.dimse.pynetdicom_overrides.retrieval import _retrieve_scp
 from bridge.dimse.pynetdicom_overrides.waits import (
     _association_sleep,
     _dul_sleep,
@@ -142,6 +146,8 @@ def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_clas
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
+    pynetdicom.service_class.QueryRetrieveServiceClass._move_scp = _retrieve_scp  # type: ignore[method-assign,assignment]
+    pynetdicom.service_class.QueryRetrieveServiceClass._get_scp = _retrieve_scp  # type: ignore[method-assign,assignment]
     pynetdicom.dul.DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     pynetdicom.fsm.StateMachine.do_action = _do_action  # type: ignore[method-assign]
     pynetdicom.dul.DULServiceProvider._bridge_aborted = False  # type: ignore[attr-defined]

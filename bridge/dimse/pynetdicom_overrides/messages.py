@@ -138,9 +138,10 @@ def _get_msg(self: Any, block: bool = False) -> Any:
       but not yet run, can then run one more turn after the next request has gone out,
       and take the response ``send_c_store`` waits for (which then waits out its DIMSE
       timeout). The faster the peer, the likelier;
-    - the ``send_*()`` call's wait ends as soon as the association is aborted or its
-      connection closed (the reactor that would notice is paused), not at the end of the
-      DIMSE timeout, which may be minutes for a PACS slow to store large instances.
+    - the ``send_*()`` call's wait ends as soon as the association is aborted (by the peer,
+      or here from another thread) or its connection closed (the reactor that would notice
+      is paused), not at the end of the DIMSE timeout, which may be minutes for a PACS slow
+      to store large instances, or never when there is none (a retrieval's C-GET).
     """
     assoc = self.assoc
     reactor = threading.current_thread() is assoc
@@ -168,7 +169,10 @@ def _get_msg(self: Any, block: bool = False) -> Any:
             return self.msg_queue.get(block=True, timeout=wait)
         except queue.Empty:
             pass
-        if (deadline is not None and time.monotonic() >= deadline) or assoc.acse.is_aborted():
+        # An A-ABORT from the peer, or the association ended here (an abort from another
+        # thread, as a retrieval closed early does: acse.is_aborted() sees only the peer's).
+        if (deadline is not None and time.monotonic() >= deadline) or assoc.acse.is_aborted() \
+                or not assoc.is_established:
             return None, None
 
 
