@@ -6,7 +6,7 @@ four sub-operation counts (``Remaining Suboperations : 3``, or ``none`` when the
 response leaves one out) and, after a final response that has a data set, that data
 set, whose Failed SOP Instance UID List (0008,0058) is read here. An Error Comment
 comes in the status detail, as ``(0000,0902) LO [...]``. ``getscu`` writes the
-instances it receives into ``-od``; ``movescu`` has them sent to a move destination
+instances it receives into ``-od``, bit-preserving (``+B``); ``movescu`` has them sent to a move destination
 (``-aem``), a ``StoreSCP`` of the test.
 """
 
@@ -149,7 +149,8 @@ def getscu(port: int, level: str, keys: Sequence[str], out: Path, root: str = "s
     ``extra`` (``+xr``: RLE, ``+xv``: JPEG 2000 lossless, ...)."""
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.iterdir())
-    args = ["-d", _root(root), "-aet", calling_ae, "-aec", called_ae, "-od", str(out), *_keys(level, keys),
+    # +B: each data set written as it came off the wire (getscu re-encodes it otherwise)
+    args = ["-d", "+B", _root(root), "-aet", calling_ae, "-aec", called_ae, "-od", str(out), *_keys(level, keys),
             *extra, "127.0.0.1", str(port)]
     started = time.monotonic()
     proc = subprocess.run([dcmtk("getscu"), *args], env=dcmtk_env(), capture_output=True, text=True,
