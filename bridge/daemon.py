@@ -28,7 +28,9 @@ from bridge import destinations
 from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse import pynetdicom_overrides
 from bridge.dimse.find import Find
+from bridge.dimse.get import Get
 from bridge.dimse.listener import Listener, bind_failure
+from bridge.dimse.move import Move
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
@@ -115,7 +117,8 @@ class Daemon:
         self.ingest = Ingest(self.spool, self.queue, self.metrics, on_queued=self.delivery.wake)
         # The DIMSE services the listener provides: a module of bridge.dimse each.
         self.listener.start([Verification(self.metrics), Store(self.ingest, self.queue, self.metrics),
-                             Find(self.sources, self.metrics)],
+                             Find(self.sources, self.metrics), Move(self.sources, self.metrics),
+                             Get(self.sources, self.metrics)],
                             on_finished=self.delivery.flush)
         # Watched files are taken with the listener's rules.
         self.watcher = Watcher(self.config, self.listener.rules, self.ingest, self.metrics)

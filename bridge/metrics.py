@@ -87,6 +87,15 @@ class Metrics:
             "dicom_bridge_find_capped", "C-FINDs that reached find.max_results and answered no more, by source",
             ["source"], registry=r,
         )
+        self.retrievals = Counter(
+            "dicom_bridge_retrievals", "C-MOVEs and C-GETs answered, by operation, the source that located the "
+            "instances, and the final status", ["operation", "source", "status"], registry=r,
+        )
+        self.retrieve_suboperations = Counter(
+            "dicom_bridge_retrieve_suboperations", "C-MOVE and C-GET sub-operations, by operation and outcome "
+            "(completed, warning, failed: not fetched from any source, or not stored by the destination)",
+            ["operation", "outcome"], registry=r,
+        )
         self.upstream_latency = Histogram(
             "dicom_bridge_upstream_request_seconds", "Requests to a source (a QIDO-RS page, a C-FIND to a PACS, "
             "an archive index query; a WADO-RS retrieval until its answer begins), by source and operation",

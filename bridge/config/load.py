@@ -27,7 +27,7 @@ def embedded_default() -> dict[str, Any]:
     """The configuration used when no file is given: keep every instance in the local archive."""
     return {
         "destinations": {"archive": {"type": "archive"}},
-        "rules": [{"name": "keep-everything", "store": ["archive"], "find": ["local"]}],
+        "rules": [{"name": "keep-everything", "store": ["archive"], "find": ["local"], "retrieve": ["local"]}],
     }
 
 
