@@ -370,6 +370,8 @@ class Listener:
             assoc.acse.send_reject(*reject)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
+            return
+        _prefer_sendable(assoc)
 
     def _on_rejected(self, event: evt.Event) -> None:
         state = self._states.pop(id(event.assoc), None)
@@ -439,6 +441,29 @@ def move_destinations(config: Config) -> set[str]:
     C-MOVE to (``move_destination_ae``, else ``ae_title``): the listener answers to them too."""
     return {s.move_destination_ae or config.ae_title for s in config.sources.values()
             if s.type == "dimse" and s.retrieve == "c-move"}
+
+
+# What the bridge can send any instance in: its own syntax, when the peer took it, else
+# converted to one of these (bridge.dimse.transcode).
+SENDABLE = (str(UID("1.2.840.10008.1.2.1")), str(UID("1.2.840.10008.1.2")))
+
+
+def _prefer_sendable(assoc: Any) -> None:
+    """For the storage SOP classes a requester proposes to take the SCP role for (a C-GET
+    requester, PS3.7 D.3.3.4), accept explicit, else implicit VR little endian before the
+    compressed syntaxes the intake list puts first: the bridge sends there (C-GET
+    sub-operations), one syntax per SOP class, and can convert any instance to those,
+    not to a compressed syntax. Only this association's copy of the contexts changes;
+    a requester without role selection negotiates as before."""
+    roles = getattr(assoc.requestor, "role_selection", None) or {}
+    takes_scp = {str(uid) for uid, item in roles.items() if item.scp_role}
+    if not takes_scp:
+        return
+    for cx in assoc.acceptor.supported_contexts:
+        if str(cx.abstract_syntax) in takes_scp:
+            syntaxes = [str(ts) for ts in cx.transfer_syntax]
+            preferred = [ts for ts in SENDABLE if ts in syntaxes]
+            cx.transfer_syntax = preferred + [ts for ts in syntaxes if ts not in preferred]
 
 
 def ruleset(config: Config) -> RuleSet:
