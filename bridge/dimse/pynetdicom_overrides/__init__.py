@@ -79,6 +79,7 @@ from pynetdicom import _config, register_uid
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from bridge.dimse.pynetdicom_overrides import sending
 from bridge.dimse.pynetdicom_overrides.encoders import _create_file_meta, _identifier, _write_file_meta_info
 from bridge.dimse.pynetdicom_overrides.messages import _get_msg, _receive_primitive, _send_msg, _storage_scp
 from bridge.dimse.pynetdicom_overrides.negotiation import _copy_contexts, _set_uid_remembered
@@ -144,6 +145,7 @@ def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_clas
     pynetdicom.service_class.encode = _identifier  # type: ignore[assignment]
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    pynetdicom.transport.AssociationSocket.send = sending._socket_send  # type: ignore[method-assign]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     qr = pynetdicom.service_class.QueryRetrieveServiceClass
@@ -205,6 +207,8 @@ def prepare(assoc: Any, max_queued: int = 0, serve_inline: bool = False,
     may send on their association, as C-GET and Storage Commitment do.
     """
     dul = assoc.dul
+    if max_queued:  # an association the bridge requested: its data sets go out directly
+        sending.enable(assoc)
     assoc._bridge_serve_inline = serve_inline
     # Message IDs of the requests sent where messages are checked, awaiting their final response.
     assoc._bridge_awaiting = set() if serves is not None else None

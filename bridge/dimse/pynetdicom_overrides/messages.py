@@ -67,6 +67,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.utils import make_target
 
 from bridge.dataset.uids import is_valid_uid
+from bridge.dimse.pynetdicom_overrides import sending
 from bridge.dimse.pynetdicom_overrides.encoders import _find_response_command, _p_data_tf, _store_response_command
 from bridge.dimse.pynetdicom_overrides.fast_path import _c_store_request
 from bridge.dimse.pynetdicom_overrides.reads import _abort, _describe, peer_name
@@ -90,6 +91,10 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
 
 
 def _send_whole(self: Any, primitive: Any, context_id: int) -> None:
+    if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None \
+            and getattr(primitive, "_dataset_path", None) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT) \
+            and sending.send_file_request(self, primitive, context_id):
+        return
     command, data = None, None
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
         command = _store_response_command(primitive)
