@@ -33,6 +33,9 @@ whole process). It
   - ``encoders``: File Meta Information and C-STORE responses encoded directly;
   - ``negotiation``: presentation contexts copied and UIDs validated once, not for every
     association;
+  - ``sending``: on associations the bridge requests, a C-STORE request whose data set
+    is a file written to the socket PDU by PDU by the sending thread, not queued as one
+    object per PDU for the network thread;
   - ``retrieval``: C-MOVE and C-GET requests handed whole to the bridge's handler, which
     sends every response itself (pynetdicom's service cannot fail before the first
     sub-operation, send a pending response early, or send from files).
