@@ -214,3 +214,31 @@ def test_a_thousand_instances_in_bounded_memory(bridge: Bridge, big: Study, dest
     assert len(destination.received()) == BIG
     peak = vm_hwm(bridge.proc.pid)
     assert peak < RSS_CEILING, f"peak RSS {peak >> 20} MB"
+
+
+def test_a_slow_source_keeps_the_requester_informed(workdir: Path, study: Study, fake: FakeDicomweb,
+                                                    destination: MoveDestination) -> None:
+    """WADO-RS gives an instance every 6 s; the requester gives up after 8 s without a
+    response (movescu --dimse-timeout 8), and the bridge's listener takes 3 s without a
+    PDU for a dead association (listen.timeouts.network): the first pending response
+    goes before anything is fetched, one more every few seconds while the source is at
+    work, and the 12 s move ends whole, cut by neither."""
+    config: dict[str, Any] = {
+        "ae_title": BRIDGE_AE,
+        "listen": {"timeouts": {"network": "3s"}},
+        "nodes": {"STORESCP": {"ae_title": destination.aet, "host": "127.0.0.1", "port": destination.port}},
+        "destinations": {"archive": {"type": "archive"}},
+        "sources": {"fake": {"type": "dicomweb", "url": fake.url}},
+        "rules": [{"name": "fake", "retrieve": ["fake"]}],
+    }
+    slow = Bridge(workdir / "slow-bridge", config).start()
+    try:
+        fake.reset(delay=6.0)
+        two = study.instances[:2]
+        keys = [f"StudyInstanceUID={study.uid}", "SOPInstanceUID=" + "\\".join(i.sop_instance_uid for i in two)]
+        result = movescu(slow.port, "IMAGE", keys, "STORESCP", calling_ae="SLOWMOVE", extra=["-td", "8"])
+        result.check(SUCCESS, completed=2)
+        assert result.seconds >= 10, "the source was not slow: the test proves nothing"
+        assert_arrived(destination.received(), two)
+    finally:
+        slow.stop()
