@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import fakehttp
 from peers import free_port
 
 
@@ -70,38 +71,28 @@ class FakeQido:
     def start(self) -> FakeQido:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def get(handler: BaseHTTPRequestHandler) -> None:
+            parts = urlsplit(handler.path)
+            request = Request(parts.path, parse_qs(parts.query, keep_blank_values=True), time.monotonic())
+            with fake._lock:
+                fake.requests.append(request)
+                answer, delay, records = fake.answer, fake.delay, fake.records
+            time.sleep(delay)  # a slow server, on purpose
+            if answer is not None:
+                status, body = answer(request)
+            else:
+                offset = int(request.params.get("offset", ["0"])[0])
+                limit = int(request.params.get("limit", [str(len(records))])[0])
+                status, body = 200, records[offset:offset + limit]
+            data = json.dumps(body).encode() if body is not None else b""
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/dicom+json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                parts = urlsplit(self.path)
-                request = Request(parts.path, parse_qs(parts.query, keep_blank_values=True), time.monotonic())
-                with fake._lock:
-                    fake.requests.append(request)
-                    answer, delay, records = fake.answer, fake.delay, fake.records
-                time.sleep(delay)  # a slow server, on purpose
-                if answer is not None:
-                    status, body = answer(request)
-                else:
-                    offset = int(request.params.get("offset", ["0"])[0])
-                    limit = int(request.params.get("limit", [str(len(records))])[0])
-                    status, body = 200, records[offset:offset + limit]
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                self.send_header("Content-Type", "application/dicom+json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fakeqido", daemon=True).start()
+        self._server = fakehttp.serve(self.port, get, "fakeqido")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        fakehttp.close(self._server)

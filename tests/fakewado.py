@@ -14,8 +14,8 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
+import fakehttp
 from peers import free_port
 
 Body = bytes | Iterable[bytes | float]
@@ -56,49 +56,39 @@ class FakeWado:
     def start(self) -> FakeWado:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def get(handler: BaseHTTPRequestHandler) -> None:
+            path = handler.path.removeprefix("/dicom-web")
+            with fake._lock:
+                fake.paths.append(path)
+                fake.accept.append(handler.headers.get("Accept", ""))
+            status, headers, body = fake.answer(path)
+            handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handler.send_response(status)
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            try:
+                if isinstance(body, bytes):
+                    handler.send_header("Content-Length", str(len(body)))
+                    handler.end_headers()
+                    handler.wfile.write(body)
+                    return
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for piece in body:
+                    if isinstance(piece, float):
+                        if fake._stopping.wait(piece):
+                            return
+                        continue
+                    if piece:
+                        handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        handler.wfile.flush()
+                handler.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away, as a closed retrieval does
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.removeprefix("/dicom-web")
-                with fake._lock:
-                    fake.paths.append(path)
-                    fake.accept.append(self.headers.get("Accept", ""))
-                status, headers, body = fake.answer(path)
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                try:
-                    if isinstance(body, bytes):
-                        self.send_header("Content-Length", str(len(body)))
-                        self.end_headers()
-                        self.wfile.write(body)
-                        return
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    for piece in body:
-                        if isinstance(piece, float):
-                            if fake._stopping.wait(piece):
-                                return
-                            continue
-                        if piece:
-                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                            self.wfile.flush()
-                    self.wfile.write(b"0\r\n\r\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away, as a closed retrieval does
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fakewado", daemon=True).start()
+        self._server = fakehttp.serve(self.port, get, "fakewado")
         return self
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        fakehttp.close(self._server)

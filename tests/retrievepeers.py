@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import fakehttp
 import numpy as np
 import pydicom
 from corpus import TEST_FILES, data_set_bytes, write_ct
@@ -347,28 +348,18 @@ class FakeDicomweb:
     def start(self) -> FakeDicomweb:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def get(handler: BaseHTTPRequestHandler) -> None:
+            parts = urlsplit(handler.path)
+            request = WadoRequest(parts.path, parse_qs(parts.query, keep_blank_values=True), time.monotonic())
+            with fake._lock:
+                fake.requests.append(request)
+            fake._answer(handler, request)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                parts = urlsplit(self.path)
-                request = WadoRequest(parts.path, parse_qs(parts.query, keep_blank_values=True), time.monotonic())
-                with fake._lock:
-                    fake.requests.append(request)
-                fake._answer(self, request)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fakedicomweb", daemon=True).start()
+        self._server = fakehttp.serve(self.port, get, "fakedicomweb")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        fakehttp.close(self._server)
 
     # -- answers ------------------------------------------------------------------------------
 
