@@ -27,10 +27,7 @@ from prometheus_client import start_http_server
 from bridge import destinations
 from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse import pynetdicom_overrides
-from bridge.dimse.find import Find
-from bridge.dimse.get import Get
 from bridge.dimse.listener import Listener, bind_failure
-from bridge.dimse.move import Move
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
@@ -39,6 +36,9 @@ from bridge.forward.ingest import Ingest
 from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
+from bridge.qr.find import Find
+from bridge.qr.get import Get
+from bridge.qr.move import Move
 from bridge.sources import Sources
 from bridge.watch.watcher import Watcher
 

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000 as JPEG2000Lossy
@@ -78,13 +78,23 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import code_to_category
 
+from bridge.config import DimseSource as DimseConfig
 from bridge.dimse import scu
 from bridge.dimse.inbox import INBOX, Awaited, Status, keep
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
+from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 
-if TYPE_CHECKING:
-    from bridge.sources.dimse import DimseSource
+
+class Upstream(Protocol):
+    """What a retrieval uses of its source (``bridge.sources.dimse.DimseSource``)."""
+
+    name: str
+    settings: DimseConfig
+    metrics: Metrics
+    temp_dir: Path
+    calling_ae: str
+    retrieve_peer: scu.Peer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -182,7 +192,7 @@ class _Channel:
 class Retrieval:
     """One ``retrieve`` of ``source``: ``run()`` is the generator the source returns."""
 
-    def __init__(self, source: DimseSource, refs: Sequence[InstanceRef]) -> None:
+    def __init__(self, source: Upstream, refs: Sequence[InstanceRef]) -> None:
         self.source = source
         self.name = source.name
         self.how = source.settings.retrieve

@@ -17,7 +17,7 @@ bridge must (docs/conformance.md, C-MOVE and C-GET):
   Failed SOP Instance UID List.
 
 So for a handler that says it answers whole (``answers_whole(handler)``: the bridge's
-``bridge.dimse.retrieve``), ``_retrieve_scp`` triggers the event and leaves the whole
+``bridge.qr.retrieve``), ``_retrieve_scp`` triggers the event and leaves the whole
 request to it; it sends its responses through the association's DIMSE provider, and an
 exception it lets out is answered with pynetdicom's own status for one (0xC511 for
 C-MOVE, 0xC411 for C-GET), so no request goes unanswered. Any other handler (one that

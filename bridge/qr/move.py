@@ -1,7 +1,7 @@
 """C-MOVE (PS3.4 C.4.2): the instances a request names, fetched from the ``retrieve``
 rules' sources and sent to its Move Destination, a node of ``nodes`` found by its
 ``ae_title``, else by its key (unknown: 0xA801). What C-MOVE and C-GET share is in
-``bridge.dimse.retrieve``.
+``bridge.qr.retrieve``.
 
 The sub-operations go over an association of the bridge's own to the destination, made
 once the first instance is fetched, with the ``dimse`` destination's machinery
@@ -27,7 +27,9 @@ from bridge.config import Node
 from bridge.dataset.query import MOVE_ROOTS
 from bridge.destinations.dimse import EXPLICIT, DimseDestination
 from bridge.dimse.listener import AssociationState
-from bridge.dimse.retrieve import (
+from bridge.errors import UpstreamError
+from bridge.model import InstanceRef, Outcome
+from bridge.qr.retrieve import (
     UNKNOWN_DESTINATION,
     Refused,
     Retrieve,
@@ -35,8 +37,6 @@ from bridge.dimse.retrieve import (
     SubOperationsImpossible,
     retrieved_instance,
 )
-from bridge.errors import UpstreamError
-from bridge.model import InstanceRef, Outcome
 from bridge.sources import temp_dir
 from bridge.sources.retrieval import Fetched
 

@@ -151,7 +151,7 @@ class Retrieve:
         self.heartbeat = heartbeat
 
     def add_contexts(self, ae: AE, config: Config) -> None:
-        from bridge.dimse.find import TRANSFER_SYNTAXES
+        from bridge.qr.find import TRANSFER_SYNTAXES
 
         for uid in self.roots:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)

@@ -1,6 +1,6 @@
 """C-GET (PS3.4 C.4.3): the instances a request names, fetched from the ``retrieve``
 rules' sources and sent back as C-STORE sub-operations on the requester's own
-association. What C-MOVE and C-GET share is in ``bridge.dimse.retrieve``.
+association. What C-MOVE and C-GET share is in ``bridge.qr.retrieve``.
 
 The requester proposes the storage SOP classes it takes with SCP/SCU role selection
 (PS3.7 D.3.3.4); the listener accepts the roles proposed for every storage class it
@@ -27,9 +27,9 @@ from bridge.dataset.query import GET_ROOTS
 from bridge.destinations.dimse import choose_syntax
 from bridge.dimse import statuses, transcode
 from bridge.dimse.listener import TRANSFER_SYNTAXES, AssociationState
-from bridge.dimse.retrieve import Retrieve, Sink, SubOperationsImpossible
 from bridge.dimse.store import storage_sop_classes
 from bridge.model import Outcome, Permanent
+from bridge.qr.retrieve import Retrieve, Sink, SubOperationsImpossible
 from bridge.sources import temp_dir
 from bridge.sources.retrieval import Fetched
 
