@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -357,3 +359,34 @@ def test_a_peer_that_aborts_during_a_c_store_is_noticed_at_once(tmp_path, stores
     wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 20, "the destination backing off")
     assert "the association ended during a C-STORE" in bridge.destination_state("pacs")[1]
     assert all(row["attempts"] == 0 for row in bridge.queue_rows())
+
+
+def test_a_peer_that_stops_reading_mid_instance_is_given_up_on_and_sent_to_again(tmp_path, storescp, bridge_factory):
+    """The peer's process stops (SIGSTOP) with the association open: the next instance, a
+    32 MiB one, fills the socket's buffers and the write waits. It waits no longer than
+    the node's DIMSE timeout: the association is given up, the destination backs off
+    without charging the instance, and once the peer runs again the instance arrives."""
+    scp = storescp()
+    config = dimse_config(scp)
+    config["nodes"]["PACS"]["timeouts"].update(dimse="2s", acse="3s")  # while stopped, it answers nothing
+    bridge = bridge_factory(config)
+    first = ct_series(tmp_path / "first", 1)
+    assert storescu(bridge.port, first).statuses == [0]
+    wait_for(lambda: len(received(scp)) == 1, 30, "the first instance at the peer")
+    big = tmp_path / "big.dcm"
+    ds = pydicom.dcmread(first[0])
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 1024, 1024, 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = np.zeros(16 * 1024 * 1024, dtype=np.uint16).tobytes()
+    ds.save_as(big, enforce_file_format=True)
+    assert scp.proc is not None
+    os.kill(scp.proc.pid, signal.SIGSTOP)
+    try:
+        assert storescu(bridge.port, [big]).statuses == [0]
+        wait_for(lambda: bridge.destination_state("pacs")[0] == "backing_off", 60, "the destination backing off")
+        assert all(row["attempts"] == 0 for row in bridge.queue_rows() if row["state"] == "pending")
+    finally:
+        os.kill(scp.proc.pid, signal.SIGCONT)
+    wait_for(lambda: ds.SOPInstanceUID in received(scp), 90, "the big instance at the peer once it runs again")

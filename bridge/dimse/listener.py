@@ -2,9 +2,10 @@
 bounds on pending connections, each association's snapshot of the configuration and
 rules, drain, reload and stop.
 
-What it serves are the services handed to ``start``, one module each beside this one
-(``verification``, ``store``, ``find``, ``move``, ``get``): each adds its presentation contexts to the AE, answers
-one pynetdicom event, and decides its own statuses (``Service``). The daemon lists them.
+What it serves are the services handed to ``start``, one module each (``verification``
+and ``store`` beside this one; ``find``, ``move`` and ``get`` in ``bridge.qr``): each adds
+its presentation contexts to the AE, answers one pynetdicom event, and decides its own
+statuses (``Service``). The daemon lists them.
 
 pynetdicom's switches and the overrides made for speed and against hostile peers are
 set once, at start, by ``bridge.dimse.pynetdicom_overrides.install``.
@@ -38,7 +39,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from bridge.config import Config
-from bridge.dimse import pynetdicom_overrides
+from bridge.dimse import pynetdicom_overrides, transcode
 from bridge.errors import StartError
 from bridge.forward.spool import Spool
 from bridge.metrics import Metrics
@@ -444,8 +445,8 @@ def move_destinations(config: Config) -> set[str]:
 
 
 # What the bridge can send any instance in: its own syntax, when the peer took it, else
-# converted to one of these (bridge.dimse.transcode).
-SENDABLE = (str(UID("1.2.840.10008.1.2.1")), str(UID("1.2.840.10008.1.2")))
+# converted to one of these.
+SENDABLE = transcode.LITTLE_ENDIAN
 
 
 def _prefer_sendable(assoc: Any) -> None:
