@@ -20,7 +20,7 @@ from bridge.dataset.query import STUDY_ROOT_MOVE, Query, parse
 from bridge.errors import UpstreamUnavailable
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources import retrieval
-from bridge.sources.retrieval import Fetched, Retrieval
+from bridge.sources.retrieval import Fetched, Retrieval, TooMany
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY = generate_uid()
@@ -179,6 +179,25 @@ def test_the_first_source_that_locates_instances_names_them(tmp_path: Path) -> N
     r = engine(empty, first, second)
     assert r.locate() == mine
     assert r.located_by == "first"
+
+
+def test_locating_more_than_the_limit_stops_there(tmp_path: Path) -> None:
+    """A retrieval takes at most ``limit`` instances (a C-MOVE's counts stop at 65,535):
+    locating more raises ``TooMany`` without reading the rest of the source's answer."""
+    taken: list[InstanceRef] = []
+    many = refs(10)
+
+    class Counting(Fake):
+        def locate(self, query: Query) -> Iterator[InstanceRef]:
+            for ref in many:
+                taken.append(ref)
+                yield ref
+
+    r = engine(Counting("many", tmp_path), limit=5)
+    with pytest.raises(TooMany):
+        r.locate()
+    assert len(taken) == 6
+    assert engine(Counting("many", tmp_path), limit=10).locate() == many
 
 
 def test_a_source_that_fails_to_locate_gives_way_to_the_next(tmp_path: Path) -> None:

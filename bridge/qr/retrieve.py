@@ -43,9 +43,10 @@ from bridge.dimse.listener import AssociationState
 from bridge.errors import UpstreamError
 from bridge.metrics import Metrics
 from bridge.model import Done, Duplicate, InstanceRef, Outcome, Retrieved, SpooledInstance, Warning
+from bridge.qr.find import TRANSFER_SYNTAXES
 from bridge.routing.rules import Context
 from bridge.sources import Sources
-from bridge.sources.retrieval import HEARTBEAT, Fetched, Retrieval
+from bridge.sources.retrieval import HEARTBEAT, Fetched, Retrieval, TooMany
 
 LOGGER = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ class Retrieve:
         self.heartbeat = heartbeat
 
     def add_contexts(self, ae: AE, config: Config) -> None:
-        from bridge.qr.find import TRANSFER_SYNTAXES
-
         for uid in self.roots:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
 
@@ -188,15 +187,14 @@ class Retrieve:
             sink = self.sink(event, association)
             retrieval = Retrieval(query, [self.sources.get(name, config) for name in names],
                                   {name: _retrieve_timeout(config, name) for name in names},
-                                  heartbeat=self.heartbeat)
+                                  heartbeat=self.heartbeat, limit=MAX_SUBOPERATIONS)
             try:
                 refs = retrieval.locate()
             except UpstreamError as exc:
                 raise Refused(CANNOT_LOCATE, f"cannot locate: {exc}") from exc
+            except TooMany as exc:
+                raise Refused(CANNOT_LOCATE, f"{exc}: retrieve by series") from exc
             located = len(refs)
-            if located > MAX_SUBOPERATIONS:
-                raise Refused(CANNOT_LOCATE, f"{located} instances match, more than {MAX_SUBOPERATIONS}: "
-                              "retrieve by series")
             counts.remaining = located
             if located:
                 responder.send(PENDING, counts, final=False)  # the first response at once

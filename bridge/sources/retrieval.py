@@ -63,6 +63,14 @@ class Fetched:
             self.path.unlink(missing_ok=True)
 
 
+class TooMany(Exception):
+    """More instances match than one retrieval may take (``limit``): locating stopped there."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} instances match")
+        self.limit = limit
+
+
 class Retrieval:
     """The instances ``query`` names, from ``sources`` in order (see the module docstring).
 
@@ -71,8 +79,9 @@ class Retrieval:
     """
 
     def __init__(self, query: Query, sources: Sequence[Source], timeouts: dict[str, float],
-                 lookahead: int = LOOKAHEAD, heartbeat: float = HEARTBEAT) -> None:
+                 lookahead: int = LOOKAHEAD, heartbeat: float = HEARTBEAT, limit: int | None = None) -> None:
         self.query = query
+        self.limit = limit  # the most instances it takes: locating more raises TooMany
         self.sources = list(sources)
         self.timeouts = timeouts
         self.heartbeat = heartbeat
@@ -89,12 +98,21 @@ class Retrieval:
 
     def locate(self) -> list[InstanceRef]:
         """The instances to retrieve, each once; raises the first source's error when every
-        source failed (an empty answer from all is an empty list)."""
+        source failed (an empty answer from all is an empty list), ``TooMany`` as soon as
+        more than ``limit`` are found (what was located is not held beyond that)."""
         for source in self.sources:
             try:
                 refs: dict[str, InstanceRef] = {}
-                for ref in source.locate(self.query):
-                    refs.setdefault(ref.sop_instance_uid, ref)
+                found = source.locate(self.query)
+                try:
+                    for ref in found:
+                        refs.setdefault(ref.sop_instance_uid, ref)
+                        if self.limit is not None and len(refs) > self.limit:
+                            raise TooMany(self.limit)
+                finally:
+                    close = getattr(found, "close", None)
+                    if close is not None:
+                        close()
             except UpstreamError as exc:
                 LOGGER.warning("locating in source %s failed: %s", source.name, exc)
                 self.failures.append((source.name, exc))
