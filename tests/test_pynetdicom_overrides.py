@@ -412,6 +412,40 @@ def test_what_the_copies_rely_on_is_still_there() -> None:
     assert "self.dimse.get_msg(block=False)" in inspect.getsource(pynetdicom.association.Association._run_reactor)
 
 
+def test_what_the_sending_overrides_rely_on_is_still_there() -> None:
+    # send_c_store takes a file's meta through the module-level split_dataset it imported
+    assert "split_dataset(fpath)" in inspect.getsource(pynetdicom.association.Association.send_c_store)
+    # the network thread writes every PDU through AssociationSocket.send (the socket lock)
+    assert "self.socket.send(" in inspect.getsource(pynetdicom.dul.DULServiceProvider._send)
+    # a file data set reaches send_msg as the primitive's _dataset_path
+    assert "_dataset_path" in inspect.getsource(pynetdicom.dimse_messages.DIMSEMessage.primitive_to_message)
+    # pynetdicom's Query/Retrieve service still dispatches C-MOVE and C-GET to these
+    scp = inspect.getsource(pynetdicom.service_class.QueryRetrieveServiceClass.SCP)
+    assert "self._move_scp(req, context)" in scp and "self._get_scp(req, context)" in scp
+
+
+def test_file_meta_read_directly_is_what_pynetdicom_reads(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+    from pynetdicom.dsutils import split_dataset
+
+    from bridge.dimse.pynetdicom_overrides import sending
+
+    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "image_dfl.dcm", "rtplan.dcm"]
+    for name in names:
+        path = Path(get_testdata_file(name))
+        theirs, their_offset = split_dataset(path)
+        ours, our_offset = sending._split_dataset(path)
+        assert our_offset == their_offset, name
+        for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
+            assert ours[keyword].value == theirs[keyword].value, (name, keyword)
+    no_preamble = tmp_path / "raw.dcm"
+    no_preamble.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[128:])
+    with pytest.raises(Exception):  # noqa: B017, PT011 - as pynetdicom's own reader fails on it
+        split_dataset(no_preamble)
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        sending._split_dataset(no_preamble)
+
+
 def _store_request_message(**fields: object) -> Any:
     from io import BytesIO
 

@@ -149,6 +149,7 @@ def install(new_temp: Callable[[], Any], any_sop_class: bool, extra_storage_clas
     pynetdicom.dimse_messages.write_file_meta_info = _write_file_meta_info
     pynetdicom.transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
     pynetdicom.transport.AssociationSocket.send = sending._socket_send  # type: ignore[method-assign]
+    pynetdicom.association.split_dataset = sending._split_dataset  # type: ignore[attr-defined]
     pynetdicom.dimse.DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
     pynetdicom.service_class.StorageServiceClass.SCP = _storage_scp  # type: ignore[method-assign]
     qr = pynetdicom.service_class.QueryRetrieveServiceClass
