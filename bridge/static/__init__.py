@@ -1,0 +1,5 @@
+"""Static DICOMweb trees (issue 18): folders of files that a plain web server serves as
+the read-only half of DICOMweb (study, series and instance queries, metadata, frames,
+bulk data), laid out as static-DICOMweb readers such as OHIF's ``staticWado`` expect.
+``metadata`` gives a data set's DICOM JSON (PS3.18 Annex F) for the metadata and query
+files."""
