@@ -99,7 +99,7 @@ class _Tree:
         if not (self.studies_dir / "index.json.gz").is_file():
             return _json(request, [])  # no study yet
         if not search.filters:
-            return _stored(request, self.studies_dir / "index.json.gz", DICOM_JSON)
+            return _warned(_stored(request, self.studies_dir / "index.json.gz", DICOM_JSON), search)
         if len(wanted) == 1 and is_valid_uid(wanted[0]):
             # One study: its own small file, not the whole list.
             objects = _load_optional(self.studies_dir / wanted[0] / "index.json.gz")
@@ -111,14 +111,14 @@ class _Tree:
         search = _search(request, "SERIES")
         path = self._study(request) / "series" / "index.json.gz"
         if not search.filters:
-            return _stored(request, path, DICOM_JSON)
+            return _warned(_stored(request, path, DICOM_JSON), search)
         return _answer(request, search, _load(path))
 
     def instances(self, request: Request) -> Response:
         search = _search(request, "INSTANCE")
         path = self._series(request) / "instances" / "index.json.gz"
         if not search.filters:
-            return _stored(request, path, DICOM_JSON)
+            return _warned(_stored(request, path, DICOM_JSON), search)
         return _answer(request, search, _load(path))
 
     # -- metadata ------------------------------------------------------------------------
@@ -243,7 +243,11 @@ def _stored(request: Request, path: Path, media_type: str) -> Response:
 
 
 def _answer(request: Request, search: qido.Search, objects: list[Any]) -> Response:
-    response = _json(request, search.apply(objects))
+    return _warned(_json(request, search.apply(objects)), search)
+
+
+def _warned(response: Response, search: qido.Search) -> Response:
+    """PS3.18 8.3.4.3: query keys that were not used are named in a Warning header."""
     if search.ignored:
         names = ", ".join(search.ignored)
         response.headers["Warning"] = f'299 dicom-bridge "The following query keys are not supported: {names}"'
