@@ -328,6 +328,8 @@ def _study_metadata(paths: list[tuple[str, Path]]) -> Iterator[bytes]:
     yield b"["
     first = True
     for uid, path in paths:
+        if not path.is_file():
+            continue  # a series listed before its metadata was written: it has no instance yet
         for instance in _load(path):
             _rebase(instance, f"series/{uid}/")
             yield (b"" if first else b",") + dumps(instance)
