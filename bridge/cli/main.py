@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=_check)
     queue.register(commands)
 
+    serve = commands.add_parser(
+        "serve-static", help="serve a static DICOMweb tree over HTTP",
+        description="Serve the static DICOMweb tree in DIR (the folder holding studies/) read-only: QIDO-RS "
+                    "searches with filters, limit and offset, series and instance metadata, frames and bulk "
+                    "data (docs/static-dicomweb.md). One log line per request.")
+    serve.add_argument("dir", type=Path, metavar="DIR", help="the tree's root folder")
+    serve.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8042), metavar="HOST:PORT",
+                       help="address to listen on (default 127.0.0.1:8042; [::1]:8042 for IPv6)")
+    serve.set_defaults(func=_serve_static)
+
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -78,6 +88,28 @@ def _run(args: argparse.Namespace) -> int:
         LOGGER.error("cannot start: %s", exc)
         return 1
     return daemon.serve_forever()
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve_static(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bridge.static.serve import app
+
+    log.setup()
+    if not args.dir.is_dir():
+        print(f"dicom-bridge: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    host, port = args.listen
+    # log_config=None: uvicorn's access lines go through our log format (bridge.log).
+    uvicorn.run(app(args.dir), host=host, port=port, log_config=None, access_log=True)
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
