@@ -180,6 +180,12 @@ class StaticTree:
                     _write(done.folder / SOURCE_HASH, done.sha256.encode("ascii"), compare=False)
         return results
 
+    def holds(self, study: str, series: str, instance: str) -> bool:
+        """Whether the tree has an instance of these (valid) UIDs."""
+        if not all(map(is_valid_uid, (study, series, instance))):
+            return False
+        return (self._instance(study, series, instance) / "metadata.gz").is_file()
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the tree's lock: ``root/.lock``, ``flock``ed (one open file description per
