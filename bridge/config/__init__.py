@@ -12,6 +12,7 @@ from bridge.config.destinations import (
     DicomwebDestination,
     DimseDestination,
     FolderDestination,
+    StaticDestination,
 )
 from bridge.config.load import load_config, validate
 from bridge.config.nodes import BasicAuth, BearerAuth, HttpAuth, HttpPeer, HttpTimeouts, Node, OAuth2Auth
@@ -25,5 +26,5 @@ __all__ = [
     "LOCAL", "WEEKDAYS", "ArchiveDestination", "BasicAuth", "BearerAuth", "Config", "ConfigError", "DataDir",
     "DestinationBase", "DicomwebDestination", "DicomwebSource", "DimseDestination", "DimseSource",
     "FolderDestination", "HttpAuth", "HttpPeer", "HttpTimeouts", "Modification", "Node", "OAuth2Auth", "Retry",
-    "Rule", "SourceBase", "TagMatch", "Watch", "load_config", "validate",
+    "Rule", "SourceBase", "StaticDestination", "TagMatch", "Watch", "load_config", "validate",
 ]

@@ -1,5 +1,5 @@
 """Where stored instances go: one model per destination type (``folder``, ``archive``,
-``dimse``, ``dicomweb``), on the settings every destination has (workers, batches,
+``dimse``, ``dicomweb``, ``static``), on the settings every destination has (workers, batches,
 duplicates, retry, probes)."""
 
 from __future__ import annotations
@@ -102,6 +102,22 @@ class DicomwebDestination(DestinationBase, HttpPeer):
     type: Literal["dicomweb"]
 
 
+class StaticDestination(DestinationBase):
+    """A static DICOMweb tree under ``path`` (docs/static.md), for web viewers."""
+
+    type: Literal["static"]
+    batch: Batch = Field(default_factory=_local_batch)
+    path: str = Field(description="the tree's root folder")
+
+    @field_validator("duplicates")
+    @classmethod
+    def _one_per_uid(cls, value: str) -> str:
+        if value == "keep-both":
+            raise ValueError("a static tree holds one instance per SOP Instance UID: use supersede or keep-first")
+        return value
+
+
 DestinationConfig = Annotated[
-    FolderDestination | ArchiveDestination | DimseDestination | DicomwebDestination, Field(discriminator="type"),
+    FolderDestination | ArchiveDestination | DimseDestination | DicomwebDestination | StaticDestination,
+    Field(discriminator="type"),
 ]

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from bridge.config.destinations import ArchiveDestination, FolderDestination
+from bridge.config.destinations import ArchiveDestination, FolderDestination, StaticDestination
 from bridge.config.errors import describe, hint
 from bridge.config.nodes import HttpPeer
 from bridge.config.rules import Rule
@@ -94,7 +94,8 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
                             "as with the embedded default (destination 'archive', rule 'keep-everything')")
     config.data_dir = resolve(base, config.data_dir)
     for destination in config.destinations.values():
-        if isinstance(destination, FolderDestination | ArchiveDestination) and destination.path is not None:
+        local = FolderDestination | ArchiveDestination | StaticDestination
+        if isinstance(destination, local) and destination.path is not None:
             destination.path = str(resolve(base, Path(destination.path)))
     for peer in [*config.destinations.values(), *config.sources.values()]:
         if isinstance(peer, HttpPeer):

@@ -10,9 +10,11 @@ from bridge.config import DataDir, DestinationBase, Node
 from bridge.config import DicomwebDestination as DicomwebConfig
 from bridge.config import DimseDestination as DimseConfig
 from bridge.config import FolderDestination as FolderConfig
+from bridge.config import StaticDestination as StaticConfig
 from bridge.model import Destination
 
-_MODULES = {FolderConfig: "folder", DicomwebConfig: "dicomweb", ArchiveConfig: "archive", DimseConfig: "dimse"}
+_MODULES = {FolderConfig: "folder", DicomwebConfig: "dicomweb", ArchiveConfig: "archive", DimseConfig: "dimse",
+            StaticConfig: "static"}
 
 
 def preload(destinations: Iterable[DestinationBase]) -> None:
@@ -47,4 +49,9 @@ def build(name: str, settings: DestinationBase, node: Node | None, ae_title: str
         assert node is not None  # loading checks that a dimse destination's node exists
         # Converted copies are written where a restart removes what a crash left.
         return DimseDestination(name, settings, node, ae_title, data_dir.incoming)
+    if isinstance(settings, StaticConfig):
+        from bridge.destinations.static import StaticDestination
+
+        # Modified copies are written where a restart removes what a crash left.
+        return StaticDestination(name, settings, data_dir.incoming)
     raise TypeError(f"no destination type for {type(settings).__name__}")
