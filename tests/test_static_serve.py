@@ -1,6 +1,6 @@
 """bridge.static.serve and ``dicom-bridge serve-static``: a static tree of pydicom's test
 files, read back over HTTP with dicomweb-client as a viewer would; and the same tree
-served by Python's plain ``http.server`` as docs/static-dicomweb.md tells nginx users."""
+served by Python's plain ``http.server`` as docs/static.md tells nginx users."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import functools
 import gzip
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -34,12 +33,12 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import UID, generate_uid
-from statictree import write_tree
 from test_static_metadata import differences
 
 from bridge.static.frames import frames
 from bridge.static.metadata import PIXEL_TAGS
 from bridge.static.serve import app
+from bridge.static.tree import StaticTree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,7 +114,9 @@ def build(dest: Path) -> tuple[Path, dict[str, Path], dict[str, tuple[str, str, 
             ds.save_as(target, enforce_file_format=True)
             sources[ds.SOPInstanceUID] = target
             uids[name] = (study_uid, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    root = write_tree(dest / "tree", list(sources.values()))
+    root = dest / "tree"
+    results = StaticTree(root).add(list(sources.values()))
+    assert [r.status for r in results] == ["added"] * len(sources), [r.reason for r in results if r.reason]
     return root, sources, uids, studies
 
 
@@ -377,6 +378,9 @@ UNKNOWN = "1.2.3.4.5.6.7.8.9"
     "/studies/{S}/series/{X}/instances/{I}/frames/1,2",
     "/studies/{S}/bulkdata/aa/bb/cccc",
     "/studies/{S}/series/{X}/instances/{I}",  # no Part-10 files in a static tree
+    "/.lock",  # the writer's own files
+    "/studies/{S}/series/{X}/instances/{I}/.source.sha256",
+    "/studies/{S}/series/{X}/.metadata.gz.0a1b2c3d.tmp",
     "/nothing",
 ])
 def test_unknown_resources_are_404(tree: Tree, path: str) -> None:
@@ -474,50 +478,52 @@ def test_serve_static_refuses_a_missing_folder(tmp_path: Path) -> None:
 
 # -- a plain static file server ------------------------------------------------------------
 
-class StaticTreeHandler(SimpleHTTPRequestHandler):
-    """http.server with the mapping docs/static-dicomweb.md gives nginx users: a URL path P
-    is the file P.gz, else P/index.json.gz, else P.mht (frames); a .gz file goes out with
-    Content-Encoding: gzip; query strings are ignored."""
+def plain_handler() -> type[SimpleHTTPRequestHandler]:
+    """The ``http.server`` handler docs/static.md gives as the mapping a plain web server
+    needs (nginx users' rules), run as the page prints it, so the two cannot drift."""
+    text = (REPO / "docs" / "static.md").read_text()
+    section = text[text.index("## Serving a tree with a plain web server"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")].split("\nThreadingHTTPServer(")[0]  # all but the line that serves forever
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/static.md", "exec"), namespace)
+    handler: type[SimpleHTTPRequestHandler] = namespace["StaticTreeHandler"]
 
-    encoding: str | None = None
+    class Quiet(handler):  # type: ignore[valid-type,misc]
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
 
-    def translate_path(self, path: str) -> str:
-        base = super().translate_path(path)
-        for candidate in (base + ".gz", os.path.join(base, "index.json.gz"), base + ".mht", base + ".mht.gz"):
-            if os.path.isfile(candidate):
-                self.encoding = "gzip" if candidate.endswith(".gz") else None
-                return candidate
-        return base
-
-    def guess_type(self, path: str | os.PathLike[str]) -> str:
-        return "multipart/related" if ".mht" in str(path) else "application/dicom+json"
-
-    def end_headers(self) -> None:
-        if self.encoding:
-            self.send_header("Content-Encoding", self.encoding)
-        super().end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    return Quiet
 
 
 def test_a_plain_file_server_answers_study_search_and_series_metadata(built: Any) -> None:
     root, sources, uids, studies = built
-    handler = functools.partial(StaticTreeHandler, directory=str(root))
+    study, series, sop = uids["MR_small_bigendian.dcm"]
+    temporary = root / "studies" / study / "series" / series / ".metadata.gz.0a1b2c3d.tmp"
+    handler = functools.partial(plain_handler(), directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         client = DICOMwebClient(url=f"http://127.0.0.1:{server.server_port}")
         assert study_uids(client.search_for_studies()) == set(studies.values())
-        study, series, sop = uids["MR_small_bigendian.dcm"]
         assert len(client.search_for_series(study)) == 3
         [obj] = client.retrieve_series_metadata(study, series)
         source = pydicom.dcmread(sources[sop])
         assert differences(source, from_json(obj), skip=bulk_tags(obj) | PIXEL_TAGS) == []
         stored = gzip.decompress((root / "studies" / study / "series" / series / "metadata.gz").read_bytes())
         assert [obj] == json.loads(stored)
+        # Nothing but the mapped files: not the writer's own, not a folder's listing.
+        url = f"http://127.0.0.1:{server.server_port}"
+        instance = f"/studies/{study}/series/{series}/instances/{sop}"
+        temporary.write_bytes(b"half a file")
+        for path in ("/.lock", f"{instance}/.source.sha256", f"/studies/{study}/series/{series}/{temporary.name}",
+                     instance, f"{instance}/frames", f"/studies/{study}/series/{series}/metadata.gz"):
+            response = requests.get(url + path)
+            assert response.status_code == 404, path
+            assert "Content-Encoding" not in response.headers, path
     finally:
+        temporary.unlink(missing_ok=True)
         server.shutdown()
         server.server_close()
         thread.join(10)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve-static", help="serve a static DICOMweb tree over HTTP",
         description="Serve the static DICOMweb tree in DIR (the folder holding studies/) read-only: QIDO-RS "
                     "searches with filters, limit and offset, series and instance metadata, frames and bulk "
-                    "data (docs/static-dicomweb.md). One log line per request.")
+                    "data (docs/static.md). One log line per request.")
     serve.add_argument("dir", type=Path, metavar="DIR", help="the tree's root folder")
     serve.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8042), metavar="HOST:PORT",
                        help="address to listen on (default 127.0.0.1:8042; [::1]:8042 for IPv6)")

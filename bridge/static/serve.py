@@ -1,7 +1,8 @@
 """The read-only DICOMweb routes of a static tree, as an ASGI app (``app(root)``).
 
-``root`` is the folder that holds ``studies/`` (../shared/reference/static-dicomweb.md
-has the layout). Each route maps onto the tree's files:
+``root`` is the folder that holds ``studies/`` (docs/static.md has the layout). Each
+route maps onto the tree's files (no other file is reachable: not the writer's
+``.lock``, ``.source.sha256`` or temporary files):
 
 | route | file |
 | --- | --- |
