@@ -9,7 +9,9 @@ names a folder):
   ``{"BulkDataURI": "./frames"}``;
 - ``.../instances/I/frames/N.mht`` (encapsulated syntaxes) or ``N.mht.gz`` (native): a
   one-part multipart body per frame (``frames.multipart_frame``); frame files beyond the
-  new count of a replaced instance are removed;
+  new count of a replaced instance are removed. With ``recompress``, native and lossless
+  JPEG 2000 frames are written in that lossless syntax instead (``recompress``), and
+  AvailableTransferSyntaxUID names it;
 - ``studies/S/bulkdata/aa/bb/REST.mht.gz``: a binary value above the threshold, named by
   the SHA-256 of its bytes (``aa``, ``bb``: its first two pairs of hex digits), a one-part
   ``application/octet-stream`` multipart body. Written once, shared by every instance of
