@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bridge.static.recompress import TARGETS
 from bridge.static.tree import Result, StaticTree
 
 BATCH = 50
@@ -33,6 +34,10 @@ def register(commands: Any) -> None:
                     "written.")
     convert.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="DICOM files or folders")
     convert.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="the tree's root folder")
+    convert.add_argument("--recompress", choices=list(TARGETS), metavar="SYNTAX",
+                         help="write native and lossless JPEG 2000 frames in this lossless syntax: "
+                              f"{', '.join(TARGETS)} (an image the encoder cannot take is written as it is, "
+                              "with a warning); default: every frame in its own syntax")
     convert.set_defaults(func=run)
 
 
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     for path in missing:
         print(f"{path}: no such file or folder", file=sys.stderr)
     paths = list(_files([p for p in args.inputs if p.exists()], args.output))
-    tree = StaticTree(args.output)
+    tree = StaticTree(args.output, recompress=args.recompress)
     results: list[Result] = []
     progress = _progress(len(paths))
     try:
@@ -62,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     for result in results:
         if result.status == "skipped":
             print(f"{result.path}: skipped: {_reason(result)}", file=sys.stderr)
+        if result.warning:
+            print(f"{result.path}: {result.warning}", file=sys.stderr)
     failed = [r for r in results if r.status == "failed"]
     for result in failed:
         print(f"{result.path}: failed: {result.reason}", file=sys.stderr)

@@ -108,6 +108,8 @@ class StaticDestination(DestinationBase):
     type: Literal["static"]
     batch: Batch = Field(default_factory=_local_batch)
     path: str = Field(description="the tree's root folder")
+    recompress: Literal["jpeg-ls", "rle", "jpeg2000-lossless"] | None = Field(
+        None, description="write native and lossless JPEG 2000 frames in this lossless syntax (docs/static.md)")
 
     @field_validator("duplicates")
     @classmethod

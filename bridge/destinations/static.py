@@ -12,12 +12,14 @@ instance a rule modifies for this destination is converted from its modified cop
 | converted, or already in the tree from the same bytes | ``Done``, ``Duplicate`` |
 | ``duplicates: keep-first`` and the tree holds the instance | ``Duplicate`` |
 | the file cannot be converted (invalid UIDs, unreadable pixel data) | ``Permanent`` with the reason |
+| ``recompress`` set and the encoder cannot take the instance | ``Done``, written as it is, a warning logged |
 | the tree cannot be written (a full disk, no permission) | ``UpstreamUnavailable``: the destination backs off |
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -30,12 +32,13 @@ from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
 from bridge.static.tree import Result, StaticTree
 
 PROBE_BYTES = 4096
+LOGGER = logging.getLogger(__name__)
 
 
 class StaticDestination:
     def __init__(self, name: str, config: StaticConfig, temp_dir: Path) -> None:
         self.name = name
-        self.tree = StaticTree(Path(config.path))
+        self.tree = StaticTree(Path(config.path), recompress=config.recompress)
         self.keep_first = config.duplicates == "keep-first"
         self.temp_dir = temp_dir
 
@@ -84,6 +87,8 @@ class StaticDestination:
                 raise UpstreamUnavailable(f"cannot write to {self.name}: {exc.strerror or exc}") from exc
         for i, result in zip(where, results, strict=True):
             outcomes[i] = _outcome(result)
+            if result.warning:
+                LOGGER.warning("%s: %s: %s", self.name, result.sop_instance_uid, result.warning)
         return [o if o is not None else Permanent("not converted") for o in outcomes]
 
 

@@ -9,7 +9,9 @@ names a folder):
   ``{"BulkDataURI": "./frames"}``;
 - ``.../instances/I/frames/N.mht`` (encapsulated syntaxes) or ``N.mht.gz`` (native): a
   one-part multipart body per frame (``frames.multipart_frame``); frame files beyond the
-  new count of a replaced instance are removed;
+  new count of a replaced instance are removed. With ``recompress``, native and lossless
+  JPEG 2000 frames are written in that lossless syntax instead (``recompress``), and
+  AvailableTransferSyntaxUID names it;
 - ``studies/S/bulkdata/aa/bb/REST.mht.gz``: a binary value above the threshold, named by
   the SHA-256 of its bytes (``aa``, ``bb``: its first two pairs of hex digits), a one-part
   ``application/octet-stream`` multipart body. Written once, shared by every instance of
@@ -60,7 +62,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +78,7 @@ from bridge.dataset.uids import is_valid_uid
 from bridge.errors import InboundError
 from bridge.static import frames as framing
 from bridge.static.metadata import PIXEL_TAGS, QUERY_KEYWORDS, THRESHOLD, dumps, to_json
+from bridge.static.recompress import KEEP, Plan, RecompressError, Recompressor
 
 Status = Literal["added", "unchanged", "failed", "skipped"]
 
@@ -108,7 +111,8 @@ class Result:
     """What ``add`` did with one file: ``added`` (written, or rewritten with new content),
     ``unchanged`` (already in the tree from the same bytes), ``failed`` (a DICOM file that
     cannot be converted: ``reason`` says why) or ``skipped`` (not a DICOM instance at all:
-    not DICOM, or a DICOMDIR)."""
+    not DICOM, or a DICOMDIR). ``warning``: what was done differently than asked (an
+    instance the recompression could not take, written as it is)."""
 
     path: Path
     status: Status
@@ -116,6 +120,7 @@ class Result:
     study_uid: str = ""
     series_uid: str = ""
     sop_instance_uid: str = ""
+    warning: str = ""
 
 
 class _Refused(Exception):
@@ -145,11 +150,16 @@ class _Pending:
 class StaticTree:
     """The tree under ``root``. ``add`` may be called from several threads and processes
     at once. An ``OSError`` writing the tree (a full disk, no permission) is raised, not
-    turned into a ``Result``: it is the tree's failure, not the instance's."""
+    turned into a ``Result``: it is the tree's failure, not the instance's.
 
-    def __init__(self, root: Path, threshold: int = THRESHOLD) -> None:
+    ``recompress``: a name of ``recompress.TARGETS`` (``jpeg-ls``, ``rle``,
+    ``jpeg2000-lossless``) to write native and lossless JPEG 2000 frames in that syntax
+    (``bridge.static.recompress``); None (the default) keeps every frame's own syntax."""
+
+    def __init__(self, root: Path, threshold: int = THRESHOLD, recompress: str | None = None) -> None:
         self.root = root
         self.threshold = threshold
+        self.recompressor = Recompressor(recompress) if recompress else None
 
     @property
     def studies(self) -> Path:
@@ -202,6 +212,9 @@ class StaticTree:
 
     def _convert(self, path: Path) -> tuple[Result, _Pending | None]:
         sha256 = _source_hash(path)
+        if self.recompressor is not None:
+            # Converted with another setting is not the same conversion: it is done again.
+            sha256 += f" recompress={self.recompressor.name}"
         with _reading(path):
             ds = pydicom.dcmread(path, defer_size=_defer(path))
         syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
@@ -218,14 +231,16 @@ class StaticTree:
                 raise _Refused("failed", f"invalid {keyword} {str(value)[:80]!r}")
             uids.append(str(value))
         study, series, instance = uids
-        result = Result(path, "added", "", study, series, instance)
         folder = self._instance(study, series, instance)
         if _read_text(folder / SOURCE_HASH) == sha256 and (folder / "metadata.gz").is_file():
             return Result(path, "unchanged", "", study, series, instance), None
         existed = (folder / "metadata.gz").exists()
+        plan = self.recompressor.plan(ds, syntax) if self.recompressor is not None else KEEP
         try:
-            count = self._write_frames(path, folder / "frames")
-            metadata = self._metadata(path, ds, syntax, study)
+            count, plan = self._write_planned(path, folder / "frames", plan)
+            for keyword, changed in plan.changes:
+                setattr(ds, keyword, changed)
+            metadata = self._metadata(path, ds, plan.transfer_syntax or syntax, study)
         except _Refused:
             if not existed:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -235,13 +250,27 @@ class StaticTree:
         for number, stale in _frame_files(folder / "frames"):
             if number > count:
                 stale.unlink(missing_ok=True)
-        return result, _Pending(folder, sha256)
+        return Result(path, "added", "", study, series, instance, plan.warning), _Pending(folder, sha256)
 
     def _instance(self, study: str, series: str, instance: str) -> Path:
         return self.studies / study / "series" / series / "instances" / instance
 
-    def _write_frames(self, path: Path, folder: Path) -> int:
-        """Every frame of ``path`` as a frame file; the number written."""
+    def _write_planned(self, path: Path, folder: Path, plan: Plan) -> tuple[int, Plan]:
+        """The frames of ``path`` as ``plan`` says, or as they are when a frame cannot be
+        recompressed; the number written and the plan followed."""
+        if plan.encode is None:
+            return self._write_frames(path, folder), plan
+        assert self.recompressor is not None
+        try:
+            return self._write_frames(path, folder, plan.encode), plan
+        except RecompressError as exc:
+            warning = f"not recompressed to {self.recompressor.target.name}: {exc}; written as it is"
+            return self._write_frames(path, folder), Plan(warning=warning)
+
+    def _write_frames(self, path: Path, folder: Path,
+                      encode: Callable[[framing.Frame], framing.Frame] | None = None) -> int:
+        """Every frame of ``path`` as a frame file, through ``encode`` when given; the
+        number written."""
         count = 0
         stream = framing.frames(path)
         while True:
@@ -249,6 +278,8 @@ class StaticTree:
                 frame = next(stream, None)
             if frame is None:
                 return count
+            if encode is not None:
+                frame = encode(frame)
             body = framing.multipart_frame(frame, framing.new_boundary())
             if frame.content_type == framing.OCTET_STREAM:
                 target, body = folder / f"{frame.number}.mht.gz", _gzip(body, BINARY_LEVEL)
