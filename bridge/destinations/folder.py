@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,7 +39,6 @@ LOGGER = logging.getLogger(__name__)
 _DESTINATION_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO,
                        errno.EDQUOT, errno.ENOENT, errno.EEXIST, errno.ENODEV, errno.ESTALE}
 
-PROBE_BYTES = 4096  # written by a probe: a full file system refuses a block, not always an empty file
 
 # Keywords a SpooledInstance carries, so templates using only these need no header read.
 _KNOWN = {
@@ -83,18 +81,7 @@ class FileDestination:
         """Whether the destination can be written again: its fixed root is created if
         missing (as a delivery would), and a small hidden file is written there, synced
         and removed (a full disk, a read-only mount or a file in the way says no)."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=self.root)
-            try:
-                os.write(fd, bytes(PROBE_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(name)
-        except OSError:
-            return False
-        return True
+        return sending.writable(self.root)
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         dirty: set[Path] = set()

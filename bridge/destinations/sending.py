@@ -113,3 +113,25 @@ def check_refusals(peer: str, size: int, answered: Iterable[int]) -> None:
     if size and len(refusals) == size:
         raise UpstreamMisconfigured(f"{peer} refused every instance of a batch of {size} "
                                     f"({statuses.describe(refusals[-1])})")
+
+
+PROBE_BYTES = 4096  # written by a probe: a full file system refuses a block, not always an empty file
+
+
+def writable(root: Path) -> bool:
+    """Whether a local destination can write under ``root`` again (its ``probe``): the
+    folder created if missing (as a delivery would), and a small hidden file written
+    there, synced and removed (a full disk, a read-only mount or a file in the way says
+    no)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=root)
+        try:
+            os.write(fd, bytes(PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError:
+        return False
+    return True

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +29,6 @@ from bridge.errors import UpstreamUnavailable
 from bridge.model import Done, Duplicate, Outcome, Permanent, SpooledInstance
 from bridge.static.tree import Result, StaticTree
 
-PROBE_BYTES = 4096
 LOGGER = logging.getLogger(__name__)
 
 
@@ -51,18 +48,7 @@ class StaticDestination:
     def probe(self) -> bool:
         """Whether the tree can be written again: a small hidden file written in its root,
         synced and removed."""
-        try:
-            self.tree.root.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".probe-", suffix=".tmp", dir=self.tree.root)
-            try:
-                os.write(fd, bytes(PROBE_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(name)
-        except OSError:
-            return False
-        return True
+        return sending.writable(self.tree.root)
 
     def send(self, batch: Sequence[SpooledInstance]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(batch)
