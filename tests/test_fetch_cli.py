@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
@@ -34,7 +35,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from test_local_source import Archive
 
-from bridge.cli.fetch import deliver
+from bridge.cli.fetch import RAD69, Usage, choose_source, deliver
 from bridge.model import InstanceRef
 from bridge.sources.retrieval import Fetched
 
@@ -251,6 +252,23 @@ def test_an_invalid_configuration_or_uid_exits_2(tmp_path: Path) -> None:
     bad_uid = fetch("--config", path, "--study", "1.2.x", "-o", tmp_path / "out")
     assert bad_uid.returncode == 2
     assert "argument --study: not a UID: '1.2.x'" in bad_uid.stderr
+
+
+def test_rad69_fetch_prefers_the_one_rad69_source() -> None:
+    """Checked on the choice alone until the rad69 source type exists in the configuration:
+    a configuration stands in for one with a rad69 source and the source that locates for it."""
+    def configured(**types: str) -> Any:
+        return SimpleNamespace(sources={n: SimpleNamespace(type=t) for n, t in types.items()}, destinations={})
+
+    assert choose_source(configured(web="dicomweb", xds="rad69"), None, RAD69) == "xds"
+    assert choose_source(configured(web="dicomweb", xds="rad69"), "web", RAD69) == "web"
+    with pytest.raises(Usage, match=r"several sources \(web, xds\)"):
+        choose_source(configured(web="dicomweb", xds="rad69"), None, None)  # dicom-bridge fetch
+    with pytest.raises(Usage, match=r"several sources of type rad69 \(a, b\)"):
+        choose_source(configured(a="rad69", b="rad69", web="dicomweb"), None, RAD69)
+    assert choose_source(configured(web="dicomweb"), None, RAD69) == "web"
+    with pytest.raises(Usage, match="has no source"):
+        choose_source(configured(), None, RAD69)
 
 
 # -- from the local archive ---------------------------------------------------------------------
