@@ -225,11 +225,11 @@ class Retrieval:
                     _discard(item)
                     continue
                 if item.path is None:
-                    reasons.setdefault(ref.sop_instance_uid, []).append(f"{source.name}: {item.failure}")
+                    reasons.setdefault(ref.sop_instance_uid, []).append(_named(source.name, item.failure))
                     continue
                 fetched = _checked(item, ref, source.name)
                 if isinstance(fetched, str):
-                    reasons.setdefault(ref.sop_instance_uid, []).append(f"{source.name}: {fetched}")
+                    reasons.setdefault(ref.sop_instance_uid, []).append(_named(source.name, fetched))
                     continue
                 if not self._put(fetched):
                     fetched.done()
@@ -240,7 +240,7 @@ class Retrieval:
         except UpstreamError as exc:
             LOGGER.warning("retrieving from source %s failed: %s", source.name, exc)
             for uid in remaining:
-                reasons.setdefault(uid, []).append(f"{source.name}: {exc}")
+                reasons.setdefault(uid, []).append(_named(source.name, str(exc)))
         finally:
             items_close = getattr(items, "close", None)
             if items_close is not None:
@@ -248,6 +248,12 @@ class Retrieval:
 
 
 _END = object()
+
+
+def _named(source: str, reason: str) -> str:
+    """``reason`` prefixed with the source's name, unless it names the source already
+    (the sources' own errors start ``source NAME:``)."""
+    return reason if reason.startswith(f"source {source}:") else f"{source}: {reason}"
 
 
 def _discard(item: Retrieved) -> None:
