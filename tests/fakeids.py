@@ -1,6 +1,6 @@
 """A fake IHE XDS-I.b Imaging Document Source: the RAD-69 responder, on 127.0.0.1.
 
-It follows /work/shared/reference/rad69.md. It takes a RetrieveImagingDocumentSetRequest
+It follows the RAD-69 reference (shared/reference/rad69.md). It takes a RetrieveImagingDocumentSetRequest
 as MTOM/XOP (multipart/related; type="application/xop+xml") or as a plain
 ``application/soap+xml`` body, checks it as a strict server would (SOAP 1.2 envelope,
 WS-Addressing Action and MessageID, the body's elements in schema order), records it,
@@ -168,10 +168,10 @@ class FakeImagingDocumentSource:
         self.port = free_port()
         self._held: dict[str, _Held] = {}
         self._requests: list[Request] = []
-        self._options = _Options()
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.reset()
 
     @property
     def url(self) -> str:
@@ -221,9 +221,6 @@ class FakeImagingDocumentSource:
             return list(self._requests)
 
     def start(self) -> FakeImagingDocumentSource:
-        if not self._options.boundary:
-            self.reset()
-
         def get(handler: BaseHTTPRequestHandler) -> None:
             _send(handler, 405, {"Content-Type": "text/plain", "Allow": "POST"}, b"RAD-69 takes POST only")
 

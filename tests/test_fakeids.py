@@ -12,12 +12,14 @@ import io
 import socket
 import uuid
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pydicom
 import pytest
+import requests
 from corpus import ct_series, with_uid
 from fakeids import (
     ACTION,
@@ -514,3 +516,21 @@ def test_a_malformed_body_may_get_xdsi_request_error_instead(ids, docs) -> None:
     answer = registry(reply.body)
     assert (reply.status, answer.status) == (200, FAILURE)
     assert [e["errorCode"] for e in answer.errors] == ["XDSIRequestError"]
+
+
+def test_a_dropped_answer_is_an_error_for_an_http_client_not_a_hang(ids, docs) -> None:
+    ids.reset("drop")
+    content_type, body = mtom(envelope(docs["ct"], to=ids.url))
+    with requests.post(ids.url, data=body, headers={"Content-Type": content_type}, stream=True, timeout=5) as reply:
+        assert reply.status_code == 200
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in reply.iter_content(1 << 16):
+                pass
+
+
+def test_requests_in_parallel_are_each_answered_and_recorded(ids, docs) -> None:
+    ct = docs["ct"]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda d: read_mtom(ask(ids, [d])), [*ct, *ct[:1]]))
+    assert [list(r.files) for r in replies] == [[d.sop] for d in [*ct, *ct[:1]]]
+    assert len({r.message_id for r in ids.requests()}) == 4
