@@ -1,6 +1,6 @@
 """What the tests' fake HTTP servers share: a loopback HTTP/1.1 server in a daemon thread,
-its GET requests answered by a function of the fake (``fakeqido``, ``fakewado``,
-``retrievepeers.FakeDicomweb``)."""
+its GET (and, if given, POST) requests answered by functions of the fake (``fakeqido``,
+``fakewado``, ``retrievepeers.FakeDicomweb``, ``fakeids``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+Handle = Callable[[BaseHTTPRequestHandler], None]
 
-def serve(port: int, get: Callable[[BaseHTTPRequestHandler], None], name: str) -> ThreadingHTTPServer:
-    """Serve on 127.0.0.1:``port``, each GET answered by ``get(handler)``, silently."""
+
+def serve(port: int, get: Handle, name: str, post: Handle | None = None) -> ThreadingHTTPServer:
+    """Serve on 127.0.0.1:``port``, each GET answered by ``get(handler)`` and each POST by
+    ``post(handler)`` (501 without one), silently."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -21,6 +24,12 @@ def serve(port: int, get: Callable[[BaseHTTPRequestHandler], None], name: str) -
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             get(self)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            if post is None:
+                self.send_error(501)
+            else:
+                post(self)
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
