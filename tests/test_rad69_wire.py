@@ -14,7 +14,7 @@ from xml.etree import ElementTree as ET
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from bridge.sources import rad69_wire as wire
 from bridge.sources.rad69_answer import Answer, AnswerError, AnswerReader, Document
@@ -27,7 +27,7 @@ NS = {"s": wire.SOAP, "a": wire.WSA, "i": wire.XDSI, "b": wire.XDSB, "w": wire.W
 PARTIAL_OASIS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:PartialSuccess"
 
 
-def part10(sop_uid: str) -> bytes:
+def part10(sop_uid: str, syntax: str = ExplicitVRLittleEndian) -> bytes:
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds.SOPInstanceUID = sop_uid
@@ -36,9 +36,9 @@ def part10(sop_uid: str) -> bytes:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = syntax
     out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
+    ds.save_as(out, enforce_file_format=True, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
     return out.getvalue() + b"\r\n--" * 3  # bytes that look like a delimiter's start, inside the part
 
 
