@@ -159,6 +159,9 @@ def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> 
             node = entry.get("node") if isinstance(entry, dict) else None
             if isinstance(node, str) and node not in nodes:
                 errors.append(f"{section}.{name}.node: unknown node {node!r}{hint(node, [str(n) for n in nodes])}")
+    for name, entry in configured.items():
+        if isinstance(entry, dict) and entry.get("type") == "rad69":
+            errors += _rad69_locate(str(name), entry.get("locate"), configured, sources)
     if LOCAL in configured:
         errors.append(f"sources.{LOCAL}: {LOCAL!r} is built in (the local archive, the one `type: archive` "
                       "destination): give this source another name")
@@ -173,6 +176,9 @@ def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> 
                     errors.append(f"{where}.{verb}[{j}]: unknown {what} {target!r}{hint(target, known)}")
                 elif target == LOCAL and verb != "store" and len(archives) != 1:
                     errors.append(f"{where}.{verb}[{j}]: {_local_archive(archives)}")
+                elif verb == "find" and _type(configured, target) == "rad69":
+                    errors.append(f"{where}.find[{j}]: source {target!r} is rad69, which cannot query (RAD-69 "
+                                  "only retrieves): name its locate source here instead")
         modify = rule.get("modify")
         store: list[Any] = rule["store"] if isinstance(rule.get("store"), list) else []
         for name in modify if isinstance(modify, dict) else {}:
@@ -181,6 +187,24 @@ def _cross_references(raw: dict[str, Any], raw_rules: list[tuple[str, Any]]) -> 
             elif name not in store:
                 errors.append(f"{where}.modify.{name}: {name!r} is not in this rule's store list")
     return errors
+
+
+def _type(configured: dict[str, Any], name: Any) -> Any:
+    entry = configured.get(name) if isinstance(name, str) else None
+    return entry.get("type") if isinstance(entry, dict) else None
+
+
+def _rad69_locate(name: str, locate: Any, configured: dict[str, Any], sources: list[str]) -> list[str]:
+    """A rad69 source's ``locate`` must name a source that can query: dicomweb, dimse or local."""
+    if not isinstance(locate, str):
+        return []  # missing or not text: the model says so
+    where = f"sources.{name}.locate"
+    if locate not in sources:
+        return [f"{where}: unknown source {locate!r}{hint(locate, sources)}"]
+    if locate != LOCAL and _type(configured, locate) == "rad69":
+        return [f"{where}: source {locate!r} is rad69 too, which cannot query: name a dicomweb, dimse or local "
+                "source"]
+    return []
 
 
 def _local_archive(archives: list[str]) -> str:

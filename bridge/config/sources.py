@@ -5,12 +5,14 @@ one ``type: archive`` destination, not here."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bridge.config.nodes import HttpPeer
-from bridge.config.values import AETitle, Duration, Model
+from bridge.config.values import AETitle, Duration, Model, resolve
+from bridge.dataset.uids import is_valid_uid
 
 # The name of the built-in source, the local archive's index.
 LOCAL = "local"
@@ -54,4 +56,54 @@ class DimseSource(SourceBase):
                                                 "know it, at the bridge's listen address); default: ae_title")
 
 
-SourceConfig = Annotated[DicomwebSource | DimseSource, Field(discriminator="type")]
+EXPLICIT_LE = "1.2.840.10008.1.2.1"  # servers decompress only when it is offered (docs/reference: rad69)
+IMPLICIT_LE = "1.2.840.10008.1.2"
+
+
+class Rad69Source(SourceBase, HttpPeer):
+    """IHE XDS-I.b RAD-69 (Retrieve Imaging Document Set) from an Imaging Document Source
+    at ``{url}``, with the HTTP client of the DICOMweb peers (TLS with client
+    certificates, authentication, timeouts). RAD-69 cannot query: ``locate`` names the
+    source that turns a C-MOVE's or C-GET's identifier into UIDs."""
+
+    type: Literal["rad69"]
+    repository_unique_id: str = Field(description="the XDS RepositoryUniqueId every DocumentRequest names "
+                                      "(one repository per source)")
+    home_community_id: str | None = Field(None, description="the HomeCommunityId each DocumentRequest names "
+                                          "(only for an Initiating Imaging Gateway)")
+    transfer_syntaxes: list[str] = Field([EXPLICIT_LE, IMPLICIT_LE], min_length=1, description="the transfer "
+                                         "syntaxes offered, in order of preference; explicit VR little endian "
+                                         "must be among them")
+    packaging: Literal["mtom", "plain"] = Field("mtom", description="how the request is sent: MTOM/XOP "
+                                                "multipart (the spec) or a plain application/soap+xml body")
+    saml_assertion_file: Path | None = Field(None, description="a file holding a SAML assertion (XML), sent in "
+                                             "a wsse:Security header")
+    batch_size: int = Field(100, ge=1, le=10_000, description="documents asked for per request, at most")
+    parallel: int = Field(2, ge=1, le=32, description="requests in flight at once")
+    locate: str = Field(description="the source (dicomweb, dimse or local) that locates the instances to retrieve")
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _syntaxes(cls, value: list[str]) -> list[str]:
+        bad = [uid for uid in value if not is_valid_uid(uid)]
+        if bad:
+            raise ValueError(f"not a UID: {', '.join(map(repr, bad))}")
+        if EXPLICIT_LE not in value:
+            raise ValueError(f"explicit VR little endian ({EXPLICIT_LE}) must be offered: servers decompress only "
+                             "to a syntax that is")
+        return list(dict.fromkeys(value))
+
+    @field_validator("repository_unique_id", "home_community_id")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip() if value is not None else None
+
+    def resolve_paths(self, base: Path) -> None:
+        super().resolve_paths(base)
+        if self.saml_assertion_file is not None:
+            self.saml_assertion_file = resolve(base, self.saml_assertion_file)
+
+
+SourceConfig = Annotated[DicomwebSource | DimseSource | Rad69Source, Field(discriminator="type")]

@@ -1,5 +1,6 @@
 """Sources: where queries and retrievals are answered from, one module per kind
-(``local``: the archive's index, ``dicomweb``: QIDO-RS, ``dimse``: a remote PACS). The
+(``local``: the archive's index, ``dicomweb``: QIDO-RS, ``dimse``: a remote PACS,
+``rad69``: an XDS-I.b Imaging Document Source, located through another source). The
 ``Source`` protocol is in ``bridge.model``; ``bridge.dataset.query`` reads a C-FIND
 identifier into the ``Query`` every source answers."""
 
@@ -42,6 +43,12 @@ def build(name: str, config: Config, metrics: Metrics) -> Source:
         from bridge.sources.dicomweb import DicomwebSource
 
         return DicomwebSource(name, settings, metrics, temp_dir(config))
+    if settings.type == "rad69":
+        from bridge.sources.rad69 import Rad69Source
+
+        # RAD-69 cannot query: the source that locates is built here, not by the RAD-69
+        # source itself (``check`` makes sure it is a dicomweb, dimse or local one).
+        return Rad69Source(name, settings, build(settings.locate, config, metrics), metrics, temp_dir(config))
     from bridge.sources.dimse import DimseSource
 
     return DimseSource(name, settings, config.nodes[settings.node], config.ae_title, config.listen.timeouts.network,
@@ -84,5 +91,7 @@ def _built_from(name: str, config: Config) -> str:
     if name == LOCAL:
         return f"local {archive_root(config)}"
     settings = config.sources[name]
+    if settings.type == "rad69":
+        return f"{settings!r} {temp_dir(config)} locate: {_built_from(settings.locate, config)}"
     node = config.nodes.get(settings.node) if settings.type == "dimse" else None
     return f"{settings!r} {node!r} {config.ae_title} {config.listen.timeouts.network} {temp_dir(config)}"

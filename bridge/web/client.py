@@ -35,7 +35,9 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Protocol, cast
@@ -279,3 +281,49 @@ def describe(exc: Exception) -> str:
         text = quoted.group(2)
     text = re.sub(r"^\w+\(host=[^)]*\): ", "", text)
     return f"{type(exc).__name__}: {' '.join(text.split())}"
+
+
+class ClientPool:
+    """``HttpClient``s for one peer, one per request in flight: an ``HttpClient`` is not
+    shared between threads (its connection, its credentials' renewal). ``borrow`` gives
+    an idle one or a new one; it goes back after a request that succeeded (or a caller
+    that stopped early: its answer closed, the connection sound) and is closed after one
+    that failed (its connection may be broken)."""
+
+    def __init__(self, peer: HttpPeer, max_idle: int = 8) -> None:
+        self.peer = peer
+        self.max_idle = max_idle
+        self._idle: list[HttpClient] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def borrow(self) -> Iterator[HttpClient]:
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = HttpClient(self.peer)
+        try:
+            yield client
+        except GeneratorExit:
+            self._give_back(client)
+            raise
+        except BaseException:
+            client.close()
+            raise
+        self._give_back(client)
+
+    def close(self) -> None:
+        """Close the idle clients; one still in use is closed when given back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+    def _give_back(self, client: HttpClient) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append(client)
+                return
+        client.close()
