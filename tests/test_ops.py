@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Any
 import pytest
 import yaml
 from corpus import ct_series
-from peers import REPO, storescu, wait_for
+from peers import REPO, free_port, storescu, wait_for
+from test_daemon import pynetdicom_globals  # noqa: F401 - a fixture
 
-from bridge.daemon import watchdog_interval
+from bridge.config import validate
+from bridge.daemon import Daemon, watchdog_interval
 from bridge.log import JsonFormatter
 from bridge.metrics import Metrics
 
@@ -160,6 +163,41 @@ def test_systemd_ready_status_and_watchdog(bridge_factory, notify_socket):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert "STOPPING=1" in list(_messages(sock, time.monotonic() + 1))
+
+
+@pytest.mark.usefixtures("pynetdicom_globals")
+def test_a_hung_main_loop_stops_the_watchdog_pings(tmp_path, monkeypatch, notify_socket):
+    sock, path = notify_socket
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    daemon = Daemon(validate({"listen": {"port": free_port()}, "data_dir": str(tmp_path / "data"),
+                              "spool": {"min_free": "16MiB"}, **_archive_config()}, base=tmp_path))
+    daemon.start()
+    hang, hung, release = threading.Event(), threading.Event(), threading.Event()
+    act_on_requests = daemon.act_on_requests
+
+    def stuck() -> None:
+        if hang.is_set():
+            hung.set()
+            release.wait(30)
+        act_on_requests()
+
+    monkeypatch.setattr(daemon, "act_on_requests", stuck)
+    loop = threading.Thread(target=daemon.serve_forever)
+    loop.start()
+    try:
+        assert [m for m in _messages(sock, time.monotonic() + 1.5) if m == "WATCHDOG=1"]
+        hang.set()
+        assert hung.wait(5)
+        list(_messages(sock, time.monotonic() + 0.3))  # a ping sent just before it hung
+        assert "WATCHDOG=1" not in list(_messages(sock, time.monotonic() + 1.5))
+        release.set()
+        hang.clear()
+        assert "WATCHDOG=1" in list(_messages(sock, time.monotonic() + 1.5))
+    finally:
+        release.set()
+        daemon.request_stop()
+        loop.join(60)
 
 
 def test_no_watchdog_unless_asked_for_this_process(monkeypatch):
