@@ -3,7 +3,9 @@ folders, and handles signals.
 
 Signal handlers only note the signal; the main loop acts on it (SIGTERM/SIGINT: stop
 watching, drain and exit 0; SIGHUP: reload, watched folders included). systemd is told
-READY=1 when the listener is up. The main loop also takes, every second, what
+READY=1 when the listener is up, a STATUS= line (queue depth, associations) at each
+housekeeping, and WATCHDOG=1 from the main loop itself when the unit sets WatchdogSec=
+(a main loop that hangs stops pinging, and systemd restarts the daemon). The main loop also takes, every second, what
 ``dicom-bridge queue`` asked of the running daemon (request rows in the queue database:
 resume a destination, wake its workers).
 """
@@ -31,7 +33,7 @@ from bridge.dimse.listener import Listener, bind_failure
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
-from bridge.forward.delivery import SUSPENDED, Delivery, DestinationRunner
+from bridge.forward.delivery import SUSPENDED, UP, Delivery, DestinationRunner
 from bridge.forward.ingest import Ingest
 from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
 from bridge.forward.spool import Spool
@@ -63,6 +65,16 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError as exc:
         LOGGER.debug("sd_notify failed: %s", exc)
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3)
+    advises; None when systemd does not watch this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 class Daemon:
@@ -191,8 +203,16 @@ class Daemon:
     def serve_forever(self) -> int:
         """Run until a stop is asked for (``handle_signals``, ``request_stop``); returns the exit code."""
         next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+        watchdog = watchdog_interval()
+        next_ping = time.monotonic()
         while not self._stop.is_set():
-            self._stop.wait(max(0.0, min(1.0, next_housekeeping - time.monotonic())))
+            # The pings come from this loop, not from a thread of their own: if this loop
+            # hangs (a reload, the housekeeping, a request stuck), systemd hears nothing.
+            if watchdog is not None and time.monotonic() >= next_ping:
+                sd_notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
+            wake = min(next_housekeeping, next_ping) if watchdog is not None else next_housekeeping
+            self._stop.wait(max(0.0, min(1.0, wake - time.monotonic())))
             if self._reload.is_set():
                 self._reload.clear()
                 if not self._survive("reload", self.reload):
@@ -355,6 +375,18 @@ class Daemon:
             self.metrics.queue_dead.labels(name).set(counts.get((name, "dead"), 0))
             self.metrics.oldest_pending.labels(name).set(now - oldest[name] if name in oldest else 0)
         self.metrics.spool_free.set(self.spool.free_bytes())
+        if os.environ.get("NOTIFY_SOCKET"):
+            sd_notify("STATUS=" + self._status(counts))
+
+    def _status(self, counts: dict[tuple[str, str], int]) -> str:
+        """One line for ``systemctl status``: queue depth, associations, destinations not up."""
+        assert self.delivery is not None and self.listener is not None
+        pending = sum(n for (_, state), n in counts.items() if state in (PENDING, IN_FLIGHT))
+        dead = sum(n for (_, state), n in counts.items() if state == DEAD)
+        status = f"queue: {pending} pending, {dead} dead; {self.listener.active()} associations"
+        down = sorted(f"{name} {runner.state}" for name, runner in self.delivery.runners.items()
+                      if runner.state != UP)
+        return status + ("; " + ", ".join(down) if down else "")
 
     @property
     def port(self) -> int:

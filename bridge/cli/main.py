@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         "Run the daemon. Without --config: the embedded default (AE DICOM_BRIDGE on 127.0.0.1:11112, "
         "data under ./dicom-bridge-data, every instance kept in the local archive)."))
     run.add_argument("--config", type=Path, help="configuration file (YAML)")
+    run.add_argument("--log-format", choices=["text", "json"],
+                     help="text (one line per event) or json (JSON lines); default: the config's log_format, text")
     run.set_defaults(func=_run)
 
     route = commands.add_parser(
@@ -75,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bridge.daemon import Daemon
 
-    log.setup()
+    log.setup(log_format=args.log_format or "text")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"dicom-bridge: refusing to start, {exc}", file=sys.stderr)
         return 2
-    log.setup(config.log_level)
+    log.setup(config.log_level, args.log_format or config.log_format)
     daemon = Daemon(config, args.config)
     daemon.handle_signals()
     try:

@@ -152,6 +152,9 @@ class Config(Model):
     metrics: Metrics = Field(default_factory=Metrics)
     watch: list[Watch] = Field(default_factory=list, description="folders whose files are taken as C-STOREs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'text' (one line per event, for people) or 'json' (JSON lines, for log collectors)",
+    )
 
     _notes: list[str] = PrivateAttr(default_factory=list)
 
