@@ -157,6 +157,14 @@ def value(item: dict[str, Any], tag: str) -> Any:
     return qido.first_value(item, tag)
 
 
+def number(item: dict[str, Any], tag: str) -> float:
+    """An IS value (a number or, from some servers, a string) for sorting; missing ones last."""
+    try:
+        return float(str(value(item, tag)).strip())
+    except ValueError:
+        return float("inf")
+
+
 def study_of(client: RetryingClient, series: str) -> str | None:
     found = search(client, "/series", {"SeriesInstanceUID": series, "includefield": STUDY_UID})
     uids = [value(item, STUDY_UID) for item in found if value(item, SERIES_UID) in (series, None)]
@@ -167,11 +175,8 @@ def series_of(client: RetryingClient, study: str) -> list[str]:
     """The study's series, by SeriesNumber."""
     found = search(client, f"/studies/{study}/series", {"includefield": SERIES_NUMBER})
 
-    def number(item: dict[str, Any]) -> tuple[float, str]:
-        n = value(item, SERIES_NUMBER)
-        return (float(n) if isinstance(n, int | float) else float("inf"), str(value(item, SERIES_UID)))
-
-    return [str(value(item, SERIES_UID)) for item in sorted(found, key=number) if value(item, SERIES_UID)]
+    found.sort(key=lambda item: (number(item, SERIES_NUMBER), str(value(item, SERIES_UID))))
+    return [str(value(item, SERIES_UID)) for item in found if value(item, SERIES_UID)]
 
 
 # -- lookup ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.dicomweb import INSTANCE_NUMBER, SOP_UID, search, series_of, value
+from bridge.cli.dicomweb import INSTANCE_NUMBER, SOP_UID, number, search, series_of, value
 from bridge.cli.dicomweb_peer import Clients, Usage
 from bridge.config import HttpPeer
 from bridge.dataset import dicomfile
@@ -98,11 +98,8 @@ def _plan(client: Any, study: str, series: Series) -> None:
     """The series' instances (QIDO-RS), their numbers, and which are to be fetched."""
     found = search(client, f"/studies/{study}/series/{series.uid}/instances", {"includefield": INSTANCE_NUMBER})
 
-    def key(item: dict[str, Any]) -> tuple[float, str]:
-        n = value(item, INSTANCE_NUMBER)
-        return (float(n) if isinstance(n, int | float) else float("inf"), str(value(item, SOP_UID)))
-
-    for item in sorted(found, key=key):
+    found.sort(key=lambda item: (number(item, INSTANCE_NUMBER), str(value(item, SOP_UID))))
+    for item in found:
         uid = value(item, SOP_UID)
         if uid and str(uid) not in series.order:
             series.order[str(uid)] = len(series.order)
