@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.dicomweb import INSTANCE_NUMBER, SOP_UID, number, search, series_of, value
 from bridge.cli.dicomweb_peer import Clients, Usage
+from bridge.cli.dicomweb_qido import INSTANCE_NUMBER, SOP_UID, number, search, series_of, value
 from bridge.config import HttpPeer
 from bridge.dataset import dicomfile
 from bridge.errors import InboundError, UpstreamError
