@@ -176,6 +176,8 @@ def _wado(clients: Clients, path: str, series: Series, wanted: set[str], done: A
     except UpstreamError as exc:
         series.failures.append(exc.reason)
         client.close()
+    except OSError as exc:  # the output folder: full, or not writable
+        series.failures.append(f"{series.folder}: {exc.strerror or exc}")
     return not wanted
 
 
