@@ -218,3 +218,80 @@ def test_push_failure_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert counts(PUSHED, result)[:3] == (0, 0, 1)
     assert "img001.dcm" in result.stderr
+
+
+BEARER_FILTER = """
+function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)
+  return httpHeaders['authorization'] == 'Bearer t0ken-abc'
+end
+"""
+
+
+def test_url_with_a_bearer_token_from_env(tmp_path: Path) -> None:
+    orthanc = Orthanc(tmp_path / "orthanc", lua=BEARER_FILTER,
+                      headers={"Authorization": "Bearer t0ken-abc"}).start()
+    try:
+        study = generate_uid()
+        series, files = write_series(tmp_path / "tree", study, 2, 7)
+        env = {**ENV, "PACS_TOKEN": "t0ken-abc"}
+        auth = ["--url", orthanc.dicomweb, "--token", "env:PACS_TOKEN"]
+        result = dicomweb("push", tmp_path / "tree", *auth, env=env)
+        assert result.returncode == 0, result.stderr
+        assert sorted(orthanc.instance_uids()) == sorted(_uid(p) for p in files)
+        result = dicomweb("pull", "--study", study, "-o", tmp_path / "out", *auth, env=env)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "out" / study / series / "file000001.dcm").read_bytes() == files[1].read_bytes()
+        result = dicomweb("lookup", "--study", study, "--url", orthanc.dicomweb, "--token", "env:NOT_SET",
+                          env=env)
+        assert result.returncode == 1 and "NOT_SET" in result.stderr
+    finally:
+        orthanc.stop()
+
+
+def test_retry_settings(tmp_path: Path) -> None:
+    import json
+    from http.server import BaseHTTPRequestHandler
+
+    import fakehttp
+    from peers import free_port
+
+    requests: list[str] = []
+    study, series = generate_uid(), generate_uid()
+
+    def get(handler: BaseHTTPRequestHandler) -> None:
+        requests.append(handler.path)
+        if len(requests) % 3 != 0:  # two refusals, then the answer
+            handler.send_response(503)
+            handler.send_header("Retry-After", "0")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        body = json.dumps([{"0020000D": {"vr": "UI", "Value": [study]},
+                            "0020000E": {"vr": "UI", "Value": [series]}}]).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/dicom+json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    port = free_port()
+    server = fakehttp.serve(port, get, "fake-qido")
+    try:
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        result = dicomweb("lookup", "--series", series, "--url", url, "--retries", "2", "--backoff", "0.01")
+        assert (result.returncode, result.stdout.strip(), len(requests)) == (0, study, 3), result.stderr
+        requests.clear()
+        result = dicomweb("lookup", "--series", series, "--url", url, "--retries", "1", "--backoff", "0.01")
+        assert result.returncode == 1 and "503" in result.stderr and len(requests) == 2
+        requests.clear()
+        result = dicomweb("lookup", "--series", series, "--url", url, "--retries", "5", "--retry-on", "500,502")
+        assert result.returncode == 1 and "503" in result.stderr and len(requests) == 1
+        config = tmp_path / "bridge.yaml"
+        config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),
+                                          "retry": {"initial": "10ms", "max_attempts": 3},
+                                          "sources": {"qido": {"type": "dicomweb", "url": url}}}))
+        requests.clear()
+        result = dicomweb("lookup", "--series", series, "--config", config, "--target", "qido")
+        assert (result.returncode, result.stdout.strip(), len(requests)) == (0, study, 3), result.stderr
+    finally:
+        fakehttp.close(server)
