@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bridge import __version__, log
-from bridge.cli import convert, fetch, queue
+from bridge.cli import convert, dicomweb, fetch, queue
 from bridge.config import load_config
 from bridge.errors import ConfigError, StartError
 
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     queue.register(commands)
     convert.register(commands)
     fetch.register(commands)
+    dicomweb.register(commands)
 
     serve = commands.add_parser(
         "serve-static", help="serve a static DICOMweb tree over HTTP",
