@@ -61,7 +61,6 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavaila
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources import qido, wado
-from bridge.web.client import HttpClient, HttpResponse
+from bridge.web.client import ClientPool, HttpClient, HttpResponse
 from bridge.web.multipart import MultipartError
 
 LOGGER = logging.getLogger(__name__)
@@ -101,9 +100,8 @@ class DicomwebSource:
         self.temp_dir = temp_dir  # where retrieved instances are written (bridge.sources.temp_dir)
         self.settings = settings
         self.metrics = metrics
-        self._idle: list[HttpClient] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        self._clients = ClientPool(settings, max_idle=MAX_IDLE_CLIENTS)
+        self._lock = threading.Lock()  # guards _warnings
         self._warnings: set[str] = set()  # Warning texts logged already
 
     # -- the Source protocol ----------------------------------------------------------------
@@ -176,11 +174,7 @@ class DicomwebSource:
 
     def close(self) -> None:
         """Close the idle connections; a request still running closes its own when done."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for client in idle:
-            client.close()
+        self._clients.close()
 
     # -- pages ------------------------------------------------------------------------------
 
@@ -222,7 +216,7 @@ class DicomwebSource:
         timeout = self.settings.find_timeout
         started = time.monotonic()
         try:
-            with self._client() as client, client.request(
+            with self._clients.borrow() as client, client.request(
                     "GET", url, params=search.query_string(limit, offset), headers={"Accept": ACCEPT},
                     read_timeout=timeout, connect_timeout=timeout) as response:
                 content = b""
@@ -314,7 +308,7 @@ class DicomwebSource:
         when nothing is left); raises for the upstream as a whole."""
         url = self.settings.url + path
         try:
-            with self._client() as client, self._get(client, url) as response:
+            with self._clients.borrow() as client, self._get(client, url) as response:
                 if not 200 <= response.status < 300 or response.status == 204:
                     summary = response.summary(response.read(ERROR_BODY_BYTES))
                     response.raise_for_upstream(summary)
@@ -363,33 +357,3 @@ class DicomwebSource:
             return ""
         reason = f"source {self.name}: not in the WADO-RS response of {what}"
         return reason + (f" (a part refused: {problems[0]})" if problems else "")
-
-    # -- connections ------------------------------------------------------------------------
-
-    @contextmanager
-    def _client(self) -> Iterator[HttpClient]:
-        """An HTTP client for one request: an idle one, or a new one. ``HttpClient`` is not
-        shared between threads (its connection, its credentials' renewal), so each
-        request has one to itself; it goes back to the pool after a request that
-        succeeded or a retrieval closed early (its answer closed with it), and is closed
-        after one that failed (its connection may be broken)."""
-        with self._lock:
-            client = self._idle.pop() if self._idle else None
-        if client is None:
-            client = HttpClient(self.settings)
-        try:
-            yield client
-        except GeneratorExit:  # a retrieval closed early: its answer is closed, the client is sound
-            self._give_back(client)
-            raise
-        except BaseException:
-            client.close()
-            raise
-        self._give_back(client)
-
-    def _give_back(self, client: HttpClient) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < MAX_IDLE_CLIENTS:
-                self._idle.append(client)
-                return
-        client.close()
