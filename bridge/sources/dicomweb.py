@@ -72,6 +72,7 @@ from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavaila
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
 from bridge.sources import qido, wado
+from bridge.sources.refs import by_series
 from bridge.web.client import ClientPool, HttpClient, HttpResponse
 from bridge.web.multipart import MultipartError
 
@@ -156,13 +157,9 @@ class DicomwebSource:
         fails as a whole, after what arrived before; closed early, it closes its answer
         and removes the file it was writing."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        groups: dict[tuple[str, str], dict[str, InstanceRef]] = {}
-        for ref in refs:
-            group = groups.setdefault((ref.study_uid, ref.series_uid), {})
-            if ref.sop_instance_uid in group:
-                yield Retrieved(ref, failure=f"source {self.name}: the instance was asked for twice")
-                continue
-            group[ref.sop_instance_uid] = ref
+        groups, again = by_series(refs)
+        for ref in again:
+            yield Retrieved(ref, failure=f"source {self.name}: the instance was asked for twice")
         for (study, series), wanted in groups.items():
             if len(wanted) > 1:
                 yield from self._wado(wado.series_path(study, series), f"series {series}", wanted)

@@ -84,6 +84,7 @@ from bridge.dimse.inbox import INBOX, Awaited, Status, keep
 from bridge.errors import UpstreamError, UpstreamMisconfigured, UpstreamUnavailable
 from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved
+from bridge.sources.refs import batches, by_series
 
 
 class Upstream(Protocol):
@@ -120,14 +121,6 @@ _NAMES = {
     0xB000: "sub-operations failed",
     0xFE00: "cancelled",
 }
-
-
-def batches(refs: Sequence[InstanceRef]) -> list[list[InstanceRef]]:
-    """``refs`` by study and series (first seen first), at most ``UIDS_PER_REQUEST`` each."""
-    series: dict[tuple[str, str], list[InstanceRef]] = {}
-    for ref in refs:
-        series.setdefault((ref.study_uid, ref.series_uid), []).append(ref)
-    return [group[i:i + UIDS_PER_REQUEST] for group in series.values() for i in range(0, len(group), UIDS_PER_REQUEST)]
 
 
 def identifier(batch: Sequence[InstanceRef]) -> Dataset:
@@ -431,7 +424,7 @@ class Retrieval:
         as a whole when one of them is unknown (Orthanc answers 0xC000): after a failure
         (0xCxxx) of a request naming several, those that did not arrive are asked for one
         by one."""
-        for batch in batches(list(self.refs.values())):
+        for batch in batches(by_series(self.refs.values())[0], UIDS_PER_REQUEST):
             if self.channel.closed:
                 return
             final = send(batch)

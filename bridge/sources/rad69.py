@@ -54,6 +54,8 @@ from bridge.metrics import Metrics
 from bridge.model import InstanceRef, Retrieved, Source
 from bridge.sources import rad69_wire
 from bridge.sources.rad69_answer import Answer, AnswerError, AnswerReader, Document
+from bridge.sources.refs import batches as by_size
+from bridge.sources.refs import by_series
 from bridge.web.client import ClientPool, HttpResponse
 
 LOGGER = logging.getLogger(__name__)
@@ -119,15 +121,10 @@ class Rad69Source:
         document completes."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         saml = self._assertion()
-        series: dict[tuple[str, str], dict[str, InstanceRef]] = {}
-        for ref in refs:
-            group = series.setdefault((ref.study_uid, ref.series_uid), {})
-            if ref.sop_instance_uid in group:
-                yield Retrieved(ref, failure=f"source {self.name}: the instance was asked for twice")
-                continue
-            group[ref.sop_instance_uid] = ref
-        size = self.settings.batch_size
-        batches = [list(group.values())[i:i + size] for group in series.values() for i in range(0, len(group), size)]
+        series, again = by_series(refs)
+        for ref in again:
+            yield Retrieved(ref, failure=f"source {self.name}: the instance was asked for twice")
+        batches = by_size(series, self.settings.batch_size)
         if not batches:
             return
         run = _Run(queue.Queue(), queue.Queue(maxsize=2 * self.settings.parallel))
