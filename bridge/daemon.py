@@ -21,15 +21,17 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from bridge import destinations
+from bridge.api.auth import TokenFileError
+from bridge.api.server import HttpServer
+from bridge.api.state import ApiState
 from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse import pynetdicom_overrides
-from bridge.dimse.listener import Listener, bind_failure
+from bridge.dimse.listener import Listener
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
 from bridge.errors import ConfigError, StartError
@@ -91,8 +93,12 @@ class Daemon:
         self.watcher: Watcher | None = None
         # What C-FIND asks: built when first asked, again when a reload changes them.
         self.sources = Sources(self.metrics)
+        self.http: HttpServer | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # Reloads asked for through the HTTP API, answered by the main loop's next reload.
+        self._reload_waiters: list[Future[str | None]] = []
+        self._reload_lock = threading.Lock()
         self._last_purge = 0.0
 
     # -- life cycle --------------------------------------------------------------------
@@ -105,8 +111,8 @@ class Daemon:
         # before anything is written. No association is served before listener.start().
         self.listener = Listener(self.config, self.metrics, self.spool)
         self.listener.bind()
-        if self.config.metrics.port:
-            self._serve_metrics()
+        if self.config.http.port is not None:
+            self._serve_http()
         self.data_dir.root.mkdir(parents=True, exist_ok=True)
         self.spool.open()
         self.queue = Queue(self.data_dir.queue, self.config.queue.busy_timeout)
@@ -138,14 +144,18 @@ class Daemon:
         self.housekeeping()
         sd_notify("READY=1")
 
-    def _serve_metrics(self) -> None:
-        settings = self.config.metrics
-        assert settings.port is not None
+    def _serve_http(self) -> None:
+        """The HTTP server (bridge.api): bound now, so that an address in use fails the
+        start before anything is written; serving at once (``/healthz``; ``/readyz``
+        says "not ready" until the listener accepts)."""
+        state = ApiState(self)
         try:
-            start_http_server(settings.port, settings.host, registry=self.metrics.registry)
-        except OSError as exc:
-            raise StartError(bind_failure("metrics.host, metrics.port", settings.host, settings.port, exc)) from exc
-        LOGGER.info("metrics on http://%s:%d/metrics", settings.host, settings.port)
+            state.configure(self.config)
+        except TokenFileError as exc:
+            raise StartError(str(exc)) from exc
+        self.http = HttpServer(self.config, state)
+        self.http.bind()
+        self.http.start()
 
     def _runners(self, config: Config, names: list[str]) -> dict[str, DestinationRunner]:
         assert self.queue is not None
@@ -215,14 +225,37 @@ class Daemon:
             self._stop.wait(max(0.0, min(1.0, wake - time.monotonic())))
             if self._reload.is_set():
                 self._reload.clear()
-                if not self._survive("reload", self.reload):
-                    sd_notify("READY=1")  # not left "reloading": the running configuration serves on
+                self._reload_now()
             self._survive("requests", self.act_on_requests)
             if time.monotonic() >= next_housekeeping:
                 self._survive("housekeeping", self.housekeeping)
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
         self.stop()
         return 0
+
+    def _reload_now(self) -> None:
+        """A reload (SIGHUP or the API), whose outcome goes to every API call waiting for one."""
+        with self._reload_lock:
+            waiting, self._reload_waiters = self._reload_waiters, []
+        refused: list[str | None] = [None]
+
+        def reload() -> None:
+            refused[0] = self.reload()
+
+        if not self._survive("reload", reload):
+            sd_notify("READY=1")  # not left "reloading": the running configuration serves on
+            refused[0] = "the reload failed; the daemon's log says why"
+        for waiter in waiting:
+            waiter.set_result(refused[0])
+
+    def reload_and_wait(self, timeout: float) -> str | None:
+        """Ask the main loop for a reload and wait for it (``bridge.api``): None when the
+        new configuration runs, else why it was refused. ``TimeoutError`` past ``timeout``."""
+        waiter: Future[str | None] = Future()
+        with self._reload_lock:
+            self._reload_waiters.append(waiter)
+        self._reload.set()
+        return waiter.result(timeout)
 
     def _survive(self, worker: str, action: Callable[[], None]) -> bool:
         """Run one turn of the main loop's work; an error is logged and counted, and the
@@ -259,18 +292,30 @@ class Daemon:
             self.queue.note_daemon(None)
             self.queue.close()
         self.sources.close()
+        if self.http is not None:
+            self.http.stop()
+        with self._reload_lock:
+            for waiter in self._reload_waiters:
+                waiter.set_result("the daemon is stopping")
+            self._reload_waiters = []
         LOGGER.info("stopped")
 
-    def reload(self) -> None:
+    def reload(self) -> str | None:
         """SIGHUP: new rules for new associations, destinations as the file now says;
-        listener settings need a restart."""
+        listener and HTTP server addresses need a restart. Returns None when the new
+        configuration runs, else why it was refused (logged too)."""
         sd_notify("RELOADING=1")
         try:
             config = load_config(self.config_path)
-        except ConfigError as exc:
+            if self.http is not None:
+                self.http.state.configure(config)
+        except (ConfigError, TokenFileError) as exc:
             LOGGER.error("reload refused, keeping the running configuration:\n%s", exc)
             sd_notify("READY=1")
-            return
+            return f"reload refused, keeping the running configuration: {exc}"
+        if (config.http.host, config.http.port) != (self.config.http.host, self.config.http.port) or \
+                config.http.tls != self.config.http.tls:
+            LOGGER.warning("http: its address and TLS settings take effect at the next restart")
         destinations.preload(config.destinations.values())
         if self.delivery is not None:
             self._reload_destinations(config)
@@ -282,6 +327,7 @@ class Daemon:
         LOGGER.info("configuration reloaded from %s", self.config_path or "the embedded default")
         _log_config(config)
         sd_notify("READY=1")
+        return None
 
     def _reload_destinations(self, config: Config) -> None:
         """Runners as ``config`` says: new ones for added destinations and for those whose

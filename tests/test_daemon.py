@@ -217,7 +217,7 @@ def test_an_address_in_use_is_named_and_nothing_is_written(tmp_path, bridge_fact
         assert code == 1, output
         assert f"cannot listen on 127.0.0.1:{port} (listen.host, listen.port): address already in use: another " \
                "dicom-bridge or a PACS is probably listening there" in output
-        code, output = run({"metrics": {"port": port}}, "metrics")
+        code, output = run({"http": {"port": port}}, "http")
         assert code == 1, output
-        assert f"cannot listen on 127.0.0.1:{port} (metrics.host, metrics.port): address already in use" in output
+        assert f"cannot listen on 127.0.0.1:{port} (http.host, http.port): address already in use" in output
     assert "Traceback" not in output

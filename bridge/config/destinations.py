@@ -4,6 +4,7 @@ duplicates, retry, probes)."""
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Annotated, Literal
 
@@ -14,6 +15,9 @@ from bridge.config.errors import hint
 from bridge.config.nodes import HttpPeer
 from bridge.config.units import parse_size
 from bridge.config.values import ByteSize, Duration, Model
+
+# The first path segments the daemon's HTTP server answers itself (bridge.api.app).
+RESERVED_HTTP_PATHS = ("api", "metrics", "healthz", "readyz", "version", "docs", "redoc", "openapi.json")
 
 
 class RetryOverride(Model):
@@ -110,6 +114,22 @@ class StaticDestination(DestinationBase):
     path: str = Field(description="the tree's root folder")
     recompress: Literal["jpeg-ls", "rle", "jpeg2000-lossless"] | None = Field(
         None, description="write native and lossless JPEG 2000 frames in this lossless syntax (docs/static.md)")
+    serve: str | None = Field(
+        None, description="serve the tree read-only at this path of the daemon's HTTP server, e.g. /static/viewer "
+                          "(absent: not served; 'dicom-bridge serve-static' serves any tree)")
+
+    @field_validator("serve")
+    @classmethod
+    def _url_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = value.rstrip("/")
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", path) or any(s in (".", "..") for s in path.split("/")):
+            raise ValueError(f"{value!r} is not a URL path: /name[/name...], of letters, digits and . _ ~ -")
+        if path.split("/")[1] in RESERVED_HTTP_PATHS:
+            raise ValueError(f"{value!r}: /{path.split('/')[1]} is the daemon's own "
+                             f"(taken: {', '.join('/' + p for p in RESERVED_HTTP_PATHS)})")
+        return path
 
     @field_validator("duplicates")
     @classmethod

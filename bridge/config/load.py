@@ -85,6 +85,8 @@ def validate(raw: dict[str, Any], base: Path, source: str = "configuration") -> 
         watch.failed = Path(os.path.normpath(resolve(base, watch.failed)))
         watch.move_to = Path(os.path.normpath(resolve(base, watch.move_to))) if watch.move_to else None
     errors += watch_overlaps(watches)
+    if config is not None:
+        errors += _http(config, base)
     if errors or config is None:
         raise ConfigError(list(dict.fromkeys(errors)), source)
     if rules is not None:
@@ -214,3 +216,35 @@ def _local_archive(archives: list[str]) -> str:
                 "(add one, and a rule that stores into it)")
     return (f"source {LOCAL!r} is the local archive, and several destinations have type: archive "
             f"({', '.join(archives)}): keep one")
+
+
+def _http(config: Config, base: Path) -> list[str]:
+    """``metrics: {host, port}`` (before ``http`` existed) is read as ``http``, with a note
+    that ``check`` shows; the HTTP server's files are resolved against the file's folder;
+    static trees served by it have paths of their own. Returns the errors."""
+    errors: list[str] = []
+    old = config.metrics
+    if old.port is not None:
+        if config.http.port is not None:
+            return ["metrics: replaced by http, which is set: remove the metrics section"]
+        config.http = config.http.model_copy(update={"host": old.host, "port": old.port})
+        config.notes.append(f"metrics is deprecated: read as http: {{host: {old.host}, port: {old.port}}}; "
+                            "rename the section to http (it serves /metrics and more)")
+    http = config.http
+    if http.token_file is not None:
+        http.token_file = resolve(base, http.token_file)
+    if http.tls is not None:
+        http.tls.cert_file = resolve(base, http.tls.cert_file)
+        http.tls.key_file = resolve(base, http.tls.key_file)
+        if http.tls.client_ca_file is not None:
+            http.tls.client_ca_file = resolve(base, http.tls.client_ca_file)
+    served: dict[str, str] = {}
+    for name, destination in config.destinations.items():
+        if isinstance(destination, StaticDestination) and destination.serve is not None:
+            where = f"destinations.{name}.serve"
+            if http.port is None:
+                errors.append(f"{where}: the HTTP server is off: set http.port to serve the tree")
+            elif destination.serve in served:
+                errors.append(f"{where}: {destination.serve} is served already, by {served[destination.serve]}")
+            served.setdefault(destination.serve, f"destinations.{name}")
+    return errors

@@ -124,8 +124,30 @@ class FindSettings(Model):
 
 
 class Metrics(Model):
+    """Deprecated: read as ``http`` (docs/configuration.md, "http")."""
+
     host: str = "127.0.0.1"
-    port: int | None = Field(None, ge=1, le=65535, description="serve Prometheus metrics here (absent: not served)")
+    port: int | None = Field(None, ge=1, le=65535, description="deprecated: read as http.port")
+
+
+class HttpTls(Model):
+    """HTTPS for the daemon's HTTP server."""
+
+    cert_file: Path = Field(description="the server's certificate chain (PEM)")
+    key_file: Path = Field(description="its private key (PEM, unencrypted)")
+    client_ca_file: Path | None = Field(
+        None, description="when set, clients must present a certificate signed by these CAs (PEM)")
+
+
+class Http(Model):
+    """The daemon's HTTP server: metrics, health, the admin and query/retrieve API, static trees."""
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 for every interface")
+    port: int | None = Field(None, ge=0, le=65535,
+                             description="TCP port (absent: no HTTP server; 0: any free port, logged)")
+    tls: HttpTls | None = Field(None, description="serve HTTPS (absent: plain HTTP)")
+    token_file: Path | None = Field(
+        None, description="a file of bearer tokens for /api (absent: the API under /api is off)")
 
 
 class Config(Model):
@@ -149,7 +171,8 @@ class Config(Model):
         default_factory=list,
         description="a list of rules, or a YAML file or folder of them",
     )
-    metrics: Metrics = Field(default_factory=Metrics)
+    http: Http = Field(default_factory=Http)
+    metrics: Metrics = Field(default_factory=Metrics, description="deprecated: read as http")
     watch: list[Watch] = Field(default_factory=list, description="folders whose files are taken as C-STOREs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(

@@ -44,3 +44,13 @@ def parse_size(value: object) -> int:
         raise ValueError("a size cannot be negative")
     return size
 
+
+
+def format_size(size: int) -> str:
+    """``1.5 GiB``, ``312 MiB``, ``4 KiB``, ``17 B``: a size for people (binary units)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" and value < 10 else f"{value:.0f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

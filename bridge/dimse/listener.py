@@ -241,6 +241,11 @@ class Listener:
         LOGGER.info("listening on %s:%d as %s", self.config.listen.host, self.port, self.config.ae_title)
 
     @property
+    def serving(self) -> bool:
+        """Whether associations are accepted now (between ``start`` and ``stop_accepting``)."""
+        return self._serving and self._server is not None
+
+    @property
     def port(self) -> int:
         return int(self._server.server_address[1]) if self._server else self.config.listen.port
 

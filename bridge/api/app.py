@@ -1,0 +1,180 @@
+"""The HTTP server's app: ``build(state)``.
+
+Routes of its own: ``/metrics``, ``/healthz``, ``/readyz``, ``/version``, ``/docs`` (and
+``/openapi.json``); under ``/api``, the admin API (``bridge.api.admin``) and the JSON
+query and retrieve API (``bridge.api.qr``). Static DICOMweb trees are served at the
+paths their destinations name (``serve``), in front of all that (``_Front``), which
+also bounds request bodies, gives every request its correlation ID and logs each call
+under ``/api`` with who made it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bridge.api import admin, errors, health, qr
+from bridge.api.deps import api_state, runtime
+from bridge.api.errors import CORRELATION_HEADER, BodyTooLarge, correlation_id
+from bridge.api.state import ApiState
+
+LOGGER = logging.getLogger("bridge.api")
+
+MAX_BODY = 1 << 20  # bytes a request body may have: the API's bodies are small JSON
+
+
+def daemon_version() -> str:
+    try:
+        return version("dicom-bridge")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
+def build(state: ApiState) -> ASGIApp:
+    app = FastAPI(
+        title="dicom-bridge",
+        version=daemon_version(),
+        description="The DICOM bridge daemon's HTTP API: health, metrics, the admin API and the JSON "
+                    "query and retrieve API (under /api, with a bearer token of http.token_file).",
+        redoc_url=None,
+    )
+    app.state.api = state
+    errors.install(app)
+
+    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"], summary="Ready to take images: listening, queue usable, spool writable",
+             responses={503: {"description": "a check failed; the body says which"}})
+    def readyz(request: Request) -> JSONResponse:
+        answer = health.readiness(runtime(request))
+        if not answer["ready"]:
+            failed = [f"{name}: {c['detail']}" for name, c in answer["checks"].items() if not c["ok"]]
+            LOGGER.warning("not ready: %s", "; ".join(failed))
+        return JSONResponse(answer, status_code=200 if answer["ready"] else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
+             response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version", tags=["health"], summary="The daemon's version, and its libraries'")
+    def daemon_versions() -> dict[str, str]:
+        return {name: _version(name) for name in ("dicom-bridge", "pynetdicom", "pydicom", "fastapi", "uvicorn")}
+
+    app.include_router(admin.router)
+    app.include_router(qr.router)
+    return _Front(app, state)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Front:
+    """In front of the app: static trees at their paths; request bodies bounded by
+    ``MAX_BODY`` (413); under ``/api``, the correlation ID header on every answer and one
+    log line per call: method, path, caller, status, time."""
+
+    def __init__(self, app: FastAPI, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        for prefix, _, tree in self.state.static:
+            if path == prefix or path.startswith(prefix + "/"):
+                await tree({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
+                return
+        declared = _content_length(scope)
+        if declared is not None and declared > MAX_BODY:
+            await _too_large(scope, receive, send)
+            return
+        receive = _bounded(receive)
+        if not (path == "/api" or path.startswith("/api/")):
+            await self.app(scope, receive, send)
+            return
+        await self._api_call(scope, receive, send)
+
+    async def _api_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        cid = correlation_id(request)  # fixed now, for the handlers, the answer and the log
+        started = time.monotonic()
+        status = 500
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-correlation-id"]
+                message = {**message, "headers": [*headers, (CORRELATION_HEADER.lower().encode(), cid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answer)
+        finally:
+            state = scope.get("state", {})
+            client = scope.get("client") or ("?", 0)
+            LOGGER.info("api: %s %s by %s from %s: %d in %.0f ms [%s]", scope["method"], scope["path"],
+                        state.get("caller", "(not authenticated)"), client[0], status,
+                        (time.monotonic() - started) * 1000, cid)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _bounded(receive: Receive) -> Receive:
+    """``receive``, failing once more than ``MAX_BODY`` bytes of body came (a chunked body
+    declares no length)."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                raise BodyTooLarge(MAX_BODY)
+        return message
+
+    return bounded
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    body = f'{{"message": "a request body may have at most {MAX_BODY} bytes"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def openapi(state: ApiState) -> dict[str, Any]:
+    """The OpenAPI document (for tests and ``docs/api.md``)."""
+    front = build(state)
+    assert isinstance(front, _Front)
+    return front.app.openapi()
+
+
+__all__ = ["build", "api_state", "openapi"]

@@ -1,0 +1,100 @@
+"""What a failed request answers: ``{"message": ..., "correlation_id": ...}`` with its
+status, the same ID in the ``X-Correlation-ID`` header and in the log line of the call.
+The message says what is wrong in the request or upstream, never an exception's text:
+an unexpected error answers 500 with the ID only, and its traceback is logged under it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+LOGGER = logging.getLogger("bridge.api")
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_GIVEN_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+
+
+class ApiError(Exception):
+    """A request answered with ``status`` and ``message`` (and ``detail``, JSON, if any)."""
+
+    def __init__(self, status: int, message: str, detail: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail or {}
+        self.headers = headers or {}
+
+
+class BodyTooLarge(Exception):
+    """A request body (chunked, so of no declared length) went past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a request body may have at most {limit} bytes")
+
+
+def correlation_id(request: Request) -> str:
+    """The request's correlation ID: the client's ``X-Correlation-ID`` when it is a sane
+    one, else a new one; set once by the middleware (``bridge.api.app``)."""
+    state = request.scope.setdefault("state", {})
+    if "correlation_id" not in state:
+        given = request.headers.get(CORRELATION_HEADER, "")
+        state["correlation_id"] = given if _GIVEN_ID.fullmatch(given) else uuid.uuid4().hex
+    return str(state["correlation_id"])
+
+
+def error_response(request: Request, status: int, message: str, detail: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    cid = correlation_id(request)
+    body = {**(detail or {}), "message": message, "correlation_id": cid}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), CORRELATION_HEADER: cid})
+
+
+def install(app: FastAPI) -> None:
+    """The one place where exceptions become answers."""
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        if exc.status >= 500:
+            LOGGER.warning("%s %s [%s]: %d %s", request.method, request.url.path, correlation_id(request),
+                           exc.status, exc.message)
+        return error_response(request, exc.status, exc.message, exc.detail, exc.headers)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        return error_response(request, exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = [_problem(e) for e in exc.errors()]
+        return error_response(request, 400, "; ".join(problems), {"errors": problems})
+
+    async def too_large(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, 413, str(exc))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        cid = correlation_id(request)
+        LOGGER.error("%s %s [%s] failed", request.method, request.url.path, cid, exc_info=exc)
+        return error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """``field: what is wrong``, the field as a dotted path from the body (or the query)."""
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
+    where = ".".join(loc) or "body"
+    message = str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
+    return f"{where}: {message}"
