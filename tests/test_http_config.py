@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.api.auth import Tokens, TokenFileError, read_tokens
+from bridge.api.auth import TokenFileError, Tokens, read_tokens
 from bridge.config import load_config
 from bridge.config.units import format_size
 from bridge.errors import ConfigError

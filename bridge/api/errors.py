@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOGGER = logging.getLogger("bridge.api")
 
@@ -79,16 +80,42 @@ def install(app: FastAPI) -> None:
     async def too_large(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, 413, str(exc))
 
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        cid = correlation_id(request)
-        LOGGER.error("%s %s [%s] failed", request.method, request.url.path, cid, exc_info=exc)
-        return error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
-
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(BodyTooLarge, too_large)
-    app.add_exception_handler(Exception, unexpected)
+    # Not an exception handler for Exception: Starlette calls that one and raises the
+    # exception again, for the server to log a second time.
+    app.add_middleware(_Unexpected)
+
+
+class _Unexpected:
+    """An unexpected error answers 500 with the correlation ID only, and is logged with
+    its traceback under that ID (once)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any error into a 500
+            request = Request(scope)
+            cid = correlation_id(request)
+            LOGGER.error("%s %s [%s] failed", scope.get("method"), scope.get("path"), cid, exc_info=exc)
+            if not started:  # else the answer is cut short, and the client sees it
+                response = error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
+                await response(scope, receive, send)
 
 
 def _problem(error: dict[str, Any]) -> str:
