@@ -9,6 +9,7 @@ under ``/api`` with who made it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import admin, errors, health, qr
 from bridge.api.deps import api_state, runtime
-from bridge.api.errors import CORRELATION_HEADER, BodyTooLarge, correlation_id
+from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id
 from bridge.api.state import ApiState
 
 LOGGER = logging.getLogger("bridge.api")
@@ -36,7 +37,8 @@ def daemon_version() -> str:
         return "unknown"
 
 
-def build(state: ApiState) -> ASGIApp:
+def build(state: ApiState, body_timeout: float = 10.0) -> ASGIApp:
+    """The app; a request body may pause for ``body_timeout`` seconds at most."""
     app = FastAPI(
         title="dicom-bridge",
         version=daemon_version(),
@@ -71,7 +73,7 @@ def build(state: ApiState) -> ASGIApp:
 
     app.include_router(admin.router)
     app.include_router(qr.router)
-    return _Front(app, state)
+    return _Front(app, state, body_timeout)
 
 
 def _version(package: str) -> str:
@@ -86,9 +88,10 @@ class _Front:
     ``MAX_BODY`` (413); under ``/api``, the correlation ID header on every answer and one
     log line per call: method, path, caller, status, time."""
 
-    def __init__(self, app: FastAPI, state: ApiState) -> None:
+    def __init__(self, app: FastAPI, state: ApiState, body_timeout: float) -> None:
         self.app = app
         self.state = state
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -105,7 +108,7 @@ class _Front:
         if declared is not None and declared > MAX_BODY:
             await _too_large(scope, receive, send)
             return
-        receive = _bounded(receive)
+        receive = _bounded(receive, self.body_timeout)
         if not (path == "/api" or path.startswith("/api/")):
             await self.app(scope, receive, send)
             return
@@ -145,18 +148,27 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _bounded(receive: Receive) -> Receive:
+def _bounded(receive: Receive, timeout: float) -> Receive:
     """``receive``, failing once more than ``MAX_BODY`` bytes of body came (a chunked body
-    declares no length)."""
+    declares no length), or when the body pauses for ``timeout`` seconds. Once the body is
+    whole, ``receive`` waits as long as it likes (for the client to go, while a long
+    answer streams)."""
     seen = 0
+    whole = False
 
     async def bounded() -> Message:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, whole
+        if whole:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout)
+        except TimeoutError:
+            raise BodyTimeout(timeout) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > MAX_BODY:
                 raise BodyTooLarge(MAX_BODY)
+            whole = not message.get("more_body", False)
         return message
 
     return bounded

@@ -41,6 +41,13 @@ class BodyTooLarge(Exception):
         super().__init__(f"a request body may have at most {limit} bytes")
 
 
+class BodyTimeout(Exception):
+    """A request body paused for longer than the limit."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"the request body paused for more than {limit:.0f}s")
+
+
 def correlation_id(request: Request) -> str:
     """The request's correlation ID: the client's ``X-Correlation-ID`` when it is a sane
     one, else a new one; set once by the middleware (``bridge.api.app``)."""
@@ -78,12 +85,16 @@ def install(app: FastAPI) -> None:
         return error_response(request, 400, "; ".join(problems), {"errors": problems})
 
     async def too_large(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request, 413, str(exc))
+        return error_response(request, 413, str(exc), headers={"Connection": "close"})
+
+    async def too_slow(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, 408, str(exc), headers={"Connection": "close"})
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(BodyTimeout, too_slow)
     # Not an exception handler for Exception: Starlette calls that one and raises the
     # exception again, for the server to log a second time.
     app.add_middleware(_Unexpected)

@@ -9,12 +9,15 @@ thread). TLS is uvicorn's: ``http.tls`` gives the certificate and key, and with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
 import threading
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bridge.api import app as api_app
 from bridge.api.state import ApiState
@@ -27,6 +30,45 @@ LOGGER = logging.getLogger(__name__)
 STOP_TIMEOUT = 10  # seconds a stop waits for calls in progress
 MAX_CONNECTIONS = 64  # connections served at once; more get 503
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept
+
+
+class _Deadlines(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline on a request's head: uvicorn closes idle
+    keep-alive connections, but waits forever for a head sent a byte at a time (or not
+    at all on a new connection), and 64 such connections would take every slot. The
+    body's deadline is the app's (``bridge.api.app``). Relies on uvicorn's ``conn`` (the
+    h11 connection), ``loop`` and ``transport``, present from 0.29 to 0.55 at least."""
+
+    head_timeout = 10.0  # seconds from a connection, or a request's first byte, to the end of its head
+    _head: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None and self.conn.their_state is h11.IDLE:
+            self._await_head()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self._head is not None:
+            self._head.cancel()
+            self._head = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head is not None:
+            self._head.cancel()
+            self._head = None
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._head = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._head = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            LOGGER.info("HTTP: closed a connection from %s that sent no request head in %.0fs",
+                        self.client[0] if self.client else "?", self.head_timeout)
+            self.transport.close()
 
 
 class HttpServer:
@@ -62,7 +104,9 @@ class HttpServer:
         assert self._socket is not None
         tls = self.config.tls
         settings = uvicorn.Config(
-            api_app.build(self.state), log_config=None, access_log=False, lifespan="off",
+            api_app.build(self.state, self.config.request_timeout),
+            http=type("Deadlines", (_Deadlines,), {"head_timeout": self.config.request_timeout}),
+            log_config=None, access_log=False, lifespan="off",
             limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE, server_header=False,
             timeout_graceful_shutdown=STOP_TIMEOUT,
             ssl_certfile=str(tls.cert_file) if tls else None, ssl_keyfile=str(tls.key_file) if tls else None,

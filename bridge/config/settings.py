@@ -148,6 +148,8 @@ class Http(Model):
     tls: HttpTls | None = Field(None, description="serve HTTPS (absent: plain HTTP)")
     token_file: Path | None = Field(
         None, description="a file of bearer tokens for /api (absent: the API under /api is off)")
+    request_timeout: Duration = Field(
+        10.0, gt=0, description="a request's head must arrive within this, and its body never pause longer")
 
 
 class Config(Model):
