@@ -4,6 +4,8 @@ daemon, and the token file of ``/api``."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from bridge.api.auth import TokenFileError, Tokens, read_tokens
 from bridge.config import load_config
 from bridge.config.units import format_size
 from bridge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
 
 STORE_ALL = """
 destinations:
@@ -153,3 +157,40 @@ def test_a_token_file_others_can_read_is_warned_about(tmp_path, caplog):
                                             (int(1.5 * 2**30), "1.5 GiB")])
 def test_sizes_for_people(size, text):
     assert format_size(size) == text
+
+
+def check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.yaml"
+    path.write_text(text + STORE_ALL)
+    return subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_check_reads_the_token_file_as_the_daemon_would(tmp_path):
+    result = check(tmp_path, "http: {port: 8080, token_file: tokens}\n")
+    assert result.returncode == 1
+    assert f"http.token_file {tmp_path / 'tokens'}: no such file" in result.stderr
+    (tmp_path / "tokens").write_text("short\n")
+    result = check(tmp_path, "http: {port: 8080, token_file: tokens}\n")
+    assert result.returncode == 1
+    assert "line 1: a token is at least 16" in result.stderr
+    (tmp_path / "tokens").write_text("0123456789abcdef0123\n")
+    (tmp_path / "tokens").chmod(0o600)
+    result = check(tmp_path, "http: {port: 8080, token_file: tokens}\n")
+    assert result.returncode == 0, result.stderr
+    assert "clear text" not in result.stdout
+
+
+def test_check_warns_of_tokens_in_clear_text_off_this_host(tmp_path):
+    (tmp_path / "tokens").write_text("0123456789abcdef0123\n")
+    (tmp_path / "tokens").chmod(0o600)
+    result = check(tmp_path, "http: {host: 0.0.0.0, port: 8080, token_file: tokens}\n")
+    assert result.returncode == 0, result.stderr
+    assert "warning: http: the API tokens travel in clear text to 0.0.0.0:8080" in result.stdout
+
+
+def test_check_names_unreadable_certificate_files(tmp_path):
+    result = check(tmp_path, "http: {port: 8443, tls: {cert_file: cert.pem, key_file: key.pem}}\n")
+    assert result.returncode == 1
+    assert f"http.tls.cert_file: cannot read {tmp_path / 'cert.pem'}" in result.stderr
+    assert f"http.tls.key_file: cannot read {tmp_path / 'key.pem'}" in result.stderr

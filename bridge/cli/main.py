@@ -127,6 +127,12 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     for note in config.notes:
         print(f"note: {note}")
+    errors = report.http_errors(config)
+    if errors:
+        print(f"{args.config or 'embedded default'}: {len(errors)} error(s)", file=sys.stderr)
+        for error in errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
     found = report.warnings(config, args.config)
     for warning in found:
         print(f"warning: {warning}")

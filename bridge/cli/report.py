@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 import socket
 import sqlite3
@@ -39,7 +40,44 @@ def warnings(config: Config, config_path: Path | None) -> list[str]:
         found += secret_warnings(config_path)
     found += _orphaned_rows(config)
     found += move_warnings(config)
+    found += http_warnings(config)
     return found
+
+
+def http_errors(config: Config) -> list[str]:
+    """What would stop the HTTP server, and so the daemon, from starting: its token file
+    and certificate files, read as the daemon reads them."""
+    from bridge.api.auth import TokenFileError, read_tokens
+
+    http = config.http
+    if http.port is None:
+        return []
+    found = []
+    try:
+        read_tokens(http.token_file)
+    except TokenFileError as exc:
+        found.append(str(exc))
+    if http.tls is not None:
+        files = [("cert_file", http.tls.cert_file), ("key_file", http.tls.key_file),
+                 ("client_ca_file", http.tls.client_ca_file)]
+        found += [f"http.tls.{name}: cannot read {path}" for name, path in files
+                  if path is not None and not os.access(path, os.R_OK)]
+    return found
+
+
+def http_warnings(config: Config) -> list[str]:
+    """An API reachable from other hosts over plain HTTP: its tokens travel in clear text."""
+    http = config.http
+    if http.port is None or http.tls is not None or http.token_file is None:
+        return []
+    try:
+        loopback = ipaddress.ip_address(http.host).is_loopback
+    except ValueError:
+        loopback = http.host == "localhost"
+    if loopback:
+        return []
+    return [f"http: the API tokens travel in clear text to {http.host}:{http.port}: set http.tls, or serve "
+            "on 127.0.0.1 behind a TLS reverse proxy"]
 
 
 def move_warnings(config: Config) -> list[str]:
