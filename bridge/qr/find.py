@@ -117,7 +117,7 @@ class Find:
             if any(r.fuzzy_matching for r in association.rules.rules if r.name in decision.rules):
                 query = dataclasses.replace(query, fuzzy=True)
             search = Search(query, [self.sources.get(name, config) for name in names],
-                            {name: _find_timeout(config, name) for name in names}, config.find.max_results,
+                            {name: find_timeout(config, name) for name in names}, config.find.max_results,
                             cancelled=lambda: event.is_cancelled)
             target = requester_charset(config, association.calling_ae)
             replaced: set[str] = set()
@@ -173,7 +173,8 @@ class Find:
             self.metrics.finds.labels(source.name, f"0x{answered:04X}").inc()
 
 
-def _find_timeout(config: Config, name: str) -> float:
+def find_timeout(config: Config, name: str) -> float:
+    """The ``find_timeout`` of the source ``name`` (``local``: the default)."""
     settings = config.sources.get(name)
     return settings.find_timeout if settings is not None else FIND_TIMEOUT  # local: no settings of its own
 

@@ -1,6 +1,7 @@
 """C-GET (PS3.4 C.4.3): the instances a request names, fetched from the ``retrieve``
 rules' sources and sent back as C-STORE sub-operations on the requester's own
-association. What C-MOVE and C-GET share is in ``bridge.qr.retrieve``.
+association. What C-MOVE and C-GET share is in ``bridge.qr.retrieve`` (and
+``bridge.qr.suboperations``).
 
 The requester proposes the storage SOP classes it takes with SCP/SCU role selection
 (PS3.7 D.3.3.4); the listener accepts the roles proposed for every storage class it
@@ -29,7 +30,8 @@ from bridge.dimse import statuses, transcode
 from bridge.dimse.listener import TRANSFER_SYNTAXES, AssociationState
 from bridge.dimse.store import storage_sop_classes
 from bridge.model import Outcome, Permanent
-from bridge.qr.retrieve import Retrieve, Sink, SubOperationsImpossible
+from bridge.qr.retrieve import Retrieve
+from bridge.qr.suboperations import Sink, SubOperationsImpossible
 from bridge.sources import temp_dir
 from bridge.sources.retrieval import Fetched
 

@@ -1,7 +1,8 @@
 """C-MOVE (PS3.4 C.4.2): the instances a request names, fetched from the ``retrieve``
 rules' sources and sent to its Move Destination, a node of ``nodes`` found by its
 ``ae_title``, else by its key (unknown: 0xA801). What C-MOVE and C-GET share is in
-``bridge.qr.retrieve``.
+``bridge.qr.retrieve``. The HTTP API's retrievals (``bridge.api.qr``) send to a node
+the same way: ``node_sink``.
 
 The sub-operations go over an association of the bridge's own to the destination, made
 once the first instance is fetched, with the ``dimse`` destination's machinery
@@ -22,21 +23,15 @@ from typing import cast
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_MOVE
 
+from bridge.config import Config, Node
 from bridge.config import DimseDestination as DimseConfig
-from bridge.config import Node
 from bridge.dataset.query import MOVE_ROOTS
 from bridge.destinations.dimse import EXPLICIT, DimseDestination
 from bridge.dimse.listener import AssociationState
 from bridge.errors import UpstreamError
 from bridge.model import InstanceRef, Outcome
-from bridge.qr.retrieve import (
-    UNKNOWN_DESTINATION,
-    Refused,
-    Retrieve,
-    Sink,
-    SubOperationsImpossible,
-    retrieved_instance,
-)
+from bridge.qr.retrieve import UNKNOWN_DESTINATION, Refused, Retrieve, retrieved_instance
+from bridge.qr.suboperations import Sink, SubOperationsImpossible
 from bridge.sources import temp_dir
 from bridge.sources.retrieval import Fetched
 
@@ -67,7 +62,7 @@ def destination_node(nodes: dict[str, Node], ae_title: str) -> tuple[str, Node] 
 
 
 class MoveSink(Sink):
-    """C-STOREs to the Move Destination, over the bridge's own association(s)."""
+    """C-STOREs to a node (a Move Destination), over the bridge's own association(s)."""
 
     def __init__(self, destination: DimseDestination, calling_ae: str) -> None:
         self.destination = destination
@@ -92,6 +87,18 @@ class MoveSink(Sink):
         self.destination.close()
 
 
+def node_sink(config: Config, key: str, node: Node, calling_ae: str,
+              originator: tuple[str, int] | None = None) -> MoveSink:
+    """Sub-operations to the node ``key`` of ``config``, called as the bridge's
+    ``ae_title``, with the ``dimse`` destination's machinery; each C-STORE carries
+    ``originator`` (the requester's AE title and the C-MOVE's Message ID) when given.
+    ``calling_ae``: who asked, as the instances sent name it (``retrieved_instance``)."""
+    destination = DimseDestination(f"move-{key}", DimseConfig(type="dimse", node=key), node, config.ae_title,
+                                   temp_dir(config))
+    destination.originator = originator
+    return MoveSink(destination, calling_ae)
+
+
 class Move(Retrieve):
     """C-MOVE SCP: Patient Root and Study Root."""
 
@@ -107,10 +114,8 @@ class Move(Retrieve):
         if found is None:
             raise Refused(UNKNOWN_DESTINATION, f"move destination {ae_title or '(none)'} is not among the nodes")
         key, node = found
-        destination = DimseDestination(f"move-{key}", DimseConfig(type="dimse", node=key), node, config.ae_title,
-                                       temp_dir(config))
-        destination.originator = (association.calling_ae, int(request.MessageID or 0))
-        return MoveSink(destination, association.calling_ae)
+        return node_sink(config, key, node, association.calling_ae,
+                         originator=(association.calling_ae, int(request.MessageID or 0)))
 
     def describe(self, event: evt.Event) -> str:
         return f" to {_text(cast(C_MOVE, event.request).MoveDestination)}"

@@ -15,17 +15,17 @@ when all failed, 0xFE00 on C-CANCEL with the counts so far; 0xA701 when the inst
 cannot be located, 0xA801 for an unknown Move Destination, 0xA900 for an identifier
 without the unique key of its level. docs/conformance.md has the table.
 
-pynetdicom's own service for these (a handler that yields data sets) cannot answer
-before the first sub-operation or send from files:
-``bridge.dimse.pynetdicom_overrides.retrieval`` hands the request here whole.
+Locating, fetching, sending and counting are ``bridge.qr.suboperations.Job``'s, which
+the HTTP API drives too; this module turns what it did into DIMSE responses. pynetdicom's
+own service for these (a handler that yields data sets) cannot answer before the first
+sub-operation or send from files: ``bridge.dimse.pynetdicom_overrides.retrieval`` hands
+the request here whole.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any, cast
@@ -37,30 +37,27 @@ from pynetdicom.dsutils import encode
 
 from bridge.config import Config
 from bridge.config.sources import RETRIEVE_TIMEOUT
-from bridge.dataset.query import QueryError, parse, retrieval_problem
+from bridge.dataset.query import Query, QueryError, parse, retrieval_problem
 from bridge.dimse import pynetdicom_overrides
 from bridge.dimse.listener import AssociationState
 from bridge.errors import UpstreamError
 from bridge.metrics import Metrics
-from bridge.model import Done, Duplicate, InstanceRef, Outcome, Retrieved, SpooledInstance, Warning
+from bridge.model import SpooledInstance
+from bridge.qr import suboperations
 from bridge.qr.find import TRANSFER_SYNTAXES
+from bridge.qr.suboperations import MAX_SUBOPERATIONS, SUCCESS, Cancelled, Counts, Job, Sink
 from bridge.routing.rules import Context
 from bridge.sources import Sources
-from bridge.sources.retrieval import HEARTBEAT, Fetched, Retrieval, TooMany
+from bridge.sources.retrieval import HEARTBEAT, Fetched, TooMany
 
 LOGGER = logging.getLogger(__name__)
 
 PENDING = 0xFF00
 CANCEL = 0xFE00
-SUCCESS = 0x0000
-SUBOPERATIONS_FAILED = 0xB000  # some failed or had warnings
-ALL_FAILED = 0xA702  # unable to perform sub-operations
 CANNOT_LOCATE = 0xA701  # unable to calculate number of matches
 UNKNOWN_DESTINATION = 0xA801
 IDENTIFIER_INVALID = 0xA900
 CANNOT_PROCESS = 0xC000
-MAX_SUBOPERATIONS = 0xFFFF  # the counts are US (PS3.7 9.3.4)
-
 
 class Refused(Exception):
     """The request ends before any sub-operation, with ``status`` and ``comment``."""
@@ -69,40 +66,6 @@ class Refused(Exception):
         super().__init__(comment)
         self.status = status
         self.comment = comment
-
-
-class Cancelled(Exception):
-    pass
-
-
-class SubOperationsImpossible(Exception):
-    """No more sub-operation can be made (the destination is gone): the rest fail."""
-
-
-@dataclasses.dataclass
-class Counts:
-    remaining: int = 0
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    failed_uids: list[str] = dataclasses.field(default_factory=list)
-
-    def fail(self, uid: str) -> None:
-        self.remaining -= 1
-        self.failed += 1
-        self.failed_uids.append(uid)
-
-
-class Sink:
-    """Where sub-operations go: ``prepare`` once the instances are located, ``send`` one
-    fetched instance (its outcome), ``close`` at the end."""
-
-    def prepare(self, located: Sequence[InstanceRef], ready: Sequence[Fetched]) -> None: ...
-
-    def send(self, fetched: Fetched) -> Outcome:
-        raise NotImplementedError
-
-    def close(self) -> None: ...
 
 
 class Responder:
@@ -170,9 +133,8 @@ class Retrieve:
     def handle(self, event: evt.Event, association: AssociationState) -> None:
         started = time.monotonic()
         responder = Responder(event)
-        counts = Counts()
         status, level, names, located, comment = SUCCESS, "?", [], 0, ""
-        retrieval: Retrieval | None = None
+        job: Job | None = None
         sink: Sink | None = None
         try:
             query = self._query(event)
@@ -185,49 +147,50 @@ class Retrieve:
             if not names:
                 raise Refused(CANNOT_PROCESS, "no retrieve rule matches this request")
             sink = self.sink(event, association)
-            retrieval = Retrieval(query, [self.sources.get(name, config) for name in names],
-                                  {name: _retrieve_timeout(config, name) for name in names},
-                                  heartbeat=self.heartbeat, limit=MAX_SUBOPERATIONS)
+            job = Job(self.operation, query, [self.sources.get(name, config) for name in names],
+                      {name: retrieve_timeout(config, name) for name in names}, sink, heartbeat=self.heartbeat,
+                      limit=MAX_SUBOPERATIONS, pending=lambda counts: responder.send(PENDING, counts, final=False),
+                      cancelled=lambda: bool(event.is_cancelled),
+                      alive=lambda: pynetdicom_overrides.still_busy(event.assoc))
             try:
-                refs = retrieval.locate()
+                located = len(job.locate())
             except UpstreamError as exc:
                 raise Refused(CANNOT_LOCATE, f"cannot locate: {exc}") from exc
             except TooMany as exc:
                 raise Refused(CANNOT_LOCATE, f"{exc}: retrieve by series") from exc
-            located = len(refs)
-            counts.remaining = located
             if located:
-                responder.send(PENDING, counts, final=False)  # the first response at once
-                status, comment = self._run(event, retrieval, sink, refs, counts, responder)
-            else:
-                status = SUCCESS
-            responder.send(status, counts, comment)
+                responder.send(PENDING, job.counts, final=False)  # the first response at once
+                status = job.run()
+                comment = job.comment
+            responder.send(status, job.counts, comment)
         except Refused as exc:
             status, comment = exc.status, exc.comment
             LOGGER.warning("%s from %s refused: %s (0x%04X)", self.operation, association.calling_ae, exc.comment,
                            exc.status)
-            responder.send(exc.status, counts if counts.remaining else None, exc.comment)
+            responder.send(exc.status, _started(job), exc.comment)
         except Cancelled:
             status = CANCEL
-            responder.send(CANCEL, counts)
+            responder.send(CANCEL, job.counts if job is not None else Counts())
         except Exception as exc:  # a bug: the request is answered all the same, with why
             status = CANNOT_PROCESS
             LOGGER.exception("%s from %s failed", self.operation, association.calling_ae)
-            responder.send(CANNOT_PROCESS, counts if counts.remaining else None, f"cannot retrieve: {exc}")
+            responder.send(CANNOT_PROCESS, _started(job), f"cannot retrieve: {exc}")
         finally:
-            if retrieval is not None:
-                retrieval.stop()
-            if sink is not None:
+            if job is not None:
+                job.close()
+            elif sink is not None:
                 sink.close()
             pynetdicom_overrides.still_busy(event.assoc)
-            self._count(retrieval, status, counts)
+            suboperations.count(self.metrics, self.operation, job, status)
+            self.metrics.dimse_requests.labels(self.operation, f"0x{status:04X}").inc()
+            counts = job.counts if job is not None else Counts()
             LOGGER.info("%s from %s (%s)%s: %s level, %s: %d located, %d completed, %d warning, %d failed, "
                         "0x%04X in %.2fs%s", self.operation, association.calling_ae, association.label,
                         self.describe(event), level, ", ".join(names) or "no source", located, counts.completed,
                         counts.warning, counts.failed, status, time.monotonic() - started,
                         f" ({comment})" if comment else "")
 
-    def _query(self, event: evt.Event) -> Any:
+    def _query(self, event: evt.Event) -> Query:
         request = cast(C_MOVE | C_GET, event.request)
         try:
             query = parse(event.identifier, str(request.AffectedSOPClassUID))
@@ -237,68 +200,10 @@ class Retrieve:
             raise Refused(CANNOT_PROCESS, f"cannot decode identifier: {exc}") from exc
         return query
 
-    def _run(self, event: evt.Event, retrieval: Retrieval, sink: Sink, refs: Sequence[InstanceRef],
-             counts: Counts, responder: Responder) -> tuple[int, str]:
-        """Fetch and send every instance located; the final status, and a comment for it."""
-        prepared, comment = False, ""
-        accounted: set[str] = set()  # completed, warning or failed
-        for item in retrieval:
-            pynetdicom_overrides.still_busy(event.assoc)
-            if event.is_cancelled:
-                if isinstance(item, Fetched):
-                    item.done()
-                raise Cancelled
-            if item is None:
-                responder.send(PENDING, counts, final=False)  # still at work
-                continue
-            accounted.add(item.ref.sop_instance_uid)
-            if isinstance(item, Retrieved):
-                LOGGER.warning("%s: %s failed: %s", self.operation, item.ref.sop_instance_uid, item.failure)
-                counts.fail(item.ref.sop_instance_uid)
-            else:
-                try:
-                    if not prepared:
-                        sink.prepare(refs, [item])
-                        prepared = True
-                    outcome = sink.send(item)
-                except SubOperationsImpossible as exc:
-                    LOGGER.warning("%s: %s; the %d instances not sent fail", self.operation, exc, counts.remaining)
-                    comment = str(exc)
-                    retrieval.stop()
-                    for ref in refs:
-                        if ref.sop_instance_uid not in accounted or ref.sop_instance_uid == item.ref.sop_instance_uid:
-                            counts.fail(ref.sop_instance_uid)
-                    break
-                finally:
-                    item.done()
-                self._tally(item, outcome, counts)
-            if counts.remaining > 0:
-                responder.send(PENDING, counts, final=False)
-        if counts.failed == 0 and counts.warning == 0:
-            return SUCCESS, ""
-        if counts.completed == 0 and counts.warning == 0:
-            return ALL_FAILED, comment
-        return SUBOPERATIONS_FAILED, comment
 
-    def _tally(self, item: Fetched, outcome: Outcome, counts: Counts) -> None:
-        if isinstance(outcome, Done | Duplicate):
-            counts.remaining -= 1
-            counts.completed += 1
-        elif isinstance(outcome, Warning):
-            counts.remaining -= 1
-            counts.warning += 1
-        else:
-            LOGGER.warning("%s: sending %s failed: %s", self.operation, item.ref.sop_instance_uid,
-                           getattr(outcome, "reason", outcome))
-            counts.fail(item.ref.sop_instance_uid)
-
-    def _count(self, retrieval: Retrieval | None, status: int, counts: Counts) -> None:
-        source = (retrieval.located_by or retrieval.sources[0].name) if retrieval and retrieval.sources else "none"
-        self.metrics.retrievals.labels(self.operation, source, f"0x{status:04X}").inc()
-        self.metrics.dimse_requests.labels(self.operation, f"0x{status:04X}").inc()
-        for outcome, n in (("completed", counts.completed), ("warning", counts.warning), ("failed", counts.failed)):
-            if n:
-                self.metrics.retrieve_suboperations.labels(self.operation, outcome).inc(n)
+def _started(job: Job | None) -> Counts | None:
+    """The counts a failure answers with: those of a job that located something, else none."""
+    return job.counts if job is not None and job.counts.remaining else None
 
 
 def retrieved_instance(fetched: Fetched, calling_ae: str, called_ae: str) -> SpooledInstance:
@@ -312,6 +217,7 @@ def retrieved_instance(fetched: Fetched, calling_ae: str, called_ae: str) -> Spo
     )
 
 
-def _retrieve_timeout(config: Config, name: str) -> float:
+def retrieve_timeout(config: Config, name: str) -> float:
+    """The ``retrieve_timeout`` of the source ``name`` (``local``: the default)."""
     settings = config.sources.get(name)
     return settings.retrieve_timeout if settings is not None else RETRIEVE_TIMEOUT  # local: no settings of its own
