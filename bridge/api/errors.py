@@ -34,18 +34,22 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-class BodyTooLarge(Exception):
-    """A request body (chunked, so of no declared length) went past the limit."""
+# Raised while the body is read: HTTPExceptions, because FastAPI turns any other
+# exception met while reading a body into a 400.
+
+
+class BodyTooLarge(HTTPException):
+    """A request body (chunked, so of no declared length) went past the limit: 413."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"a request body may have at most {limit} bytes")
+        super().__init__(413, f"a request body may have at most {limit} bytes", {"Connection": "close"})
 
 
-class BodyTimeout(Exception):
-    """A request body paused for longer than the limit."""
+class BodyTimeout(HTTPException):
+    """A request body paused for longer than the limit: 408."""
 
     def __init__(self, limit: float) -> None:
-        super().__init__(f"the request body paused for more than {limit:.0f}s")
+        super().__init__(408, f"the request body paused for more than {limit:g}s", {"Connection": "close"})
 
 
 def correlation_id(request: Request) -> str:
@@ -84,17 +88,10 @@ def install(app: FastAPI) -> None:
         problems = [_problem(e) for e in exc.errors()]
         return error_response(request, 400, "; ".join(problems), {"errors": problems})
 
-    async def too_large(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request, 413, str(exc), headers={"Connection": "close"})
-
-    async def too_slow(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request, 408, str(exc), headers={"Connection": "close"})
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(BodyTooLarge, too_large)
-    app.add_exception_handler(BodyTimeout, too_slow)
     # Not an exception handler for Exception: Starlette calls that one and raises the
     # exception again, for the server to log a second time.
     app.add_middleware(_Unexpected)
