@@ -73,7 +73,38 @@ def build(state: ApiState, body_timeout: float = 10.0) -> ASGIApp:
 
     app.include_router(admin.router)
     app.include_router(qr.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return _Front(app, state, body_timeout)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, saying what the app answers: 400 (not FastAPI's 422) for a
+    request that is not valid, and every error's body (``errors.ErrorBody``)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["ErrorBody"] = errors.ErrorBody.model_json_schema()
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            invalid = responses.pop("422", None)
+            if invalid is not None or "400" in responses:
+                responses["400"] = {"description": responses.get("400", {}).get(
+                    "description", "the request is not valid; the message names the field"), "content": error}
+            if path.startswith("/api"):
+                responses.setdefault("401", {"description": "no valid bearer token"})
+                responses.setdefault("403", {"description": "the API is off (no http.token_file)"})
+            for status, response in responses.items():
+                if status[0] in "45" and status != "503" or status == "503" and path.startswith("/api"):
+                    response["content"] = error
+    app.openapi_schema = document
+    return document
 
 
 def _version(package: str) -> str:

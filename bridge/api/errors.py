@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,14 @@ LOGGER = logging.getLogger("bridge.api")
 
 CORRELATION_HEADER = "X-Correlation-ID"
 _GIVEN_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+
+
+class ErrorBody(BaseModel):
+    """What every error answers."""
+
+    message: str = Field(description="what went wrong, for people")
+    correlation_id: str = Field(description="the request's ID, also in X-Correlation-ID and the daemon's log")
+    errors: list[str] | None = Field(None, description="with 400: every problem, each naming its field")
 
 
 class ApiError(Exception):
