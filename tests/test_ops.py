@@ -304,8 +304,18 @@ def test_the_grafana_dashboard_uses_only_exported_metrics():
                  "dicom_bridge_queue_depth", "dicom_bridge_queue_oldest_pending_seconds",
                  "dicom_bridge_dead_letters_total", "dicom_bridge_delivery_latency_seconds_bucket",
                  "dicom_bridge_upstream_request_seconds_bucket", "dicom_bridge_finds_total",
-                 "dicom_bridge_retrievals_total"):
+                 "dicom_bridge_retrievals_total", "dicom_bridge_upstream_errors_total"):
         assert name in used, name
+
+
+def test_every_metric_is_in_the_operations_guide():
+    """docs/operations.md, "Metrics": one row per metric, as a scrape names it."""
+    text = (DOCS / "operations.md").read_text().split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(dicom_bridge_\w+)` \|", text, re.MULTILINE))
+    scraped = set()
+    for family in Metrics().registry.collect():
+        scraped.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert listed == scraped, f"missing: {sorted(scraped - listed)}; unknown: {sorted(listed - scraped)}"
 
 
 def test_the_alert_rules():
