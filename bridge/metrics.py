@@ -1,8 +1,9 @@
 """Prometheus metrics, prefix ``dicom_bridge_``, in a registry owned by the daemon.
 
-Labels are bounded: service, status, destination, outcome, watched folder (as
-configured), and calling AE folded to ``other`` past a fixed number of distinct
-titles. Never a UID, never patient data.
+Labels are bounded: service, status, destination, outcome, watched folder and source
+(as configured), the operation of a request to a source (``qido``, ``wado``, ``c-find``,
+``c-get``, ``c-move``, ``rad69``, ``index``), and calling AE folded to ``other`` past a
+fixed number of distinct titles. Never a UID, never patient data.
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ class Metrics:
             ["source", "operation"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
+        self.upstream_errors = Counter(
+            "dicom_bridge_upstream_errors", "Requests to a source that failed: refused, timed out, an HTTP error "
+            "status, a DIMSE failure status, an answer that cannot be read; by source and operation (those of "
+            "dicom_bridge_upstream_request_seconds)", ["source", "operation"], registry=r,
+        )
+
+    def add_source(self, source: str, operations: tuple[str, ...]) -> None:
+        """The upstream series of a source, at zero from the start: an alert on
+        ``increase()`` sees its first error (a series that appears with 1 shows no increase)."""
+        for operation in operations:
+            self.upstream_errors.labels(source, operation)
+            self.upstream_latency.labels(source, operation)
 
     def calling_ae(self, ae_title: str) -> str:
         """The label for a calling AE: itself while the set is small, else ``other``."""

@@ -80,6 +80,11 @@ def part10(ds: Dataset) -> bytes:
     return data.getvalue()
 
 
+def wado_errors(metrics: Metrics, name: str = "web") -> float | None:
+    return metrics.registry.get_sample_value("dicom_bridge_upstream_errors_total",
+                                             {"source": name, "operation": "wado"})
+
+
 def wado_requests(metrics: Metrics, name: str = "web") -> float:
     return metrics.registry.get_sample_value("dicom_bridge_upstream_request_seconds_count",
                                              {"source": name, "operation": "wado"}) or 0.0
@@ -215,10 +220,12 @@ def test_several_retrievals_at_once(pacs: Pacs, tmp_path: Path) -> None:
 def test_orthanc_down_is_unavailable(tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, never started: nothing listens
     ct = InstanceRef("1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2")
+    metrics = Metrics()
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match=r"^source web: .*(refused|Connection)"):
-        collect(source(orthanc.dicomweb, tmp_path / "temp").retrieve([ct]))
+        collect(source(orthanc.dicomweb, tmp_path / "temp", metrics=metrics).retrieve([ct]))
     assert time.monotonic() - started < 5
+    assert wado_errors(metrics) == 1
     assert leftovers(tmp_path / "temp") == []
 
 
@@ -298,9 +305,11 @@ def test_an_html_502_is_unavailable_with_its_text(fake: FakeWado, cts: list[tupl
                                                   tmp_path: Path) -> None:
     page = b"<html><body><h1>502 Bad Gateway</h1>upstream PACS timed out</body></html>"
     fake.answer = lambda path: (502, {"Content-Type": "text/html"}, page)
+    metrics = Metrics()
     with pytest.raises(UpstreamUnavailable, match=r"^source web: HTTP 502 Bad Gateway: <html>.*upstream PACS"):
-        collect(source(fake.url, tmp_path).retrieve([cts[0][0]]))
+        collect(source(fake.url, tmp_path, metrics=metrics).retrieve([cts[0][0]]))
     assert leftovers(tmp_path) == []
+    assert wado_errors(metrics) == 1
 
 
 def test_refused_credentials_are_misconfigured(fake: FakeWado, cts: list[tuple[InstanceRef, bytes]],

@@ -41,9 +41,14 @@ from bridge.sources.dicomweb import DicomwebSource
 from bridge.sources.qido import qido_searches
 
 
-def source(url: str, name: str = "qido", **settings: Any) -> DicomwebSource:
-    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}), Metrics(),
-                          Path(tempfile.gettempdir()))
+def source(url: str, name: str = "qido", metrics: Metrics | None = None, **settings: Any) -> DicomwebSource:
+    return DicomwebSource(name, DicomwebConfig.model_validate({"type": "dicomweb", "url": url, **settings}),
+                          metrics or Metrics(), Path(tempfile.gettempdir()))
+
+
+def upstream_errors(metrics: Metrics, name: str, operation: str = "qido") -> float | None:
+    return metrics.registry.get_sample_value("dicom_bridge_upstream_errors_total",
+                                             {"source": name, "operation": operation})
 
 
 def records(found: Iterator[Dataset | None]) -> list[Dataset]:
@@ -363,10 +368,15 @@ def test_locate_names_every_instance_with_its_sop_class(pacs: Pacs) -> None:
 
 def test_orthanc_down_fails_at_once(tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, never started: nothing listens
+    metrics = Metrics()
+    qido = source(orthanc.dicomweb, metrics=metrics)
+    assert upstream_errors(metrics, "qido") == 0  # there from the start, for alerts on increase()
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match=r"^source qido: .*(refused|Connection)"):
-        records(source(orthanc.dicomweb).find(query("STUDY")))
+        records(qido.find(query("STUDY")))
     assert time.monotonic() - started < 2
+    assert upstream_errors(metrics, "qido") == 1
+    assert upstream_errors(metrics, "qido", "wado") == 0
 
 
 # -- against a recording server --------------------------------------------------------------
@@ -496,10 +506,12 @@ def test_204_and_empty_answers_are_no_more_results() -> None:
 ])
 def test_failures_name_the_source_and_what_the_server_said(status: int, body: bytes, error: type[Exception],
                                                            needle: str) -> None:
+    metrics = Metrics()
     with FakeStow() as fake:
         fake.answer = lambda r: (status, {"Content-Type": "text/plain"}, body)
         with pytest.raises(error) as raised:
-            records(source(fake.url, name="pacs").find(query("STUDY")))
+            records(source(fake.url, name="pacs", metrics=metrics).find(query("STUDY")))
+    assert upstream_errors(metrics, "pacs") == 1
     message = str(raised.value)
     assert message.startswith("source pacs: ") and needle in message
     if status == 400:

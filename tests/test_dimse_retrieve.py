@@ -277,11 +277,14 @@ def test_a_reference_the_node_does_not_hold_fails_naming_it(bridge: Bridge, hold
 def test_the_node_down_fails_at_once(bridge: Bridge, holdings: Holdings, how: str) -> None:
     down = bridge.config.nodes["pacs"].model_copy(update={"port": free_port()})
     config = bridge.config.model_copy(update={"nodes": {"pacs": down}})
-    source = build("got" if how == "c-get" else "moved", config, Metrics())
+    metrics = Metrics()
+    source = build("got" if how == "c-get" else "moved", config, metrics)
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match="cannot connect"):
         fetched(source.retrieve(holdings.ct[:2]))
     assert time.monotonic() - started < 5
+    assert metrics.registry.get_sample_value("dicom_bridge_upstream_errors_total",
+                                             {"source": source.name, "operation": how}) == 1
     assert bridge.leftovers(source.name) == []
 
 

@@ -461,11 +461,18 @@ def match(n: int) -> Dataset:
     return ds
 
 
+def upstream(metrics: Metrics, operation: str = "c-find", name: str = "dicom_bridge_upstream_errors_total") -> float:
+    return metrics.registry.get_sample_value(name, {"source": "pacs", "operation": operation}) or 0.0
+
+
 def test_the_pacs_down_fails_at_once() -> None:
+    metrics = Metrics()
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match="source pacs: cannot connect"):
-        list(source(free_port()).find(study_query()))
+        list(source(free_port(), metrics=metrics).find(study_query()))
     assert time.monotonic() - started < 1.0
+    assert upstream(metrics) == 1  # counted, and timed like any request
+    assert upstream(metrics, name="dicom_bridge_upstream_request_seconds_count") == 1
 
 
 def test_a_pacs_that_never_answers_the_association_fails_within_find_timeout() -> None:
@@ -535,12 +542,14 @@ def test_a_failure_status_raises_with_the_status_and_comment(code: int, raised: 
         yield 0xFF00, match(1)
         yield status(code, "index is corrupt"), None
 
+    metrics = Metrics()
     with find_scp.serving(fails) as scp:
-        records = source(scp.port).find(study_query())
+        records = source(scp.port, metrics=metrics).find(study_query())
         assert str(next(records).StudyInstanceUID) == "1.2.3.1"  # a match before the failure still comes
         with pytest.raises(raised, match=f"source pacs: the C-FIND failed with {name}: index is corrupt") as info:
             next(records)
     assert type(info.value) is raised  # 0xCxxx: neither unavailable (0xA700) nor misconfigured
+    assert upstream(metrics) == 1
 
 
 def test_pending_warnings_are_matches_and_a_warning_status_ends_well(find_scp: FindScp) -> None:
@@ -549,8 +558,11 @@ def test_pending_warnings_are_matches_and_a_warning_status_ends_well(find_scp: F
         yield 0xFF00, match(2)
         yield 0xB000, None
 
+    metrics = Metrics()
     with find_scp.serving(warns) as scp:
-        assert [str(r.StudyInstanceUID) for r in source(scp.port).find(study_query())] == ["1.2.3.1", "1.2.3.2"]
+        found = source(scp.port, metrics=metrics).find(study_query())
+        assert [str(r.StudyInstanceUID) for r in found] == ["1.2.3.1", "1.2.3.2"]
+    assert upstream(metrics) == 0  # a warning is no error
 
 
 def test_a_pacs_without_the_root_asked_for_is_misconfigured() -> None:

@@ -146,7 +146,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, live: Orthanc, down: Orthan
     config = {
         "ae_title": BRIDGE_AE,
         "listen": {"timeouts": {"network": f"{NETWORK_TIMEOUT:g}s"}},
-        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "find": {"max_results": MAX_RESULTS},
         "nodes": {
             "DOWN": {"ae_title": down.aet, "host": "127.0.0.1", "port": down.dicom_port},
@@ -329,19 +329,23 @@ def test_capped_with_a_warning_and_a_metric(bridge: Bridge, qido: FakeQido) -> N
 
 def test_metrics_by_source_and_status(bridge: Bridge) -> None:
     """Finds counted by source and the status each source ended with; each upstream
-    request timed by source and operation."""
+    request timed by source and operation, and each that failed counted."""
     before = metric(bridge, 'dicom_bridge_finds_total{source="downweb",status="0xA700"}')
+    failed = metric(bridge, 'dicom_bridge_upstream_errors_total{operation="qido",source="downweb"}')
+    web_failed = metric(bridge, 'dicom_bridge_upstream_errors_total{operation="qido",source="web"}')
     answered = metric(bridge, 'dicom_bridge_finds_total{source="web",status="0x0000"}')
     timed = metric(bridge, 'dicom_bridge_upstream_request_seconds_count{operation="qido",source="web"}')
     findscu(bridge.port, "STUDY", STUDY_KEYS, calling_ae="TWO").check()
     assert metric(bridge, 'dicom_bridge_finds_total{source="downweb",status="0xA700"}') == before + 1
     assert metric(bridge, 'dicom_bridge_finds_total{source="web",status="0x0000"}') == answered + 1
     assert metric(bridge, 'dicom_bridge_upstream_request_seconds_count{operation="qido",source="web"}') > timed
+    assert metric(bridge, 'dicom_bridge_upstream_errors_total{operation="qido",source="downweb"}') == failed + 1
+    assert metric(bridge, 'dicom_bridge_upstream_errors_total{operation="qido",source="web"}') == web_failed
 
 
 def metric(bridge: Bridge, name: str) -> float:
     """A sample of the daemon's /metrics, named with its labels as exposed (0 if absent)."""
-    port = bridge.config["metrics"]["port"]
+    port = bridge.config["http"]["port"]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == name)
 

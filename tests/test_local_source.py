@@ -592,11 +592,14 @@ def test_no_index_yet_answers_no_matches(tmp_path: Path) -> None:
 def test_an_index_that_cannot_be_read_is_unavailable(tmp_path: Path) -> None:
     index_path = tmp_path / "index.sqlite"
     index_path.write_bytes(b"this is not a database, " * 100)
-    source = LocalSource(index_path, Metrics())
+    metrics = Metrics()
+    source = LocalSource(index_path, metrics)
     with pytest.raises(UpstreamUnavailable, match="source local: .*not a database"):
         list(source.find(query("STUDY", PatientID="")))
     with pytest.raises(UpstreamUnavailable, match="source local"):
         list(source.locate(query("STUDY", StudyInstanceUID="1.2.3")))
+    assert metrics.registry.get_sample_value("dicom_bridge_upstream_errors_total",
+                                             {"source": "local", "operation": "index"}) == 2
 
 
 def test_a_page_that_takes_longer_than_find_timeout_is_unavailable(tmp_path: Path) -> None:

@@ -229,6 +229,49 @@ def test_the_unit_file(tmp_path):
     assert "dicom-bridge.service" not in output, output  # e.g. "Unknown key ..., ignoring"
 
 
+# -- the container image ------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """docker/Dockerfile's instructions, (keyword, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (REPO / "docker" / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_image_serves_http_on_8080_and_checks_its_health_with_readyz(tmp_path, bridge_factory):
+    instructions = dockerfile()
+    [embedded] = [args for keyword, args in instructions if keyword == "RUN" and "printf" in args]
+    lines = re.findall(r"'([^']*)'", embedded.split(">", 1)[0])[1:]  # after printf's format
+    raw = yaml.safe_load("\n".join(lines))
+    assert raw["http"] == {"host": "0.0.0.0", "port": 8080}
+    validate(raw, base=tmp_path)
+    [exposed] = [args.split() for keyword, args in instructions if keyword == "EXPOSE"]
+    assert "8080" in exposed and "11112" in exposed
+    [healthcheck] = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
+    command = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert command[:2] == ["python", "-c"] and "'/readyz'" in command[2] and "8080" in command[2]
+
+    # The check's own command, against a daemon on another port than the image's.
+    bridge = bridge_factory({"http": {"host": "127.0.0.1", "port": free_port()},
+                             "destinations": {"out": {"type": "folder", "path": str(tmp_path / "out")}},
+                             "rules": [{"name": "all", "store": ["out"]}]})
+
+    def check(port: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", command[2].replace("8080", str(port))],
+                              capture_output=True, text=True, timeout=30)
+
+    healthy = check(bridge.config["http"]["port"])
+    assert healthy.returncode == 0 and healthy.stdout.startswith("200 "), healthy.stdout + healthy.stderr
+    incoming = bridge.data_dir / "spool" / "incoming"
+    incoming.rmdir()
+    incoming.write_text("not a folder")
+    unhealthy = check(bridge.config["http"]["port"])
+    assert unhealthy.returncode == 1 and unhealthy.stdout.startswith("503 "), unhealthy.stdout
+    assert '"spool":{"ok":false' in unhealthy.stdout
+    assert check(free_port()).returncode != 0  # nothing listening
+
+
 # -- the dashboard and the alerts --------------------------------------------------------
 
 
@@ -304,8 +347,18 @@ def test_the_grafana_dashboard_uses_only_exported_metrics():
                  "dicom_bridge_queue_depth", "dicom_bridge_queue_oldest_pending_seconds",
                  "dicom_bridge_dead_letters_total", "dicom_bridge_delivery_latency_seconds_bucket",
                  "dicom_bridge_upstream_request_seconds_bucket", "dicom_bridge_finds_total",
-                 "dicom_bridge_retrievals_total"):
+                 "dicom_bridge_retrievals_total", "dicom_bridge_upstream_errors_total"):
         assert name in used, name
+
+
+def test_every_metric_is_in_the_operations_guide():
+    """docs/operations.md, "Metrics": one row per metric, as a scrape names it."""
+    text = (DOCS / "operations.md").read_text().split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(dicom_bridge_\w+)` \|", text, re.MULTILINE))
+    scraped = set()
+    for family in Metrics().registry.collect():
+        scraped.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert listed == scraped, f"missing: {sorted(scraped - listed)}; unknown: {sorted(listed - scraped)}"
 
 
 def test_the_alert_rules():

@@ -58,19 +58,19 @@ def test_delivery_goes_on_by_itself_after_the_queue_was_locked(tmp_path, bridge_
     workers meet "database is locked" and do not end; once the lock is gone every
     acknowledged image reaches the destination, with no restart and no administrator."""
     out = tmp_path / "out"
-    metrics_port = free_port()
+    http_port = free_port()
     bridge = bridge_factory({
         "destinations": {"out": {"type": "folder", "path": f"{out}/{{SeriesInstanceUID}}"}},
         "rules": [{"name": "all", "store": ["out"]}],
         "queue": {"busy_timeout": "500ms"},
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "http": {"host": "127.0.0.1", "port": http_port},
     })
     files = ct_series(tmp_path / "ct", 12)
     before = storescu(bridge.port, files[:5])
     locker = sqlite3.connect(bridge.data_dir / "queue.sqlite", isolation_level=None, timeout=30)
     try:
         locker.execute("BEGIN IMMEDIATE")
-        wait_for(lambda: metric(metrics_port, 'dicom_bridge_queue_errors_total{worker="deliver-out"}') >= 2, 30,
+        wait_for(lambda: metric(http_port, 'dicom_bridge_queue_errors_total{worker="deliver-out"}') >= 2, 30,
                  "the workers to meet the lock")
         during = storescu(bridge.port, files[5:8])
     finally:

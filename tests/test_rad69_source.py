@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import free_port
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from test_rad69_wire import SERIES, STUDY, document_response, envelope, include, mtom, part10
 
@@ -75,10 +76,15 @@ def raw(url: str, tmp_path: Path, **settings: Any) -> Config:
     }, base=tmp_path)
 
 
-def source(url: str, tmp_path: Path, **settings: Any) -> Rad69Source:
-    built = build("ids", raw(url, tmp_path, **settings), Metrics())
+def source(url: str, tmp_path: Path, metrics: Metrics | None = None, **settings: Any) -> Rad69Source:
+    built = build("ids", raw(url, tmp_path, **settings), metrics or Metrics())
     assert isinstance(built, Rad69Source)
     return built
+
+
+def rad69_errors(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("dicom_bridge_upstream_errors_total",
+                                             {"source": "ids", "operation": "rad69"})
 
 
 def refs(n: int) -> list[InstanceRef]:
@@ -216,8 +222,30 @@ def test_a_soap_fault_fails_every_document_with_its_reason(server: Any, tmp_path
 def test_a_502_page_fails_the_source_when_nothing_came(server: Any, tmp_path: Path) -> None:
     url, answers, _ = server
     answers.append(send(502, "text/html", b"<html><body>Bad Gateway</body></html>"))
+    metrics = Metrics()
     with pytest.raises(UpstreamUnavailable, match="502"):
-        collect(source(url, tmp_path).retrieve(refs(2)))
+        collect(source(url, tmp_path, metrics).retrieve(refs(2)))
+    assert rad69_errors(metrics) == 1
+
+
+def test_a_source_down_fails_and_counts(tmp_path: Path) -> None:
+    metrics = Metrics()
+    down = source(f"http://127.0.0.1:{free_port()}/ids", tmp_path, metrics)
+    assert rad69_errors(metrics) == 0
+    with pytest.raises(UpstreamUnavailable, match="refused"):
+        collect(down.retrieve(refs(2)))
+    assert rad69_errors(metrics) == 1
+
+
+def test_a_soap_fault_counts_once_per_request(server: Any, tmp_path: Path) -> None:
+    url, answers, _ = server
+    fault = (f'<env:Envelope xmlns:env="{wire.SOAP}"><env:Body><env:Fault><env:Code><env:Value>env:Receiver'
+             "</env:Value></env:Code><env:Reason><env:Text>down</env:Text></env:Reason></env:Fault>"
+             "</env:Body></env:Envelope>").encode()
+    answers.append(send(500, "application/soap+xml", fault))
+    metrics = Metrics()
+    collect(source(url, tmp_path, metrics, batch_size=2).retrieve(refs(4)))
+    assert rad69_errors(metrics) == 2
 
 
 def test_a_connection_dropped_mid_part_keeps_what_was_complete(server: Any, tmp_path: Path) -> None:

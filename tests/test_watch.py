@@ -111,7 +111,7 @@ def test_dropped_files_reach_orthanc_and_the_rest_fail_with_reasons(tmp_path, co
     watched.mkdir()
     port = free_port()
     bridge = bridge_factory(config(orthanc.dicomweb, {"path": str(watched), "failed": str(failed), "name": "in"},
-                                   metrics={"port": port}))
+                                   http={"port": port}))
     series = ct_series(tmp_path / "series", 10, size=128)
     slow = [p.read_bytes() for p in series]
 

@@ -13,7 +13,8 @@ is logged, and the next page is asked for even after a short page. Nothing is dr
 silently.
 
 Every QIDO-RS request waits at most ``find_timeout`` for the connection, for each read, and for
-its whole answer. What goes wrong becomes the upstream errors, naming the source:
+its whole answer. What goes wrong becomes the upstream errors, naming the source (each
+counted in ``dicom_bridge_upstream_errors{operation="qido"}``):
 
 | what happens | raised |
 | --- | --- |
@@ -34,7 +35,9 @@ then handed on at once, before the next part is read: a part that is not a usabl
 Part-10 instance, or one not asked for (the rest of a series), is removed. Every wait
 for the answer and for its next bytes is bounded by ``retrieve_timeout``;
 ``dicom_bridge_upstream_request_seconds{operation="wado"}`` times each request until its
-answer begins. What goes wrong:
+answer begins, and ``dicom_bridge_upstream_errors{operation="wado"}`` counts each request
+that raised, answered an error status, or answered what cannot be read (not multipart,
+a part refused). What goes wrong:
 
 | what happens | result |
 | --- | --- |
@@ -102,6 +105,7 @@ class DicomwebSource:
         self.settings = settings
         self.metrics = metrics
         self._clients = ClientPool(settings, max_idle=MAX_IDLE_CLIENTS)
+        metrics.add_source(name, ("qido", "wado"))
         self._lock = threading.Lock()  # guards _warnings
         self._warnings: set[str] = set()  # Warning texts logged already
 
@@ -146,6 +150,7 @@ class DicomwebSource:
                                   sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
                                   sop_class_uid=str(ds.get("SOPClassUID", "") or ""))
                 if not all(dataclasses.astuple(ref)):
+                    self._failed("qido")
                     raise UpstreamMisconfigured(f"source {self.name}: {search.path} answered an instance without "
                                                 "its Study, Series or SOP Instance UID or SOP Class UID")
                 yield ref
@@ -209,6 +214,14 @@ class DicomwebSource:
             offset += count
 
     def _page(self, search: qido.QidoSearch, limit: int, offset: int) -> _Page:
+        """One page of ``search``; a page that fails is counted, and raises."""
+        try:
+            return self._ask(search, limit, offset)
+        except UpstreamError:
+            self._failed("qido")
+            raise
+
+    def _ask(self, search: qido.QidoSearch, limit: int, offset: int) -> _Page:
         url = self.settings.url + search.path
         timeout = self.settings.find_timeout
         started = time.monotonic()
@@ -283,7 +296,11 @@ class DicomwebSource:
         try:
             return qido.record(item, search.fixed)
         except ValueError as exc:
+            self._failed("qido")
             raise UpstreamMisconfigured(f"source {self.name}: {search.path}: {exc}") from None
+
+    def _failed(self, operation: str) -> None:
+        self.metrics.upstream_errors.labels(self.name, operation).inc()
 
     def _named(self, exc: UpstreamError, url: str) -> UpstreamError:
         """``exc`` told as this source's: its name first (the C-FIND's ErrorComment has 64
@@ -302,7 +319,8 @@ class DicomwebSource:
         """GET ``path`` (``what`` it is, for reasons), yielding each part that is one of
         ``wanted`` (by SOP Instance UID, taken out of ``wanted``) as soon as it is complete;
         other parts are removed. Returns why the rest of ``wanted`` is not there (empty
-        when nothing is left); raises for the upstream as a whole."""
+        when nothing is left); raises for the upstream as a whole. A request that raised,
+        answered an error status, or answered what cannot be read is counted."""
         url = self.settings.url + path
         try:
             with self._clients.borrow() as client, self._get(client, url) as response:
@@ -310,9 +328,11 @@ class DicomwebSource:
                     summary = response.summary(response.read(ERROR_BODY_BYTES))
                     response.raise_for_upstream(summary)
                     LOGGER.debug("%s: WADO-RS %s: %s", self.name, what, summary)
+                    self._failed("wado")
                     return f"source {self.name}: WADO-RS {what}: {summary}"
                 return (yield from self._parts(response, what, wanted))
         except UpstreamError as exc:
+            self._failed("wado")
             raise self._named(exc, url) from None
 
     def _get(self, client: HttpClient, url: str) -> HttpResponse:
@@ -347,9 +367,12 @@ class DicomwebSource:
                         problems.append(f"the answer holds instance {part.sop_instance_uid} instead")
         except MultipartError as exc:
             LOGGER.warning("%s: WADO-RS %s: %s: %s", self.name, what, response.summary(), exc)
+            self._failed("wado")
             return f"source {self.name}: WADO-RS {what}: {response.summary()}: {exc}"
         finally:
             parts.close()  # now, not when collected: it removes the part it was writing
+        if problems:
+            self._failed("wado")
         if not wanted:
             return ""
         reason = f"source {self.name}: not in the WADO-RS response of {what}"

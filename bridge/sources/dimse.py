@@ -25,7 +25,10 @@ How the C-FIND ends:
 | a match whose identifier cannot be decoded | ``UpstreamError`` |
 
 Each error's message begins with the source and what went wrong (a status with its
-ErrorComment), then names the node: the C-FIND's ErrorComment keeps 64 characters.
+ErrorComment), then names the node: the C-FIND's ErrorComment keeps 64 characters. Each
+C-FIND is timed in ``dicom_bridge_upstream_request_seconds{operation="c-find"}`` (its
+association included), and each that raises is counted in
+``dicom_bridge_upstream_errors{operation="c-find"}``.
 Whoever iterates may stop early (``close()`` on the generator: a C-CANCEL, a cap): a
 C-CANCEL for the C-FIND goes to the node and the association is aborted at once, no
 further response read.
@@ -110,6 +113,7 @@ class DimseSource:
         })
         self.retrieve_peer = scu.Peer(settings.node, node.model_copy(update={"timeouts": timeouts}), calling_ae, wait)
         self.calling_ae = calling_ae  # the Move Originator of its C-MOVEs, and their default destination
+        metrics.add_source(name, ("c-find", settings.retrieve))
 
     def __repr__(self) -> str:
         return f"DimseSource({self.name!r}, {self.peer})"
@@ -161,12 +165,25 @@ class DimseSource:
         return forwarded
 
     def _c_find(self, identifier: Dataset, sop_class: str) -> Generator[Dataset, None, None]:
-        """Each match of one C-FIND of ``identifier`` under ``sop_class``, decoded."""
+        """Each match of one C-FIND of ``identifier`` under ``sop_class``, decoded. Timed,
+        and counted when it fails (raises)."""
         started = time.monotonic()
         try:
-            assoc = self.peer.associate([build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
+            yield from self._c_find_on(self._associate(sop_class), identifier, sop_class)
+        except UpstreamError:
+            self.metrics.upstream_errors.labels(self.name, "c-find").inc()
+            raise
+        finally:
+            self.metrics.upstream_latency.labels(self.name, "c-find").observe(time.monotonic() - started)
+
+    def _associate(self, sop_class: str) -> Association:
+        try:
+            return self.peer.associate([build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
         except UpstreamError as exc:  # the same kind, naming the source
             raise type(exc)(f"source {self.name}: {exc.reason}") from None
+
+    def _c_find_on(self, assoc: Association, identifier: Dataset, sop_class: str) -> Generator[Dataset, None, None]:
+        """``_c_find`` on ``assoc``: released when the node ended the C-FIND, else cancelled and aborted."""
         responses: _Responses | None = None
         ended = False  # the node sent its final response
         try:
@@ -193,7 +210,6 @@ class DimseSource:
                 scu.release(assoc)
             else:
                 self._cancel(assoc, sop_class if responses is not None else None)
-            self.metrics.upstream_latency.labels(self.name, "c-find").observe(time.monotonic() - started)
 
     def _decoded(self, found: Dataset) -> Dataset:
         """``found`` with its text as str, read in its own Specific Character Set, else the node's."""
@@ -249,6 +265,7 @@ class DimseSource:
             for record in records:
                 sop_instance = str(record.get("SOPInstanceUID", "") or "")
                 if not sop_instance:
+                    self.metrics.upstream_errors.labels(self.name, "c-find").inc()
                     raise UpstreamError(f"source {self.name}: an IMAGE-level match without SOP Instance UID "
                                         f"({self.peer})")
                 yield InstanceRef(study_uid=str(record.get("StudyInstanceUID", "") or ""),

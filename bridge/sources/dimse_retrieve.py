@@ -29,7 +29,10 @@ How a request ends, for the references it named that did not arrive:
 | 0xA801 move destination unknown, 0x0122, 0x0124, 0xA9xx | ``UpstreamMisconfigured`` |
 | none within the wait, an A-ABORT, a closed connection | ``UpstreamUnavailable`` |
 
-A raise comes after every instance that arrived was yielded. A C-MOVE's final response
+A raise comes after every instance that arrived was yielded. Each request is timed in
+``dicom_bridge_upstream_request_seconds{operation="c-get"}`` (or ``c-move``); a retrieval
+that raises, and each request that ends with a failure status (neither success nor a
+warning) with instances missing, counts in ``dicom_bridge_upstream_errors``. A C-MOVE's final response
 may come before its last C-STOREs are answered (they travel on another association):
 the worker waits up to ``MOVE_GRACE`` seconds more for the instances the node counts as
 sent (completed and warning sub-operations; all it was asked for, if it does not say).
@@ -226,8 +229,14 @@ class Retrieval:
                     raise item[1]
                 elif kind == "done":
                     done = True
+        except UpstreamError:
+            self._failed()
+            raise
         finally:
             self._stop(worker, cancel=not done)
+
+    def _failed(self) -> None:
+        self.source.metrics.upstream_errors.labels(self.name, self.how).inc()
 
     def _stalled(self) -> bool:
         """Nothing for ``retrieve_timeout``: no event, and no PDU on the association."""
@@ -252,6 +261,8 @@ class Retrieval:
             raise UpstreamUnavailable(reason)
         if code in (0x0122, 0x0124, 0xA801) or code & 0xFF00 == 0xA900:
             raise UpstreamMisconfigured(reason)
+        if code_to_category(code) not in ("Success", "Warning"):
+            self._failed()
         failed = _failed_list(found)
         for ref in missing:
             listed = " (listed as failed)" if ref.sop_instance_uid in failed else ""

@@ -7,7 +7,9 @@ wait for each other, and the archive's writes never wait for a query (WAL: a rea
 snapshot does not block the writer). What one query answers is the index as it was when
 the query began. An index that does not exist yet (nothing archived yet) answers no
 matches, truly; one that cannot be read answers ``UpstreamUnavailable`` with the reason,
-as does a page that takes longer than the source's ``find_timeout``.
+as does a page that takes longer than the source's ``find_timeout``. Each read of the
+index is timed in ``dicom_bridge_upstream_request_seconds{source="local",
+operation="index"}``, and each that fails counts in ``dicom_bridge_upstream_errors``.
 
 A record carries the attributes the query names (matching and return keys) that the
 index keeps or computes at its level and the levels above (ModalitiesInStudy, the Number
@@ -55,6 +57,7 @@ class LocalSource:
         self.index_path = index_path
         self.metrics = metrics
         self.find_timeout = find_timeout
+        metrics.add_source(self.name, ("index",))
 
     def find(self, query: Query) -> Iterator[Dataset]:
         """The records at ``query.level`` that the index matches, as they are read."""
@@ -89,6 +92,7 @@ class LocalSource:
                 try:
                     row = index.instance(ref.sop_instance_uid)
                 except sqlite3.Error as exc:
+                    self._failed()
                     raise UpstreamUnavailable(f"source {self.name}: cannot read the archive index: {exc}") from exc
                 finally:
                     self.metrics.upstream_latency.labels(self.name, "index").observe(time.monotonic() - started)
@@ -118,8 +122,10 @@ class LocalSource:
                 try:
                     page = next(pages, None)
                 except IndexTimeout as exc:
+                    self._failed()
                     raise UpstreamUnavailable(f"source {self.name}: {exc}") from exc
                 except sqlite3.Error as exc:
+                    self._failed()
                     raise UpstreamUnavailable(f"source {self.name}: cannot read the archive index: {exc}") from exc
                 finally:
                     self.metrics.upstream_latency.labels(self.name, "index").observe(time.monotonic() - started)
@@ -130,10 +136,14 @@ class LocalSource:
             pages.close()
             index.close()
 
+    def _failed(self) -> None:
+        self.metrics.upstream_errors.labels(self.name, "index").inc()
+
     def _open(self) -> ArchiveIndex:
         try:
             return ArchiveIndex(self.index_path, readonly=True, timeout=self.find_timeout)
         except (sqlite3.Error, OSError) as exc:
+            self._failed()
             raise UpstreamUnavailable(
                 f"source {self.name}: cannot open the archive index {self.index_path}: {exc}") from exc
 

@@ -28,6 +28,13 @@ none asked for) stands for every document not returned. Its code is classified: 
 document, configuration, transfer syntax not available, or error
 (``rad69_wire.RegistryError.kind``).
 
+Each request is timed until its answer begins
+(``dicom_bridge_upstream_request_seconds{operation="rad69"}``), and counted in
+``dicom_bridge_upstream_errors{operation="rad69"}`` when it fails as a whole: it raised,
+or its answer is an error status, a SOAP Fault, unreadable, broken off, or a
+RegistryResponse of status Failure. Documents missing from a partial success are not
+counted: the source answered.
+
 Failed documents are tried from the rule's next source by the retrieval. When every
 request failed as a whole and no document came, the first request's ``UpstreamError`` is
 raised instead (the source failed, not its documents). Closed early, the source stops
@@ -102,6 +109,7 @@ class Rad69Source:
         self.metrics = metrics
         self.temp_dir = temp_dir  # where retrieved instances are written (bridge.sources.temp_dir)
         self._pool = ClientPool(settings)
+        metrics.add_source(name, ("rad69",))
 
     # -- the Source protocol ----------------------------------------------------------
 
@@ -193,6 +201,8 @@ class Rad69Source:
                 try:
                     reasons = self._request(batch, pending, run, saml)
                 except UpstreamError as exc:
+                    if not run.stop.is_set():  # else its answer was closed under it: not the source's failure
+                        self._failed()
                     with run.lock:
                         run.whole.append(exc)
                     reasons = {}, f"source {self.name}: {exc.reason}"
@@ -245,7 +255,7 @@ class Rad69Source:
         except AnswerError as exc:
             summary = response.summary(response.read(ERROR_BODY_BYTES))
             response.raise_for_upstream(summary)  # 5xx, 401, 403, a redirect: the source's trouble
-            return {}, f"source {self.name}: RAD-69 {what}: {summary}: {exc}"
+            return self._failure(f"source {self.name}: RAD-69 {what}: {summary}: {exc}")
         try:
             for chunk in response.iter_available(CHUNK):
                 run.progress = time.monotonic()
@@ -258,10 +268,12 @@ class Rad69Source:
             LOGGER.warning("%s: RAD-69 %s: %s: %s", self.name, what, response.summary(), exc)
             if not 200 <= response.status < 300:
                 response.raise_for_upstream()
-            return {}, f"source {self.name}: RAD-69 {what}: {response.summary()}: {exc}"
+            return self._failure(f"source {self.name}: RAD-69 {what}: {response.summary()}: {exc}")
         except UpstreamUnavailable as exc:  # the connection dropped, or no bytes for retrieve_timeout
+            if run.stop.is_set():
+                return {}, "stopped"  # its answer closed under it: nobody waits for the batch
             LOGGER.warning("%s: RAD-69 %s broke off: %s", self.name, what, exc)
-            return {}, f"source {self.name}: RAD-69 {what} broke off: {exc.reason}"
+            return self._failure(f"source {self.name}: RAD-69 {what} broke off: {exc.reason}")
         finally:
             reader.discard()
         return self._reasons(answer, response, what, pending)
@@ -272,11 +284,13 @@ class Rad69Source:
         for problem in answer.problems:
             LOGGER.warning("%s: RAD-69 %s: %s", self.name, what, problem)
         if answer.fault:
-            return {}, f"source {self.name}: RAD-69 SOAP Fault (HTTP {response.status}): {answer.fault}"
+            return self._failure(f"source {self.name}: RAD-69 SOAP Fault (HTTP {response.status}): {answer.fault}")
         if not 200 <= response.status < 300:
             response.raise_for_upstream()
-            return {}, f"source {self.name}: RAD-69 {what}: {response.summary()}"
+            return self._failure(f"source {self.name}: RAD-69 {what}: {response.summary()}")
         status = rad69_wire.status_kind(answer.status)
+        if status == "Failure":
+            self._failed()
         for error in answer.errors:
             log = LOGGER.info if error.warning else LOGGER.warning
             log("%s: RAD-69 %s: %s %s at %s", self.name, what, error.severity.rpartition(":")[2] or "error",
@@ -293,6 +307,14 @@ class Rad69Source:
             by_uid.setdefault(uid, f"source {self.name}: RAD-69 {status}: its DocumentResponse came without "
                                    "its document")
         return by_uid, general or f"source {self.name}: RAD-69 {status}: not in the answer"
+
+    def _failure(self, reason: str) -> tuple[dict[str, str], str]:
+        """A request that failed as a whole (counted): each of its documents fails with ``reason``."""
+        self._failed()
+        return {}, reason
+
+    def _failed(self) -> None:
+        self.metrics.upstream_errors.labels(self.name, "rad69").inc()
 
     def _deliver(self, document: Document, pending: dict[str, InstanceRef], run: _Run) -> None:
         """Hand over ``document`` when it is one of ``pending`` and its file is what was asked for."""
