@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import admin, errors, health, qr
 from bridge.api.deps import api_state, runtime
-from bridge.api.errors import CORRELATION_HEADER, BodyTooLarge, correlation_id
+from bridge.api.errors import CORRELATION_HEADER, BodyTooLarge, correlation_id, printable
 from bridge.api.state import ApiState
 
 LOGGER = logging.getLogger("bridge.api")
@@ -130,7 +130,7 @@ class _Front:
         finally:
             state = scope.get("state", {})
             client = scope.get("client") or ("?", 0)
-            LOGGER.info("api: %s %s by %s from %s: %d in %.0f ms [%s]", scope["method"], scope["path"],
+            LOGGER.info("api: %s %s by %s from %s: %d in %.0f ms [%s]", scope["method"], printable(scope["path"]),
                         state.get("caller", "(not authenticated)"), client[0], status,
                         (time.monotonic() - started) * 1000, cid)
 

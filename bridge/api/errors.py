@@ -1,18 +1,23 @@
 """What a failed request answers: ``{"message": ..., "correlation_id": ...}`` with its
 status, the same ID in the ``X-Correlation-ID`` header and in the log line of the call.
 The message says what is wrong in the request or upstream, never an exception's text:
-an unexpected error answers 500 with the ID only, and its traceback is logged under it."""
+an unexpected error answers 500 with the ID only, and its traceback is logged under it.
+(A queue database error answers 503 with SQLite's few words, ``database is locked``:
+what an administrator acts on.) The OpenAPI document says so: 400 where FastAPI would
+say 422, and the error body's schema (``ErrorAnswer``)."""
 
 from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 LOGGER = logging.getLogger("bridge.api")
@@ -33,11 +38,31 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ErrorAnswer(BaseModel):
+    """The body of every error answer."""
+
+    message: str = Field(description="what is wrong; a 400 names the field")
+    correlation_id: str = Field(description="the call's ID: the daemon's log line of the call has it too")
+    errors: list[str] | None = Field(None, description="400: every problem, each naming its field")
+
+
+def error_answers(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route or router: these error statuses, each with its description
+    and the ``ErrorAnswer`` body."""
+    return {status: {"model": ErrorAnswer, "description": text} for status, text in statuses.items()}
+
+
 class BodyTooLarge(Exception):
     """A request body (chunked, so of no declared length) went past the limit."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"a request body may have at most {limit} bytes")
+
+
+def printable(text: str) -> str:
+    """``text`` for a log line: control characters escaped, so that a request's path with
+    a newline in it cannot forge a line of its own."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def correlation_id(request: Request) -> str:
@@ -63,7 +88,7 @@ def install(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         if exc.status >= 500:
-            LOGGER.warning("%s %s [%s]: %d %s", request.method, request.url.path, correlation_id(request),
+            LOGGER.warning("%s %s [%s]: %d %s", request.method, printable(request.url.path), correlation_id(request),
                            exc.status, exc.message)
         return error_response(request, exc.status, exc.message, exc.detail, exc.headers)
 
@@ -79,20 +104,57 @@ def install(app: FastAPI) -> None:
     async def too_large(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, 413, str(exc))
 
+    async def queue_failed(request: Request, exc: Exception) -> JSONResponse:
+        LOGGER.warning("%s %s [%s]: 503: the queue database: %s", request.method, printable(request.url.path),
+                       correlation_id(request), exc)
+        return error_response(request, 503, f"the queue database cannot be used now ({exc}); try again")
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         cid = correlation_id(request)
-        LOGGER.error("%s %s [%s] failed", request.method, request.url.path, cid, exc_info=exc)
+        LOGGER.error("%s %s [%s] failed", request.method, printable(request.url.path), cid, exc_info=exc)
         return error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(sqlite3.Error, queue_failed)
     app.add_exception_handler(Exception, unexpected)
+    _document_400(app)
+
+
+def _document_400(app: FastAPI) -> None:
+    """The OpenAPI document: 400 with ``ErrorAnswer`` where FastAPI puts its 422 (which
+    ``install`` turns into 400), and without FastAPI's validation error schemas."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        invalid = error_answers({400: "the request is not valid: the message names the field"})[400]
+        ref = {"$ref": "#/components/schemas/ErrorAnswer"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {"description": invalid["description"],
+                                        "content": {"application/json": {"schema": ref}}}
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        schemas.setdefault("ErrorAnswer", ErrorAnswer.model_json_schema(ref_template="#/components/schemas/{model}"))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _problem(error: dict[str, Any]) -> str:
     """``field: what is wrong``, the field as a dotted path from the body (or the query)."""
+    if error.get("type") == "json_invalid":  # its location is the character, not a field
+        where = error.get("loc", ("body", 0))[-1]
+        return f"body: not JSON: {error.get('ctx', {}).get('error', 'invalid')} (at character {where})"
     loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
     where = ".".join(loc) or "body"
     message = str(error.get("msg", "invalid"))
