@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import admin, errors, health, qr
 from bridge.api.deps import api_state, runtime
-from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id
+from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id, printable
 from bridge.api.state import ApiState
 
 LOGGER = logging.getLogger("bridge.api")
@@ -79,7 +79,7 @@ def build(state: ApiState, body_timeout: float = 10.0) -> ASGIApp:
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, saying what the app answers: 400 (not FastAPI's 422) for a
-    request that is not valid, and every error's body (``errors.ErrorBody``)."""
+    request that is not valid, and every error's body (``errors.ErrorAnswer``)."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -88,8 +88,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
-    schemas["ErrorBody"] = errors.ErrorBody.model_json_schema()
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    schemas.setdefault("ErrorAnswer", errors.ErrorAnswer.model_json_schema(
+        ref_template="#/components/schemas/{model}"))
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}}
     for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
@@ -164,7 +165,7 @@ class _Front:
         finally:
             state = scope.get("state", {})
             client = scope.get("client") or ("?", 0)
-            LOGGER.info("api: %s %s by %s from %s: %d in %.0f ms [%s]", scope["method"], scope["path"],
+            LOGGER.info("api: %s %s by %s from %s: %d in %.0f ms [%s]", scope["method"], printable(scope["path"]),
                         state.get("caller", "(not authenticated)"), client[0], status,
                         (time.monotonic() - started) * 1000, cid)
 

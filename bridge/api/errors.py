@@ -1,12 +1,16 @@
 """What a failed request answers: ``{"message": ..., "correlation_id": ...}`` with its
 status, the same ID in the ``X-Correlation-ID`` header and in the log line of the call.
 The message says what is wrong in the request or upstream, never an exception's text:
-an unexpected error answers 500 with the ID only, and its traceback is logged under it."""
+an unexpected error answers 500 with the ID only, and its traceback is logged under it.
+(A queue database error answers 503 with SQLite's few words, ``database is locked``:
+what an administrator acts on.) The OpenAPI document says so: 400 where FastAPI would
+say 422, and the error body's schema (``ErrorAnswer``)."""
 
 from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import uuid
 from typing import Any
 
@@ -23,12 +27,18 @@ CORRELATION_HEADER = "X-Correlation-ID"
 _GIVEN_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 
 
-class ErrorBody(BaseModel):
-    """What every error answers."""
+class ErrorAnswer(BaseModel):
+    """The body of every error answer."""
 
-    message: str = Field(description="what went wrong, for people")
-    correlation_id: str = Field(description="the request's ID, also in X-Correlation-ID and the daemon's log")
-    errors: list[str] | None = Field(None, description="with 400: every problem, each naming its field")
+    message: str = Field(description="what is wrong; a 400 names the field")
+    correlation_id: str = Field(description="the call's ID: the daemon's log line of the call has it too")
+    errors: list[str] | None = Field(None, description="400: every problem, each naming its field")
+
+
+def error_answers(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route or router: these error statuses, each with its description
+    and the ``ErrorAnswer`` body."""
+    return {status: {"model": ErrorAnswer, "description": text} for status, text in statuses.items()}
 
 
 class ApiError(Exception):
@@ -61,6 +71,12 @@ class BodyTimeout(HTTPException):
         super().__init__(408, f"the request body paused for more than {limit:g}s", {"Connection": "close"})
 
 
+def printable(text: str) -> str:
+    """``text`` for a log line: control characters escaped, so that a request's path with
+    a newline in it cannot forge a line of its own."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def correlation_id(request: Request) -> str:
     """The request's correlation ID: the client's ``X-Correlation-ID`` when it is a sane
     one, else a new one; set once by the middleware (``bridge.api.app``)."""
@@ -84,13 +100,18 @@ def install(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         if exc.status >= 500:
-            LOGGER.warning("%s %s [%s]: %d %s", request.method, request.url.path, correlation_id(request),
+            LOGGER.warning("%s %s [%s]: %d %s", request.method, printable(request.url.path), correlation_id(request),
                            exc.status, exc.message)
         return error_response(request, exc.status, exc.message, exc.detail, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         return error_response(request, exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    async def queue_failed(request: Request, exc: Exception) -> JSONResponse:
+        LOGGER.warning("%s %s [%s]: 503: the queue database: %s", request.method, printable(request.url.path),
+                       correlation_id(request), exc)
+        return error_response(request, 503, f"the queue database cannot be used now ({exc}); try again")
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -101,6 +122,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(sqlite3.Error, queue_failed)
     # Not an exception handler for Exception: Starlette calls that one and raises the
     # exception again, for the server to log a second time.
     app.add_middleware(_Unexpected)
@@ -129,7 +151,8 @@ class _Unexpected:
         except Exception as exc:  # noqa: BLE001 - the one place that turns any error into a 500
             request = Request(scope)
             cid = correlation_id(request)
-            LOGGER.error("%s %s [%s] failed", scope.get("method"), scope.get("path"), cid, exc_info=exc)
+            LOGGER.error("%s %s [%s] failed", scope.get("method"), printable(str(scope.get("path"))), cid,
+                         exc_info=exc)
             if not started:  # else the answer is cut short, and the client sees it
                 response = error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
                 await response(scope, receive, send)
@@ -137,6 +160,9 @@ class _Unexpected:
 
 def _problem(error: dict[str, Any]) -> str:
     """``field: what is wrong``, the field as a dotted path from the body (or the query)."""
+    if error.get("type") == "json_invalid":  # its location is the character, not a field
+        where = error.get("loc", ("body", 0))[-1]
+        return f"body: not JSON: {error.get('ctx', {}).get('error', 'invalid')} (at character {where})"
     loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")]
     where = ".".join(loc) or "body"
     message = str(error.get("msg", "invalid"))

@@ -21,18 +21,18 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, DataDir, load_config
 from bridge.config.units import parse_duration
 from bridge.errors import ConfigError
-from bridge.forward.queue import CANCELLED, DEAD, DONE, PENDING, RESUME, STATES, Queue, Row, RowFilter
+from bridge.forward import admin
+from bridge.forward.admin import PURGED_BY_DEFAULT
+from bridge.forward.queue import PENDING, RESUME, STATES, Queue, Row, RowFilter
 from bridge.forward.spool import Spool
 
 NOT_IN_CONFIG = "(not in config)"
-PURGED_BY_DEFAULT = (DONE, CANCELLED, DEAD)
 
 
 class _Refused(Exception):
@@ -244,29 +244,7 @@ def _health(name: str, states: dict[str, dict[str, Any]], known: set[str]) -> st
 
 def _as_json(rows: list[Row], counts: dict[tuple[str, str], int], states: dict[str, dict[str, Any]],
              known: set[str], pid: int | None) -> dict[str, Any]:
-    now = time.time()
-    destinations: dict[str, Any] = {}
-    for (name, state), n in sorted(counts.items()):
-        entry = destinations.setdefault(name, {"in_config": name in known, "counts": {},
-                                               "state": states.get(name, {}).get("state"),
-                                               "reason": states.get(name, {}).get("reason")})
-        entry["counts"][state] = n
-    return {
-        "daemon": {"running": pid is not None, "pid": pid},
-        "matching": sum(counts.values()),
-        "destinations": destinations,
-        "rows": [{
-            "id": r.id, "destination": r.destination, "in_config": r.destination in known, "state": r.state,
-            "attempts": r.attempts, "priority": r.priority, "age_seconds": round(now - r.age_from, 3),
-            "received_at": _iso(r.received_at), "done_at": _iso(r.done_at), "last_error": r.last_error,
-            # a retried row is due from its retry on (its next attempt is 0: at once)
-            "next_attempt_at": _iso(max(r.next_attempt_at, r.age_from)) if r.state == PENDING else None,
-            "study_uid": r.instance.study_uid, "series_uid": r.instance.series_uid,
-            "sop_instance_uid": r.instance.sop_instance_uid, "sop_class_uid": r.instance.sop_class_uid,
-            "patient_id": r.instance.patient_id, "accession_number": r.instance.accession_number,
-            "calling_ae": r.instance.calling_ae, "size": r.instance.size,
-        } for r in rows],
-    }
+    return {"daemon": {"running": pid is not None, "pid": pid}, **admin.listing(rows, counts, states, known)}
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -287,10 +265,10 @@ def _show(args: argparse.Namespace) -> int:
         fields = [
             ("destination", _destination(row.destination, known)), ("state", row.state),
             ("attempts", str(row.attempts)), ("priority", str(row.priority)),
-            ("received", _iso(row.received_at)), ("retried", _iso(row.age_from) if row.age_from != row.received_at
-                                                   else None),
-            ("next attempt", _iso(max(row.next_attempt_at, row.age_from)) if row.state == PENDING else None),
-            ("done", _iso(row.done_at)), ("patient id", i.patient_id), ("accession", i.accession_number),
+            ("received", admin.iso(row.received_at)),
+            ("retried", admin.iso(row.age_from) if row.age_from != row.received_at else None),
+            ("next attempt", admin.iso(max(row.next_attempt_at, row.age_from)) if row.state == PENDING else None),
+            ("done", admin.iso(row.done_at)), ("patient id", i.patient_id), ("accession", i.accession_number),
             ("study", i.study_uid), ("series", i.series_uid), ("sop instance", i.sop_instance_uid),
             ("sop class", i.sop_class_uid), ("transfer syntax", i.transfer_syntax), ("size", f"{i.size} bytes"),
             ("sha-256", i.sha256), ("calling ae", i.calling_ae), ("called ae", i.called_ae), ("peer", i.peer),
@@ -324,12 +302,6 @@ def _age(seconds: float) -> str:
     return f"{max(0, int(seconds))}s"
 
 
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
-
-
 # -- retry, purge, resume --------------------------------------------------------------
 
 
@@ -359,16 +331,10 @@ def _purge(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     spool = Spool(DataDir(config.data_dir))
     with closing(_open(config)) as queue:
-        purged, releasable = queue.purge(where)
-    deleted = 0
-    for path in releasable:
-        if path.is_relative_to(spool.root) and path.exists():  # rows name files in this spool only
-            spool.discard(path)
-            if not path.exists():
-                deleted += 1
-    detail = ", ".join(f"{d} {s} {n}" for (d, s), n in sorted(purged.items()))
-    print(f"purged {sum(purged.values())} row(s)" + (f": {detail}" if detail else ""))
-    print(f"deleted {deleted} spool file(s) that no row needs any more")
+        purged = admin.purge(queue, spool, where)
+    detail = ", ".join(f"{d} {s} {n}" for (d, s), n in sorted(purged.rows.items()))
+    print(f"purged {sum(purged.rows.values())} row(s)" + (f": {detail}" if detail else ""))
+    print(f"deleted {purged.files} spool file(s) that no row needs any more")
     return 0
 
 

@@ -181,6 +181,12 @@ class DestinationRunner:
         """Whether a worker is still running (after ``stop``: a batch still in flight)."""
         return any(thread.is_alive() for thread in self._threads)
 
+    def status(self) -> tuple[str, str, float]:
+        """``(state, reason, until)`` read together; ``until`` (a time) is when a back-off
+        ends, else 0."""
+        with self._cond:
+            return self.state, self.reason, self.until
+
     def resume(self) -> None:
         """Back to up, now: a reload or ``queue resume`` says the cause may be gone."""
         with self._cond:

@@ -723,10 +723,12 @@ class RowFilter:
     accession_number: str | None = None
     patient_id: str | None = None
     older_than: float | None = None  # seconds since arrival, or since the row was last retried
+    ids: tuple[int, ...] | None = None  # these rows only
 
     def narrows(self) -> bool:
         """Whether anything but the state narrows the rows down (a guard against "all of them")."""
-        fields = (self.destination, self.study_uid, self.accession_number, self.patient_id, self.older_than)
+        fields = (self.destination, self.study_uid, self.accession_number, self.patient_id, self.older_than,
+                  self.ids)
         return any(value is not None for value in fields)
 
     def sql(self, now: float) -> tuple[str, list[Any]]:
@@ -744,4 +746,8 @@ class RowFilter:
         if self.older_than is not None:
             clauses.append("coalesce(retried_at, received_at) < ?")
             params.append(now - self.older_than)
+        if self.ids is not None:
+            # one parameter however many ids: SQLite limits the parameters of a statement
+            clauses.append("id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(self.ids)))
         return " AND ".join(clauses), params
