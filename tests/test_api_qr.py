@@ -415,3 +415,25 @@ def test_retrievals_beyond_the_limit_answer_503(daemon: Daemon, slow: tuple[Fake
     assert "4 retrievals are being answered already" in answer["message"]
     assert headers["Retry-After"] == "5"
     assert set(received.received()) == {study.instances[0].sop_instance_uid}
+
+
+def test_made_up_requests_get_no_500(daemon: Daemon, received: MoveDestination) -> None:
+    """Requests made up from the OpenAPI document, valid and broken, through real sources
+    (schemathesis' job, tests/openapi_fuzz.py): no 5xx but the documented 502 and 503,
+    every error a JSON body with its correlation ID."""
+    import openapi_fuzz as fuzz
+
+    document = fuzz.get_json(daemon.url, "/openapi.json")
+    hints = {"source": ["pacs", "web", "down"], "destination": ["viewer", "VIEWERSCP", "gone"],
+             "level": ["STUDY", "SERIES", "IMAGE", "PATIENT"]}
+    report = fuzz.fuzz(daemon.url, document, headers={"Authorization": f"Bearer {TOKEN}"},
+                       prefix="/api", per_operation=60, hints=hints, strict=True, budget=60,
+                       limits={"/api/queue": 0, "/api/queue/rows": 0, "/api/dead-letters": 0,
+                               "/api/dead-letters/retry": 0, "/api/dead-letters/purge": 0, "/api/destinations": 0,
+                               "/api/destinations/{name}/resume": 0, "/api/reload": 0})
+    assert not report.problems, report.describe()
+    assert report.sent >= 100, report.describe()
+    statuses = {status for by_status in report.statuses.values() for status in by_status}
+    assert 200 in statuses and 400 in statuses, report.describe()
+    assert daemon.bridge.proc is not None and daemon.bridge.proc.poll() is None
+    assert "Traceback" not in daemon.bridge.log()
