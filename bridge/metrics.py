@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# No ``*_created`` series beside every counter and histogram: they double what a scrape
+# carries, and neither the dashboard nor the alerts read them.
+disable_created_metrics()
 
 MAX_CALLING_AES = 50
 DESTINATION_STATES = ("up", "backing_off", "suspended")
