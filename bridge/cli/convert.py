@@ -14,10 +14,12 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bridge.static.recompress import TARGETS
-from bridge.static.tree import Result, StaticTree
+from bridge.config.destinations import RECOMPRESS_SYNTAXES
+
+if TYPE_CHECKING:
+    from bridge.static.tree import Result
 
 BATCH = 50
 
@@ -34,14 +36,18 @@ def register(commands: Any) -> None:
                     "written.")
     convert.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="DICOM files or folders")
     convert.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="the tree's root folder")
-    convert.add_argument("--recompress", choices=list(TARGETS), metavar="SYNTAX",
+    convert.add_argument("--recompress", choices=list(RECOMPRESS_SYNTAXES), metavar="SYNTAX",
                          help="write native and lossless JPEG 2000 frames in this lossless syntax: "
-                              f"{', '.join(TARGETS)} (an image the encoder cannot take is written as it is, "
-                              "with a warning); default: every frame in its own syntax")
+                              f"{', '.join(RECOMPRESS_SYNTAXES)} (an image the encoder cannot take is written as "
+                              "it is, with a warning); default: every frame in its own syntax")
     convert.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the codecs it loads take a third of a second, which every other
+    # command of dicom-bridge would pay at start.
+    from bridge.static.tree import StaticTree
+
     missing = [p for p in args.inputs if not p.exists()]
     for path in missing:
         print(f"{path}: no such file or folder", file=sys.stderr)

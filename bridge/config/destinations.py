@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator
 from pydicom.datadict import keyword_dict
@@ -15,6 +15,10 @@ from bridge.config.errors import hint
 from bridge.config.nodes import HttpPeer
 from bridge.config.units import parse_size
 from bridge.config.values import ByteSize, Duration, Model
+
+# The lossless syntaxes a static tree's frames may be written in (bridge.static.recompress).
+Recompress = Literal["jpeg-ls", "rle", "jpeg2000-lossless"]
+RECOMPRESS_SYNTAXES: tuple[str, ...] = get_args(Recompress)
 
 # The first path segments the daemon's HTTP server answers itself (bridge.api.app).
 RESERVED_HTTP_PATHS = ("api", "metrics", "healthz", "readyz", "version", "docs", "redoc", "openapi.json")
@@ -112,7 +116,7 @@ class StaticDestination(DestinationBase):
     type: Literal["static"]
     batch: Batch = Field(default_factory=_local_batch)
     path: str = Field(description="the tree's root folder")
-    recompress: Literal["jpeg-ls", "rle", "jpeg2000-lossless"] | None = Field(
+    recompress: Recompress | None = Field(
         None, description="write native and lossless JPEG 2000 frames in this lossless syntax (docs/static.md)")
     serve: str | None = Field(
         None, description="serve the tree read-only at this path of the daemon's HTTP server, e.g. /static/viewer "

@@ -46,10 +46,12 @@ from pydicom.pixels import get_decoder, get_encoder
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from bridge.config.destinations import RECOMPRESS_SYNTAXES
 from bridge.static import frames as framing
 
 TARGETS: dict[str, UID] = {"jpeg-ls": JPEGLSLossless, "rle": RLELossless, "jpeg2000-lossless": JPEG2000Lossless}
 """The syntaxes frames may be recompressed to, by the name the config and CLI use."""
+assert set(TARGETS) == set(RECOMPRESS_SYNTAXES), "bridge.config.destinations.Recompress names other syntaxes"
 
 Encode = Callable[[framing.Frame], framing.Frame]
 _FROM_J2K = {"YBR_RCT": "RGB", "YBR_ICT": "RGB"}
