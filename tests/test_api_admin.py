@@ -273,3 +273,20 @@ def test_made_up_requests_from_the_openapi_document_get_sane_answers(tmp_path, b
     wait_for(lambda: "x\\r\\n2026-01-01 00:00:00 FORGED/resume by ops" in bridge.log(), 5, "the call logged")
     stray = [line for line in bridge.log().splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:", line)]
     assert not stray, stray[:5]
+
+
+def test_a_reload_reads_the_token_file_again_and_keeps_the_old_one_when_the_new_is_broken(tmp_path,
+                                                                                        bridge_factory):
+    bridge = bridge_factory(with_api(tmp_path, config({"out": folder(tmp_path / "out")})))
+    api = Api(bridge)
+    token_file = Path(bridge.config["http"]["token_file"])
+    new = "rotated-0123456789abcdef0123"
+    token_file.write_text(f"ops {new}\n")
+    assert api.post("/api/reload") == {"reloaded": True}
+    assert api.call("GET", "/api/queue", token=new).status == 200
+    assert api.call("GET", "/api/queue", token=OPS).status == 401
+    token_file.write_text("ops short\n")  # a reload must not lock everyone out
+    answer = api.call("POST", "/api/reload", token=new)
+    assert answer.status == 409, answer.body
+    assert "http.token_file" in answer.json()["message"] and "line 1" in answer.json()["message"]
+    assert api.call("GET", "/api/queue", token=new).status == 200
