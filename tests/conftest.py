@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,26 @@ def bridge_factory(tmp_path: Path):
     for bridge in started:
         if bridge.proc is not None and bridge.proc.poll() is None:
             bridge.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory, shared_config: dict) -> Iterator[Bridge]:
+    """One daemon for the tests of a module that neither change its configuration (the
+    module's ``shared_config`` fixture) nor stop it; tests take it as ``shared_bridge``."""
+    bridge = Bridge(tmp_path_factory.mktemp("shared-bridge"), shared_config).start()
+    yield bridge
+    if bridge.proc is not None and bridge.proc.poll() is None:
+        bridge.kill()
+
+
+@pytest.fixture
+def shared_bridge(shared_daemon: Bridge) -> Iterator[Bridge]:
+    """The module's shared daemon; its ``log()`` holds this test's lines only, and it must
+    still run when the test is done (else the tests after it would fail for this one)."""
+    shared_daemon.skip_log()
+    yield shared_daemon
+    assert shared_daemon.proc is not None and shared_daemon.proc.poll() is None, \
+        f"the shared daemon ended during this test:\n{shared_daemon.log()[-3000:]}"
 
 
 @pytest.fixture

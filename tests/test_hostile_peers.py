@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from corpus import ct_series, data_set_bytes
-from peers import echoscu, wait_for
+from peers import Bridge, echoscu, wait_for
 from rawpeer import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -39,13 +40,25 @@ MEMORY_CEILING = 300 * 1024 * 1024  # bytes, resident, whatever the peers send
 MAX_PDU = 16384
 
 
-def config(tmp_path: Path, **listen: object) -> dict:
+def config(**listen: object) -> dict:
     return {
         "ae_title": "BRIDGE",
         "destinations": {"archive": {"type": "archive"}},
         "rules": [{"name": "everything", "store": ["archive"]}],
         "listen": {"max_pdu": MAX_PDU, **listen},
     }
+
+
+@pytest.fixture(scope="module")
+def shared_config() -> dict:
+    return config()
+
+
+@pytest.fixture
+def bridge(shared_bridge: Bridge) -> Bridge:
+    """The daemon of the tests that need no setting of their own: one for the module, the
+    peers are what each test brings."""
+    return shared_bridge
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -82,8 +95,7 @@ def send_store(peer: RawPeer, command: bytes, data_set: bytes, context_id: int =
 # -- point 4: PDU lengths --------------------------------------------------------------
 
 
-def test_an_association_request_announcing_4_gib_is_aborted_unread(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path))
+def test_an_association_request_announcing_4_gib_is_aborted_unread(bridge):
     peer = RawPeer(bridge.port)
     try:
         rq = associate_rq([(1, VERIFICATION, EXPLICIT_LE)])
@@ -98,8 +110,7 @@ def test_an_association_request_announcing_4_gib_is_aborted_unread(tmp_path, bri
     assert "127.0.0.1" in next(line for line in bridge.log().splitlines() if "4294967280" in line)
 
 
-def test_a_p_data_longer_than_the_announced_maximum_is_aborted_unread(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path))
+def test_a_p_data_longer_than_the_announced_maximum_is_aborted_unread(tmp_path, bridge):
     peer = RawPeer(bridge.port)
     try:
         assert peer.associate([(1, CT_IMAGE, EXPLICIT_LE)]) == [1]
@@ -125,10 +136,9 @@ def test_a_p_data_longer_than_the_announced_maximum_is_aborted_unread(tmp_path, 
     assert "P-DATA-TF PDU of 8388608 bytes announced, more than the" in bridge.log()
 
 
-def test_an_a_abort_with_a_source_out_of_range_ends_the_association(tmp_path, bridge_factory):
+def test_an_a_abort_with_a_source_out_of_range_ends_the_association(bridge):
     """pynetdicom decoded it, then failed to convert it in the state machine, which ended
     the network thread: the association stayed open with nobody reading it."""
-    bridge = bridge_factory(config(tmp_path))
     peer = RawPeer(bridge.port)
     try:
         assert peer.associate([(1, CT_IMAGE, EXPLICIT_LE)]) == [1]
@@ -176,8 +186,8 @@ def _pdu_fuzz_case(rng: random.Random, port: int) -> list[bytes]:
     return [good_rq, *rng.sample(after, rng.randrange(1, 4))]
 
 
-def test_pdu_fuzz_keeps_memory_bounded_and_the_daemon_serving(tmp_path, bridge_factory, fuzz_seconds):
-    bridge = bridge_factory(config(tmp_path, max_associations=64, max_pending_connections=64))
+def test_pdu_fuzz_keeps_memory_bounded_and_the_daemon_serving(bridge_factory, fuzz_seconds):
+    bridge = bridge_factory(config(max_associations=64, max_pending_connections=64))
     pid = bridge.proc.pid
     rng = random.Random(20261205)
     open_peers: list[socket.socket] = []
@@ -214,10 +224,9 @@ def test_pdu_fuzz_keeps_memory_bounded_and_the_daemon_serving(tmp_path, bridge_f
 # -- point 5: idle connections -----------------------------------------------------------
 
 
-def test_idle_connections_take_no_association_slot(tmp_path, bridge_factory):
+def test_idle_connections_take_no_association_slot(bridge):
     """50 connections that never ask for an association (more than the 32 associations
     allowed): a modality's echo is still answered at once."""
-    bridge = bridge_factory(config(tmp_path))
     idle = [socket.create_connection(("127.0.0.1", bridge.port), timeout=5) for _ in range(50)]
     try:
         for _ in range(3):
@@ -230,11 +239,10 @@ def test_idle_connections_take_no_association_slot(tmp_path, bridge_factory):
             sock.close()
 
 
-def test_the_listen_backlog_takes_a_burst_of_modalities(tmp_path, bridge_factory):
+def test_the_listen_backlog_takes_a_burst_of_modalities(bridge):
     """The kernel's queue of connections waiting for accept() (ss shows its size as
     Send-Q of a listening socket): 128, not socketserver's 5, with which 300 modalities
     connecting at once took 47 s to be accepted."""
-    bridge = bridge_factory(config(tmp_path))
     listening = subprocess.run(["ss", "-Hltn", f"sport = :{bridge.port}"], capture_output=True, text=True,
                                check=True).stdout.split()
     assert int(listening[2]) >= 128, listening
@@ -250,14 +258,14 @@ def assert_closed_by_the_bridge(sock: socket.socket, within: float) -> None:
     assert time.monotonic() - started < within
 
 
-def test_an_idle_connection_is_closed_after_the_association_request_deadline(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path, timeouts={"association_request": "1s"}))
+def test_an_idle_connection_is_closed_after_the_association_request_deadline(bridge_factory):
+    bridge = bridge_factory(config(timeouts={"association_request": "1s"}))
     with socket.create_connection(("127.0.0.1", bridge.port), timeout=20) as idle:
         assert_closed_by_the_bridge(idle, within=5)
 
 
-def test_connections_beyond_the_pending_bound_are_closed_at_once(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path, max_pending_connections=5))
+def test_connections_beyond_the_pending_bound_are_closed_at_once(bridge_factory):
+    bridge = bridge_factory(config(max_pending_connections=5))
     idle = [socket.create_connection(("127.0.0.1", bridge.port), timeout=5) for _ in range(5)]
     try:
         assert "closed at once" not in bridge.log()
@@ -289,8 +297,7 @@ def _store(tmp_path: Path, bridge, elements: dict[int, bytes] | None = None, com
         peer.close()
 
 
-def test_a_non_ascii_sop_instance_uid_gets_a_status(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path))
+def test_a_non_ascii_sop_instance_uid_gets_a_status(tmp_path, bridge):
     got = _store(tmp_path, bridge, {0x1000: "1.2.3.\u00e9".encode("latin-1") + b"4"})
     assert got.kind == "status" and got.status == 0xC000, got
     assert "Affected SOP Instance UID is not ASCII" in got.comment
@@ -298,16 +305,14 @@ def test_a_non_ascii_sop_instance_uid_gets_a_status(tmp_path, bridge_factory):
     assert_serving(bridge.port)
 
 
-def test_a_uid_longer_than_64_characters_gets_a_status(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path))
+def test_a_uid_longer_than_64_characters_gets_a_status(tmp_path, bridge):
     got = _store(tmp_path, bridge, {0x1000: ("1." * 40)[:-1].encode() + b"\x00"})
     assert got.kind == "status" and got.status == 0xC000, got
     assert "longer than 64" in got.comment
     assert_serving(bridge.port)
 
 
-def test_a_zero_filled_command_is_aborted_and_logged_with_the_peer(tmp_path, bridge_factory):
-    bridge = bridge_factory(config(tmp_path))
+def test_a_zero_filled_command_is_aborted_and_logged_with_the_peer(tmp_path, bridge):
     got = _store(tmp_path, bridge, command=bytes(120))
     assert got.kind in ("abort",), got
     wait_for(lambda: "A-ABORT to 127.0.0.1:" in bridge.log(), 10, "the log line naming the peer")
@@ -346,8 +351,7 @@ def _mutated_command(rng: random.Random, uid: str) -> bytes:
     return command
 
 
-def test_command_fuzz_every_store_gets_a_status_or_an_abort(tmp_path, bridge_factory, fuzz_seconds):
-    bridge = bridge_factory(config(tmp_path))
+def test_command_fuzz_every_store_gets_a_status_or_an_abort(tmp_path, bridge, fuzz_seconds):
     rng = random.Random(14)
     uid, ct = a_ct(tmp_path)
     deadline = time.monotonic() + fuzz_seconds
@@ -374,8 +378,7 @@ def test_command_fuzz_every_store_gets_a_status_or_an_abort(tmp_path, bridge_fac
     assert_serving(bridge.port)
 
 
-def test_a_well_formed_store_still_succeeds_over_the_raw_peer(tmp_path, bridge_factory):
+def test_a_well_formed_store_still_succeeds_over_the_raw_peer(tmp_path, bridge):
     """The fuzz's own baseline: its unmutated request is stored."""
-    bridge = bridge_factory(config(tmp_path))
     got = _store(tmp_path, bridge)
     assert got.kind == "status" and got.status == 0x0000, got
