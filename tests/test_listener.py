@@ -15,6 +15,11 @@ from rawpeer import IMPLICIT_LE, VERIFICATION, RawPeer, command_set, element, p_
 from test_store import dcm_files, folder_config
 
 
+@pytest.fixture(scope="module")
+def shared_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return folder_config(tmp_path_factory.mktemp("listener") / "out")
+
+
 def test_echo_and_the_embedded_listener_settings(bridge_factory):
     bridge = bridge_factory(folder_config(Path("/nonexistent-never-written")))
     result = echoscu(bridge.port)
@@ -84,10 +89,10 @@ def test_too_many_associations_are_refused_transiently(tmp_path, bridge_factory)
     assert "too many associations (A-ASSOCIATE-RJ 2/3/2)" in bridge.log()
 
 
-def test_echoes_and_stores_interleaved_on_one_association(tmp_path, bridge_factory, raw_scu):
+def test_echoes_and_stores_interleaved_on_one_association(tmp_path, shared_bridge, raw_scu):
     """C-ECHO is served by the association's own thread, C-STORE by its network thread
     (bridge.dimse.pynetdicom_overrides): taking turns on one association, each gets its answer."""
-    bridge = bridge_factory(folder_config(tmp_path / "out"))
+    bridge = shared_bridge
     files = ct_series(tmp_path / "ct", 3)
     raw_scu.add_requested_context("1.2.840.10008.1.1")
     raw_scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
@@ -111,10 +116,10 @@ _UNSERVED = {
 
 
 @pytest.mark.parametrize("message", list(_UNSERVED))
-def test_a_message_no_service_of_the_listener_answers_is_aborted(tmp_path, bridge_factory, message):
+def test_a_message_no_service_of_the_listener_answers_is_aborted(shared_bridge, message):
     """On an accepted context, a request of a service the listener does not provide (or a
     response, which nothing asked for) gets an A-ABORT, not silence; the listener goes on."""
-    bridge = bridge_factory(folder_config(tmp_path / "out"))
+    bridge = shared_bridge
     command_field, values = _UNSERVED[message]
     peer = RawPeer(bridge.port)
     try:
