@@ -91,14 +91,14 @@ def test_delivery_goes_on_by_itself_after_the_queue_was_locked(tmp_path, bridge_
 def test_a_destination_that_comes_back_is_probed_and_delivered_to_within_seconds(tmp_path, orthanc_factory,
                                                                                  bridge_factory):
     """Orthanc is down while images arrive: its DICOMweb and DIMSE destinations back off
-    for a minute. Probed every few seconds (OPTIONS, C-ECHO), both deliver within seconds
-    of Orthanc's return, not when the back-off ends."""
+    for a minute. Probed every second (OPTIONS, C-ECHO), both deliver within seconds of
+    Orthanc's return, not when the back-off ends."""
     orthanc = orthanc_factory(aet="PACS")
     orthanc.stop()
     bridge = bridge_factory({
         "nodes": {"PACS": {"host": "127.0.0.1", "port": orthanc.dicom_port}},
-        "destinations": {"web": {"type": "dicomweb", "url": orthanc.dicomweb},
-                         "pacs": {"type": "dimse", "node": "PACS"}},
+        "destinations": {"web": {"type": "dicomweb", "url": orthanc.dicomweb, "probe_every": "1s"},
+                         "pacs": {"type": "dimse", "node": "PACS", "probe_every": "1s"}},
         "rules": [{"name": "all", "store": ["web", "pacs"]}],
         "retry": {"initial": "60s", "max": "60s"},
     })
@@ -115,7 +115,7 @@ def test_a_destination_that_comes_back_is_probed_and_delivered_to_within_seconds
 def test_a_folder_that_can_be_written_again_is_delivered_to_within_seconds(tmp_path, bridge_factory):
     """The folder probe writes a small file where the destination writes: once the file in
     the way is gone, delivery resumes within seconds, not after the hour of back-off."""
-    config, blocker = blocked_folder(tmp_path, retry={"initial": "1h", "max": "1h"})
+    config, blocker = blocked_folder(tmp_path, retry={"initial": "1h", "max": "1h"}, probe_every="1s")
     bridge = bridge_factory(config)
     files = ct_series(tmp_path / "ct", 3)
     assert storescu(bridge.port, files).statuses == [0] * 3
