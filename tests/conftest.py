@@ -1,13 +1,26 @@
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
+import pynetdicom.association
+import pynetdicom.dimse
+import pynetdicom.dimse_messages
+import pynetdicom.dul
+import pynetdicom.fsm
+import pynetdicom.pdu_items
+import pynetdicom.presentation
+import pynetdicom.service_class
+import pynetdicom.transport
 import pytest
+from pydicom import config as pydicom_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -121,3 +134,53 @@ def tmpfs_factory(tmp_path):
     yield mount
     for mountpoint in reversed(mounted):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+# -- pynetdicom's process globals, for tests that run the daemon in this process --------------
+
+# What bridge.dimse.pynetdicom_overrides.install changes: pynetdicom's switches, and
+# functions and methods of these modules and classes.
+_PYNETDICOM_PARTS = [
+    pynetdicom._config, pynetdicom.dimse_messages, pynetdicom.dimse.DIMSEServiceProvider, pynetdicom.association,
+    pynetdicom.association.Association, pynetdicom.transport, pynetdicom.transport.AssociationSocket,
+    pynetdicom.service_class, pynetdicom.service_class.StorageServiceClass,
+    pynetdicom.service_class.QueryRetrieveServiceClass, pynetdicom.dul, pynetdicom.dul.DULServiceProvider,
+    pynetdicom.fsm.StateMachine, pynetdicom.pdu_items, pynetdicom.presentation,
+]
+
+
+@contextmanager
+def _pynetdicom_kept() -> Iterator[None]:
+    """Whatever ``pynetdicom_overrides.install`` changes in this process (pynetdicom's
+    switches and the functions it replaces, its loggers' levels, pydicom's validation
+    mode), put back at the end."""
+    saved = [(part, dict(vars(part))) for part in _PYNETDICOM_PARTS]
+    levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "pynetdicom.utils")}
+    validation = pydicom_config.settings.reading_validation_mode
+    try:
+        yield
+    finally:
+        for part, before in saved:
+            for key in set(vars(part)) - set(before):
+                delattr(part, key)
+            for key, value in before.items():
+                if vars(part).get(key) is not value:
+                    setattr(part, key, value)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        pydicom_config.settings.reading_validation_mode = validation
+
+
+@pytest.fixture
+def pynetdicom_restored() -> Iterator[None]:
+    """For a test that starts ``bridge.daemon.Daemon`` in this process: pynetdicom and
+    pydicom as they were before it, once it is done."""
+    with _pynetdicom_kept():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pynetdicom_restored_after_module() -> Iterator[None]:
+    """As ``pynetdicom_restored``, for a daemon that the tests of a module share."""
+    with _pynetdicom_kept():
+        yield

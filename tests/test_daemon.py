@@ -21,22 +21,7 @@ from bridge.metrics import MAX_CALLING_AES, Metrics
 
 
 @pytest.fixture
-def pynetdicom_globals():
-    """The daemon sets pynetdicom's process-wide switches; put them back afterwards."""
-    import pynetdicom.dimse_messages
-    from pynetdicom import _config
-
-    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
-             _config.UNRESTRICTED_STORAGE_SERVICE, _config.LOG_HANDLER_LEVEL,
-             pynetdicom.dimse_messages.NamedTemporaryFile)
-    yield
-    (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
-     _config.UNRESTRICTED_STORAGE_SERVICE, _config.LOG_HANDLER_LEVEL,
-     pynetdicom.dimse_messages.NamedTemporaryFile) = saved
-
-
-@pytest.fixture
-def daemon(tmp_path, pynetdicom_globals):
+def daemon(tmp_path, pynetdicom_restored):
     config = validate({
         "listen": {"port": free_port()},
         "data_dir": str(tmp_path / "data"),

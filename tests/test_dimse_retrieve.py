@@ -13,29 +13,16 @@ generated CT images.
 
 from __future__ import annotations
 
-import logging
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pynetdicom
-import pynetdicom.association
-import pynetdicom.dimse
-import pynetdicom.dimse_messages
-import pynetdicom.dul
-import pynetdicom.fsm
-import pynetdicom.pdu_items
-import pynetdicom.presentation
-import pynetdicom.service_class
-import pynetdicom.transport
 import pytest
 from corpus import TEST_FILES, ct_series, data_set_bytes
 from peers import Orthanc, free_port, run_dcmtk, wait_for
-from pydicom import config as pydicom_config
 from pydicom.uid import generate_uid
 
 from bridge.cli import report
@@ -53,36 +40,6 @@ MOVE_AE = "BRIDGE-MV"  # the move destination of the source "elsewhere"
 MIXED = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
          "MR_small_jpeg_ls_lossless.dcm", "JPEG-lossy.dcm", "SC_rgb_jpeg_dcmtk.dcm", "rtplan.dcm"]
 HOW = ["c-get", "c-move"]
-
-
-# -- pynetdicom as the daemon sets it up, for this module only ----------------------------------
-
-_PYNETDICOM_PARTS = [
-    pynetdicom._config, pynetdicom.dimse_messages, pynetdicom.dimse.DIMSEServiceProvider, pynetdicom.association,
-    pynetdicom.association.Association, pynetdicom.transport, pynetdicom.transport.AssociationSocket,
-    pynetdicom.service_class, pynetdicom.service_class.StorageServiceClass, pynetdicom.dul,
-    pynetdicom.dul.DULServiceProvider, pynetdicom.fsm.StateMachine, pynetdicom.pdu_items, pynetdicom.presentation,
-]
-
-
-@contextmanager
-def pynetdicom_restored() -> Iterator[None]:
-    """Whatever ``pynetdicom_overrides.install`` changes in this process, put back at the end."""
-    saved = [(part, dict(vars(part))) for part in _PYNETDICOM_PARTS]
-    levels = {name: logging.getLogger(name).level for name in ("pynetdicom", "pynetdicom.utils")}
-    validation = pydicom_config.settings.reading_validation_mode
-    try:
-        yield
-    finally:
-        for part, before in saved:
-            for key in set(vars(part)) - set(before):
-                delattr(part, key)
-            for key, value in before.items():
-                if vars(part).get(key) is not value:
-                    setattr(part, key, value)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-        pydicom_config.settings.reading_validation_mode = validation
 
 
 # -- what Orthanc holds ---------------------------------------------------------------------
@@ -161,7 +118,8 @@ def holdings(tmp_path_factory: pytest.TempPathFactory) -> Holdings:
 
 
 @pytest.fixture(scope="module")
-def bridge(tmp_path_factory: pytest.TempPathFactory, holdings: Holdings) -> Iterator[Bridge]:
+def bridge(tmp_path_factory: pytest.TempPathFactory, holdings: Holdings,
+           pynetdicom_restored_after_module: None) -> Iterator[Bridge]:
     work = tmp_path_factory.mktemp("retrieve")
     port = free_port()
     modalities = {"bridge": {"AET": BRIDGE_AE, "Host": "127.0.0.1", "Port": port},
@@ -185,15 +143,14 @@ def bridge(tmp_path_factory: pytest.TempPathFactory, holdings: Holdings) -> Iter
         "rules": [{"name": "keep", "store": ["kept"]}],
     }
     config = validate(raw, base=work)
-    with pynetdicom_restored():
-        daemon = Daemon(config)
-        try:
-            daemon.start()
-            ids = {uid: upload(orthanc, path) for uid, path in holdings.files.items()}
-            yield Bridge(daemon, config, orthanc, ids)
-        finally:
-            daemon.stop()
-            orthanc.stop()
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+        ids = {uid: upload(orthanc, path) for uid, path in holdings.files.items()}
+        yield Bridge(daemon, config, orthanc, ids)
+    finally:
+        daemon.stop()
+        orthanc.stop()
 
 
 def fetched(results: Iterator[Retrieved | None], deadline: float = 60) -> list[Retrieved]:

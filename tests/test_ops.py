@@ -23,7 +23,6 @@ import pytest
 import yaml
 from corpus import ct_series
 from peers import REPO, free_port, storescu, wait_for
-from test_daemon import pynetdicom_globals  # noqa: F401 - a fixture
 
 from bridge.config import validate
 from bridge.daemon import Daemon, watchdog_interval
@@ -165,7 +164,7 @@ def test_systemd_ready_status_and_watchdog(bridge_factory, notify_socket):
     assert "STOPPING=1" in list(_messages(sock, time.monotonic() + 1))
 
 
-@pytest.mark.usefixtures("pynetdicom_globals")
+@pytest.mark.usefixtures("pynetdicom_restored")
 def test_a_hung_main_loop_stops_the_watchdog_pings(tmp_path, monkeypatch, notify_socket):
     sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
