@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import ct_series, fresh_copies  # noqa: E402
 from peers import Bridge, Orthanc  # noqa: E402
+from retrievepeers import MoveDestination  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,6 +99,24 @@ def orthanc_factory(tmp_path: Path):
     yield make
     for orthanc in started:
         orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def move_destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MoveDestination]:
+    """A ``storescp`` as the C-MOVE destination STORESCP (``retrievepeers.MoveDestination``),
+    one for the tests of a module; a bridge's ``nodes`` name it by its ``aet`` and ``port``."""
+    scp = MoveDestination(tmp_path_factory.mktemp("storescp"), "STORESCP")
+    try:
+        yield scp.start()
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def destination(move_destination: MoveDestination) -> MoveDestination:
+    """The module's ``move_destination``, emptied for this test."""
+    move_destination.clear()
+    return move_destination
 
 
 @pytest.fixture

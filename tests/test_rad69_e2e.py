@@ -100,20 +100,6 @@ def fake_reset(fake: FakeImagingDocumentSource) -> None:
 
 
 @pytest.fixture(scope="module")
-def destination(workdir: Path) -> Iterator[MoveDestination]:
-    scp = MoveDestination(workdir / "storescp", "STORESCP")
-    try:
-        yield scp.start()
-    finally:
-        scp.stop()
-
-
-@pytest.fixture(autouse=True)
-def empty_destination(destination: MoveDestination) -> None:
-    destination.clear()
-
-
-@pytest.fixture(scope="module")
 def orthanc(workdir: Path, study: Study) -> Iterator[Orthanc]:
     server = Orthanc(workdir / "orthanc").start()
     try:
@@ -129,11 +115,11 @@ def rad69(fake: FakeImagingDocumentSource, locate: str, syntaxes: list[str], **m
 
 
 @pytest.fixture(scope="module")
-def bridge(workdir: Path, fake: FakeImagingDocumentSource, orthanc: Orthanc, destination: MoveDestination,
+def bridge(workdir: Path, fake: FakeImagingDocumentSource, orthanc: Orthanc, move_destination: MoveDestination,
            study: Study, big: Study, syntaxes: list[str]) -> Iterator[Bridge]:
     config: dict[str, Any] = {
         "ae_title": BRIDGE_AE,
-        "nodes": {"STORESCP": {"ae_title": destination.aet, "host": "127.0.0.1", "port": destination.port}},
+        "nodes": {"STORESCP": {"ae_title": move_destination.aet, "host": "127.0.0.1", "port": move_destination.port}},
         "destinations": {"archive": {"type": "archive"}},
         "sources": {
             "orthanc": {"type": "dicomweb", "url": orthanc.dicomweb},

@@ -70,20 +70,6 @@ def fake_reset(fake: FakeDicomweb) -> None:
 
 
 @pytest.fixture(scope="module")
-def destination(workdir: Path) -> Iterator[MoveDestination]:
-    scp = MoveDestination(workdir / "storescp", "STORESCP")
-    try:
-        yield scp.start()
-    finally:
-        scp.stop()
-
-
-@pytest.fixture(autouse=True)
-def empty_destination(destination: MoveDestination) -> None:
-    destination.clear()
-
-
-@pytest.fixture(scope="module")
 def orthanc(workdir: Path, study: Study, big: Study) -> Iterator[Orthanc]:
     server = Orthanc(workdir / "orthanc").start()
     try:
@@ -99,10 +85,10 @@ def orthanc(workdir: Path, study: Study, big: Study) -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
-def bridge(workdir: Path, fake: FakeDicomweb, orthanc: Orthanc, destination: MoveDestination) -> Iterator[Bridge]:
+def bridge(workdir: Path, fake: FakeDicomweb, orthanc: Orthanc, move_destination: MoveDestination) -> Iterator[Bridge]:
     config: dict[str, Any] = {
         "ae_title": BRIDGE_AE,
-        "nodes": {"STORESCP": {"ae_title": destination.aet, "host": "127.0.0.1", "port": destination.port}},
+        "nodes": {"STORESCP": {"ae_title": move_destination.aet, "host": "127.0.0.1", "port": move_destination.port}},
         "destinations": {"archive": {"type": "archive"}},
         "sources": {
             "fake": {"type": "dicomweb", "url": fake.url},
