@@ -501,16 +501,17 @@ def big_multiframe(path: Path, frames: int, rows: int = 512, columns: int = 512)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.save_as(path, enforce_file_format=True)
     frame_bytes = rows * columns * 2
-    base = np.arange(rows * columns, dtype=np.uint32)
+    base = frame(0, rows, columns)
     with open(path, "ab") as f:
         f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (frame_bytes * frames).to_bytes(4, "little"))
         for n in range(frames):
-            f.write(((base * 7 + n) & 0xFFFF).astype("<u2").tobytes())
+            f.write(base + np.uint16(n))  # frame(n): 16-bit sums wrap around as its mask does
     return path, [0, frames // 2, frames - 1]
 
 
-def frame(n: int, rows: int = 512, columns: int = 512) -> bytes:
-    return ((np.arange(rows * columns, dtype=np.uint32) * 7 + n) & 0xFFFF).astype("<u2").tobytes()
+def frame(n: int, rows: int = 512, columns: int = 512) -> np.ndarray:
+    """Frame ``n`` of ``big_multiframe``'s instance: its 16-bit little endian pixels."""
+    return ((np.arange(rows * columns, dtype=np.uint32) * 7 + n) & 0xFFFF).astype("<u2")
 
 
 def peak_rss(pid: int) -> int:
@@ -558,4 +559,4 @@ def test_a_1gb_instance_goes_through_in_bounded_memory(tmp_path, orthanc_factory
     orthanc_id = orthanc.instance_uids()[uid]
     assert int(orthanc.get(f"/instances/{orthanc_id}/simplified-tags")["NumberOfFrames"]) == frames
     for n in checked:
-        assert orthanc.get_bytes(f"/instances/{orthanc_id}/frames/{n}/raw") == frame(n), f"frame {n}"
+        assert orthanc.get_bytes(f"/instances/{orthanc_id}/frames/{n}/raw") == frame(n).tobytes(), f"frame {n}"
