@@ -23,18 +23,15 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import destinations
-from bridge.api.auth import TokenFileError
-from bridge.api.server import HttpServer
-from bridge.api.state import ApiState
 from bridge.config import Config, DataDir, Node, load_config
 from bridge.dimse import pynetdicom_overrides
 from bridge.dimse.listener import Listener
 from bridge.dimse.store import Store
 from bridge.dimse.verification import Verification
-from bridge.errors import ConfigError, StartError
+from bridge.errors import ConfigError, StartError, TokenFileError
 from bridge.forward.delivery import SUSPENDED, UP, Delivery, DestinationRunner
 from bridge.forward.ingest import Ingest
 from bridge.forward.queue import DEAD, IN_FLIGHT, PENDING, RESUME, Queue
@@ -45,6 +42,9 @@ from bridge.qr.get import Get
 from bridge.qr.move import Move
 from bridge.sources import Sources
 from bridge.watch.watcher import Watcher
+
+if TYPE_CHECKING:
+    from bridge.api.server import HttpServer
 
 LOGGER = logging.getLogger(__name__)
 
@@ -147,7 +147,11 @@ class Daemon:
     def _serve_http(self) -> None:
         """The HTTP server (bridge.api): bound now, so that an address in use fails the
         start before anything is written; serving at once (``/healthz``; ``/readyz``
-        says "not ready" until the listener accepts)."""
+        says "not ready" until the listener accepts). Imported here: FastAPI and uvicorn
+        take a quarter of a second to import, which a daemon without ``http`` need not pay."""
+        from bridge.api.server import HttpServer
+        from bridge.api.state import ApiState
+
         state = ApiState(self)
         try:
             state.configure(self.config)

@@ -20,6 +20,10 @@ class ConfigError(BridgeError):
         super().__init__(f"{source}: {len(errors)} error(s)\n{lines}")
 
 
+class TokenFileError(BridgeError):
+    """``http.token_file`` cannot be used (``bridge.api.auth``); the message says why, naming the file."""
+
+
 class StartError(BridgeError):
     """The daemon cannot start, for a reason the message names (an address already in
     use): ``dicom-bridge run`` prints it and exits 1, without a traceback."""

@@ -15,14 +15,14 @@ import os
 import stat
 from pathlib import Path
 
+from bridge.errors import TokenFileError
+
+__all__ = ["MIN_TOKEN_LENGTH", "TokenFileError", "Tokens", "read_tokens"]
+
 LOGGER = logging.getLogger(__name__)
 
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_FILE = 64 * 1024
-
-
-class TokenFileError(Exception):
-    """The token file cannot be used; the message says why, naming the file."""
 
 
 class Tokens:
