@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,7 +187,7 @@ class StoreSCP:
 
 
 class Bridge:
-    """The daemon as a subprocess, with a YAML config written for it."""
+    """The daemon as a subprocess (``forkserver``), with a YAML config written for it."""
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
         self.workdir = workdir
@@ -200,7 +200,7 @@ class Bridge:
         self.config_path = workdir / "config.yaml"
         self.log_path = workdir / "bridge.log"
         self.write_config()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Any = None  # a forkserver.BridgeProcess, or a subprocess.Popen
         self._log_from = 0  # where log() starts reading (skip_log)
 
     @property
@@ -211,12 +211,9 @@ class Bridge:
         self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, timeout: float = 30) -> Bridge:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = forkserver.spawn(["run", "--config", str(self.config_path)], stdout=log,
+                                         stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 from corpus import ct_series
 from peers import storescu, wait_for
@@ -20,8 +21,7 @@ EXAMPLES = sorted([*REPO.glob("config/*.yaml"), REPO / "docker" / "bridge-with-o
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_example_passes_check(example):
-    result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(example)],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = forkserver.run(["check", "--config", str(example)], timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(": OK"), result.stdout
 
@@ -209,15 +209,13 @@ def test_run_refuses_an_invalid_config_and_check_reports_it(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "listen.prot: unknown key (did you mean 'port'?)" in run.stderr
-    check = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
-                           capture_output=True, text=True, timeout=60)
+    check = forkserver.run(["check", "--config", str(path)], timeout=60)
     assert check.returncode == 1
     assert "listen.prot" in check.stderr
 
 
 def check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return forkserver.run(["check", "--config", str(path)], timeout=60)
 
 
 def test_no_destinations_and_no_rules_run_the_embedded_default_archive(tmp_path, bridge_factory):
@@ -265,7 +263,6 @@ def test_ae_title_patterns_longer_than_an_ae_title_are_errors(tmp_path):
 
 def test_every_command_has_a_description():
     for command in ("run", "route", "check", "queue"):
-        result = subprocess.run([sys.executable, "-m", "bridge", command, "--help"], cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
+        result = forkserver.run([command, "--help"], timeout=60)
         usage, _, rest = result.stdout.partition("\n\n")
         assert result.returncode == 0 and not rest.startswith("options:"), f"{command} --help:\n{result.stdout}"

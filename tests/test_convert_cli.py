@@ -15,6 +15,7 @@ import termios
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import numpy as np
 from corpus import ct_series, with_uid, write_ct
 from peers import REPO
@@ -24,8 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def convert(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "convert", *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return forkserver.run(["convert", *map(str, args)], env=ENV, timeout=timeout)
 
 
 def gz(path: Path) -> Any:

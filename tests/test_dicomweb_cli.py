@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import numpy as np
 import pytest
 import yaml
@@ -27,8 +27,7 @@ PULLED = re.compile(r"(\d+) retrieved, (\d+) already there, (\d+) failed, of (\d
 
 def dicomweb(*args: str | Path, env: dict[str, str] | None = None,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "dicomweb", *map(str, args)], cwd=REPO,
-                          env=env or ENV, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return forkserver.run(["dicomweb", *map(str, args)], env=env or ENV, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def counts(pattern: re.Pattern[str], result: subprocess.CompletedProcess[str]) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import numpy as np
 import pydicom
 import pytest
@@ -353,8 +354,8 @@ def test_failed_sop_sequence_409_duplicates_and_bisection(tmp_path, bridge_facto
         send(bridge, files)
         found = settled(bridge, 8)
         fixed.set()
-        retry = subprocess.run([sys.executable, "-m", "bridge", "queue", "retry", "--config", str(bridge.config_path),
-                                "--destination", "web"], capture_output=True, text=True, timeout=60)
+        retry = forkserver.run(["queue", "retry", "--config", str(bridge.config_path), "--destination", "web"],
+                               timeout=60)
         assert retry.returncode == 0 and "retried 2 dead row(s)" in retry.stdout, retry.stdout + retry.stderr
         wait_for(lambda: bridge.queue_states() == {"done": 8}, 60, "the retried rows to be delivered")
     states = {uid: r[0] for uid, r in found.items()}

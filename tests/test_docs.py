@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import forkserver
 import pydicom
 import yaml
 from peers import storescu
@@ -161,8 +160,7 @@ def test_every_check_sample_prints_what_check_prints(tmp_path: Path) -> None:
             assert kind == "yaml" and command == "$ dicom-bridge check --config config.yaml", \
                 f"{doc.name}: a check sample must follow the yaml block it checks: {command}"
             (tmp_path / "config.yaml").write_text(before, encoding="utf-8")
-            result = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", "config.yaml"],
-                                    cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            result = forkserver.run(["check", "--config", "config.yaml"], cwd=tmp_path, timeout=60,
                                     env={**os.environ, "PYTHONPATH": str(DOC.parent.parent)})
             assert result.stdout + result.stderr == expected, f"{doc.name}: {command}"
             samples += 1

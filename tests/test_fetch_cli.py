@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import forkserver
 import pydicom
 import pytest
 import yaml
@@ -45,8 +46,7 @@ SUMMARY = re.compile(r"(\d+) retrieved, (\d+) failed of (\d+) located(, \d+ not 
 
 def fetch(*args: str | Path, command: tuple[str, ...] = ("rad69", "fetch"),
           timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", *command, *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return forkserver.run([*command, *map(str, args)], env=ENV, timeout=timeout)
 
 
 def summary(result: subprocess.CompletedProcess[str]) -> tuple[int, int, int]:

@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import forkserver
 from corpus import ct_series, with_uid
-from peers import REPO, Bridge, dcmtk, free_port, storescu, wait_for
+from peers import Bridge, dcmtk, free_port, storescu, wait_for
 
 FAST_RETRY = {"initial": "100ms", "max": "500ms"}
 
 
 def queue_cli(bridge: Bridge, *args: str) -> subprocess.CompletedProcess[str]:
     """``dicom-bridge queue ...`` with the daemon's configuration file."""
-    return subprocess.run([sys.executable, "-m", "bridge", "queue", *args, "--config", str(bridge.config_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return forkserver.run(["queue", *args, "--config", str(bridge.config_path)], timeout=60)
 
 
 def listing(bridge: Bridge, *filters: str) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import pytest
 import yaml
 from corpus import data_set_bytes, needs_codecs
 from fakeids import FakeImagingDocumentSource
 from movescu import OUT_OF_RESOURCES_SUBOPERATIONS, SUCCESS, WARNING, RetrieveResult, getscu, movescu
-from peers import REPO, Bridge, Orthanc, storescu, wait_for
+from peers import Bridge, Orthanc, storescu, wait_for
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
@@ -376,9 +376,8 @@ def fetch_config(workdir: Path, fake: FakeImagingDocumentSource, orthanc: Orthan
 
 
 def fetch(config: Path, study: Study, out: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "rad69", "fetch", "--config", str(config),
-                           "--study", study.uid, "-o", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return forkserver.run(["rad69", "fetch", "--config", str(config), "--study", study.uid, "-o", str(out)],
+                          timeout=60)
 
 
 def test_fetch_writes_every_file_as_the_source_holds_it(fetch_config: Path, study: Study, tmp_path: Path) -> None:

@@ -7,15 +7,15 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import forkserver
 import pydicom
 import pytest
 import yaml
 from corpus import ct_series, with_uid
-from peers import REPO, storescu, wait_for
+from peers import storescu, wait_for
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -110,13 +110,11 @@ def test_every_condition_type_routes_the_corpus(tmp_path, files, bridge_factory)
 
 
 def route(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "route", "--config", str(config), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return forkserver.run(["route", "--config", str(config), *args], timeout=60)
 
 
 def check(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(config)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return forkserver.run(["check", "--config", str(config)], timeout=60)
 
 
 def write(path: Path, config: dict) -> Path:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import pydicom
 import pytest
 import requests
@@ -323,8 +324,7 @@ def test_every_listed_orthanc_fault_is_still_there(all_differences: Any) -> None
 def served(compared: Compared, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     out = tmp_path_factory.mktemp("converted") / "tree"
     folder = next(iter(compared.sources.values())).parent
-    converted = subprocess.run([sys.executable, "-m", "bridge", "convert", str(folder), "-o", str(out)],
-                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    converted = forkserver.run(["convert", str(folder), "-o", str(out)], timeout=300)
     assert converted.returncode == 0, converted.stderr
     assert f"{len(compared.sources)} instances added" in converted.stdout
     port = free_port()

@@ -7,12 +7,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+import forkserver
 import numpy as np
 import pydicom
 import pytest
@@ -219,15 +218,14 @@ def test_convert_command_recompresses_and_lists_warnings(tmp_path: Path) -> None
     seg = fresh(TEST_FILES / "liver_1frame.dcm", tmp_path / "in" / "seg.dcm")
     out = tmp_path / "tree"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "bridge", "convert", "--recompress", "jpeg-ls",
-                           str(tmp_path / "in"), "-o", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = forkserver.run(["convert", "--recompress", "jpeg-ls", str(tmp_path / "in"), "-o", str(out)], env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "3 instances added, 0 unchanged, 2 studies, 0 errors, 0 skipped (not DICOM)"
     assert f"{seg}: not recompressed to JPEG-LS Lossless Image Compression: " in proc.stderr
     assert len(list(out.rglob("frames/1.mht"))) == len(sources)
-    bad = subprocess.run([sys.executable, "-m", "bridge", "convert", "--recompress", "jpeg-lossy", str(sources[0]),
-                          "-o", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    bad = forkserver.run(["convert", "--recompress", "jpeg-lossy", str(sources[0]), "-o", str(out)], env=env,
+                         timeout=60)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
