@@ -408,3 +408,34 @@ class Orthanc:
 
     def count(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
+
+
+def on_a_terminal(args: Sequence[str], env: dict[str, str] | None = None,
+                  timeout: float = 60) -> tuple[int, bytes, str]:
+    """``python -m bridge *args`` with its standard error on a terminal 100 columns wide
+    (a new pty has none, and tqdm draws nothing in 0 columns), as a user runs it: its exit
+    status, what the terminal showed, and its standard output."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "bridge", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child has closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode()
+    return proc.wait(timeout), shown, output

@@ -3,22 +3,18 @@ runs it (a subprocess), its summary, exit status and peak memory."""
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import json
 import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 from typing import Any
 
 import forkserver
 import numpy as np
 from corpus import ct_series, with_uid, write_ct
-from peers import REPO
+from peers import REPO, on_a_terminal
 from pydicom.uid import generate_uid
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -93,21 +89,6 @@ def test_a_large_folder_converts_in_bounded_memory(tmp_path: Path) -> None:
 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     files = ct_series(tmp_path / "ct", 3)
-    controller, terminal = pty.openpty()
-    # A terminal 100 columns wide: a new pty has none, and tqdm draws nothing in 0 columns.
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", "convert", *map(str, files), "-o", str(tmp_path / "t")],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=terminal)
-    os.close(terminal)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # EIO: the child has closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
-    assert proc.wait(60) == 0
+    code, shown, _ = on_a_terminal(["convert", *map(str, files), "-o", str(tmp_path / "t")], env=ENV)
+    assert code == 0
     assert b"3/3" in shown and b"100%" in shown

@@ -10,15 +10,10 @@ Instance UID; the summary line; a line per instance that did not come; the exit 
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import re
 import shutil
-import struct
 import subprocess
-import sys
-import termios
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +26,7 @@ import pydicom
 import pytest
 import yaml
 from corpus import write_ct
-from peers import REPO, Orthanc, free_port
+from peers import REPO, Orthanc, free_port, on_a_terminal
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from test_local_source import Archive
@@ -199,26 +194,11 @@ def test_an_unreachable_source_exits_2_with_the_reason_quickly(tmp_path: Path) -
 
 
 def test_progress_bar_on_a_terminal(pacs: Pacs, tmp_path: Path) -> None:
-    controller, terminal = pty.openpty()
-    # A terminal 100 columns wide: a new pty has none, and tqdm draws nothing in 0 columns.
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "bridge", "rad69", "fetch", "--config",
-                             str(config(tmp_path, pacs.web())), "--study", pacs.study, "-o", str(tmp_path / "out")],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=terminal)
-    os.close(terminal)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # EIO: the child has closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
-    assert proc.wait(60) == 0
+    code, shown, output = on_a_terminal(["rad69", "fetch", "--config", str(config(tmp_path, pacs.web())),
+                                         "--study", pacs.study, "-o", str(tmp_path / "out")], env=ENV)
+    assert code == 0
     assert b"5/5" in shown and b"100%" in shown
-    assert proc.stdout is not None and SUMMARY.fullmatch(proc.stdout.read().decode().strip())
+    assert SUMMARY.fullmatch(output.strip())
 
 
 # -- choosing the source, and what cannot run ----------------------------------------------------
