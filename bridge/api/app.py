@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import admin, errors, health, qr
 from bridge.api.deps import api_state, runtime
-from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id, printable
+from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id
 from bridge.api.state import ApiState
+from bridge.asgi import printable
 
 LOGGER = logging.getLogger("bridge.api")
 

@@ -19,7 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bridge.asgi import guarded, printable
 
 LOGGER = logging.getLogger("bridge.api")
 
@@ -71,12 +73,6 @@ class BodyTimeout(HTTPException):
         super().__init__(408, f"the request body paused for more than {limit:g}s", {"Connection": "close"})
 
 
-def printable(text: str) -> str:
-    """``text`` for a log line: control characters escaped, so that a request's path with
-    a newline in it cannot forge a line of its own."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def correlation_id(request: Request) -> str:
     """The request's correlation ID: the client's ``X-Correlation-ID`` when it is a sane
     one, else a new one; set once by the middleware (``bridge.api.app``)."""
@@ -123,8 +119,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(sqlite3.Error, queue_failed)
-    # Not an exception handler for Exception: Starlette calls that one and raises the
-    # exception again, for the server to log a second time.
     app.add_middleware(_Unexpected)
 
 
@@ -139,23 +133,14 @@ class _Unexpected:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        await guarded(self.app, scope, receive, send, _failed)
 
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            await self.app(scope, receive, watch)
-        except Exception as exc:  # noqa: BLE001 - the one place that turns any error into a 500
-            request = Request(scope)
-            cid = correlation_id(request)
-            LOGGER.error("%s %s [%s] failed", scope.get("method"), printable(str(scope.get("path"))), cid,
-                         exc_info=exc)
-            if not started:  # else the answer is cut short, and the client sees it
-                response = error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
-                await response(scope, receive, send)
+def _failed(scope: Scope, exc: Exception) -> JSONResponse:
+    request = Request(scope)
+    cid = correlation_id(request)
+    LOGGER.error("%s %s [%s] failed", scope.get("method"), printable(str(scope.get("path"))), cid, exc_info=exc)
+    return error_response(request, 500, f"internal error; the daemon's log has it under {cid}")
 
 
 def _problem(error: dict[str, Any]) -> str:

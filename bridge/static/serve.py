@@ -51,8 +51,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from bridge.asgi import guarded, printable
 from bridge.dataset.uids import is_valid_uid
 from bridge.static import qido
 from bridge.static.metadata import Level, dumps
@@ -409,18 +410,10 @@ class _Guard:
         if any(s in (".", "..") or s.lower() in ("%2e", "%2e%2e", ".%2e", "%2e.") for s in segments):
             await JSONResponse({"message": "a path may not hold . or .. segments"}, 400)(scope, receive, send)
             return
-        started = False
+        await guarded(self.inner, scope, receive, send, _failed)
 
-        async def watch(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        try:
-            await self.inner(scope, receive, watch)
-        except Exception:
-            ident = uuid.uuid4().hex[:12]
-            LOGGER.exception("%s %s failed (id %s)", scope.get("method"), scope["path"], ident)
-            if not started:
-                body = {"message": "internal error; the server's log has the details", "id": ident}
-                await JSONResponse(body, 500)(scope, receive, send)
+def _failed(scope: Scope, exc: Exception) -> Response:
+    ident = uuid.uuid4().hex[:12]
+    LOGGER.error("%s %s failed (id %s)", scope.get("method"), printable(scope["path"]), ident, exc_info=exc)
+    return JSONResponse({"message": "internal error; the server's log has the details", "id": ident}, 500)
