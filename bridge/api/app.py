@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.api import admin, errors, health, qr
-from bridge.api.deps import api_state, runtime
-from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id
+from bridge.api.deps import runtime
+from bridge.api.errors import CORRELATION_HEADER, BodyTimeout, BodyTooLarge, correlation_id, error_response
 from bridge.api.state import ApiState
 from bridge.asgi import printable
 
@@ -138,8 +138,10 @@ class _Front:
                 await tree({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
                 return
         declared = _content_length(scope)
-        if declared is not None and declared > MAX_BODY:
-            await _too_large(scope, receive, send)
+        if declared is not None and declared > MAX_BODY:  # answered before a byte of it is read
+            refused = BodyTooLarge(MAX_BODY)
+            await error_response(Request(scope), refused.status_code, str(refused.detail),
+                                 headers=dict(refused.headers or {}))(scope, receive, send)
             return
         receive = _bounded(receive, self.body_timeout)
         if not (path == "/api" or path.startswith("/api/")):
@@ -205,21 +207,3 @@ def _bounded(receive: Receive, timeout: float) -> Receive:
         return message
 
     return bounded
-
-
-async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    body = f'{{"message": "a request body may have at most {MAX_BODY} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def openapi(state: ApiState) -> dict[str, Any]:
-    """The OpenAPI document (for tests and ``docs/api.md``)."""
-    front = build(state)
-    assert isinstance(front, _Front)
-    return front.app.openapi()
-
-
-__all__ = ["build", "api_state", "openapi"]
